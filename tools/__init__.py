@@ -1,0 +1,1 @@
+"""lmforge.tools: after training (consolidate, compress, export, report)."""

@@ -1,0 +1,167 @@
+"""Atomic, verified, sharded checkpoints on top of DeepSpeed's own save/load.
+
+    lmforge train configs/debug.yaml checkpoint.interval=5    # writes runs/debug/checkpoints/step_5, …
+
+Layout of one checkpoint directory (`<checkpoint_dir>/step_N/`):
+  DeepSpeed's sharded files (model + optimizer partitions of every rank),
+  rng_rank<R>.pt   the RNG state of every rank,
+  client.json      step, tokens seen, sampler position, config hash,
+  config.yaml      the resolved run config that wrote it,
+  manifest.json    every file's size; written last, so its presence means "complete".
+
+Every rank writes into `.tmp_step_N`; after a barrier rank 0 verifies the files, writes the
+manifest and publishes the directory by rename; `latest` (DeepSpeed's pointer file, so its
+zero_to_fp32.py works on the directory) moves last. A reader never sees half a checkpoint, and a
+directory whose files do not match its manifest (truncated copy, crash mid-write) is skipped with a
+warning in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .config import Config, config_hash, incompatible_keys
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: int, log) -> Path:
+    """Collective: every rank calls it. Returns the published directory."""
+    root = cfg.checkpoint_dir
+    root.mkdir(parents=True, exist_ok=True)
+    tmp_tag, tag = f".tmp_step_{step}", f"step_{step}"
+    tmp = root / tmp_tag
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash mid-save
+    torch.distributed.barrier()
+    client = dict(client, step=step, world_size=world_size, config_hash=config_hash(cfg))
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"lmforge": client}, save_latest=False)
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    torch.distributed.barrier()
+    final = root / tag
+    if rank == 0:
+        missing = [f"rng_rank{r}.pt" for r in range(world_size) if not (tmp / f"rng_rank{r}.pt").is_file()]
+        if missing or not any(tmp.glob("*model_states.pt")):
+            raise RuntimeError(f"checkpoint {tmp} is incomplete after save (missing {missing or 'model states'})")
+        (tmp / "client.json").write_text(json.dumps(client, indent=1))
+        (tmp / "config.yaml").write_text(cfg.to_yaml())
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        _write_atomic(tmp / "manifest.json", json.dumps({"step": step, "files": files}, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. resumed run reaching it again): replace whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", tag)
+        _fsync_dir(root)
+        _prune(root, cfg.checkpoint.keep)
+        log.info(f"checkpoint saved: {final}")
+    torch.distributed.barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted(_step_dirs(root), key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    return [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)] if root.is_dir() else []
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint matches its manifest, else the reason it does not."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return "no manifest.json (incomplete save)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        return f"unreadable manifest.json ({e})"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def find_latest(root: Path, log) -> Path | None:
+    """Newest complete checkpoint under root; broken ones are skipped with a warning."""
+    for path in sorted(_step_dirs(root), key=lambda p: -int(_STEP_DIR.match(p.name).group(1))):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+def check_compatible(path: Path, cfg: Config) -> None:
+    """Refuse to resume a checkpoint written by an incompatible config, naming the keys."""
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    diff = incompatible_keys(saved, cfg.to_dict())
+    if diff and not cfg.checkpoint.allow_config_change:
+        keys = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
+        raise IncompatibleCheckpoint(
+            f"{path} was written by a different config ({keys}). Use a new run_dir, or pass "
+            "checkpoint.allow_config_change=true to resume anyway")
+
+
+class IncompatibleCheckpoint(ValueError):
+    pass
+
+
+def load(engine, path: Path, rank: int, world_size: int) -> dict:
+    """Collective: restore engine (model, optimizer, scheduler) and this rank's RNG; returns client state."""
+    client = json.loads((path / "client.json").read_text())
+    if client["world_size"] != world_size:
+        raise RuntimeError(f"{path} was written by {client['world_size']} ranks, this run has {world_size}; "
+                           "resuming on another world size is not supported yet")
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {path}")
+    set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=False))
+    return client

@@ -1,0 +1,385 @@
+"""The one typed config tree of a run, its YAML loader with dotted overrides, and the DeepSpeed
+config built from it.
+
+    lmforge config configs/debug.yaml train.lr=1e-3 --nproc 2   # print the resolved tree + DS JSON
+
+Every setting lives here exactly once. The DeepSpeed JSON files in ds_configs/ hold only ZeRO and
+communication keys; `build_ds_config` fills batch sizes, accumulation, clipping and precision from
+this tree and refuses a JSON that sets them itself. This module imports nothing else of lmforge's.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+import sysconfig
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# configs/ and ds_configs/ sit beside training/ in a checkout and beside lmforge/training in a wheel.
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+DS_CONFIG_DIR = PACKAGE_ROOT / "ds_configs"
+CONFIG_DIR = PACKAGE_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key and what is allowed. The CLI exits 2 on it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# Size presets for Llama-architecture models. vocab_size is filled from the tokenizer unless given.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # ~0.2M params: tests and the debug recipe (finishes in seconds on a CPU).
+    "llama-debug": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    # ~9M params with an 8k vocabulary: the embedded demo.
+    "llama-demo": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6,
+                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
+    # Llama-3.2-1B shapes.
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                     rope_theta=500000.0, tie_word_embeddings=True),
+    # Llama-2-7B shapes.
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+}
+
+
+class ModelConfig(_Section):
+    preset: str | None = Field("llama-debug", description="size preset: " + ", ".join(MODEL_PRESETS))
+    path: str | None = Field(None, description="local Hugging Face model directory (any AutoModelForCausalLM)")
+    pretrained: bool = Field(True, description="with `path`: load its weights (false: its config only, random init)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="keys set on the HF config, e.g. num_hidden_layers")
+    attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        "auto", description="auto: flash_attention_2 on CUDA with flash_attn installed, else sdpa")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if self.path is None and self.preset is None:
+            raise ValueError("set model.preset or model.path")
+        if self.path is not None:
+            self.__dict__["preset"] = None  # a path wins over the default preset
+        elif self.preset not in MODEL_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; allowed: {', '.join(MODEL_PRESETS)}")
+        return self
+
+
+class DataConfig(_Section):
+    paths: list[str] = Field(..., description="files, directories or globs; `{stdlib}` is Python's standard library directory")
+    format: Literal["auto", "text", "json", "parquet", "arrow", "tokens"] = Field(
+        "auto", description="text: one document per file; json/jsonl/parquet: one per row; arrow: datasets.save_to_disk; tokens: a 1-D .npy of token ids")
+    text_field: str = Field("text", description="column holding the text (json/parquet/arrow)")
+    tokenizer: str | None = Field(None, description="local tokenizer directory; unset: train a byte-level BPE on the training split")
+    vocab_size: int = Field(8192, ge=260, description="vocabulary of the locally trained tokenizer")
+    seq_len: int = Field(256, ge=8)
+    holdout: float = Field(0.02, gt=0.0, lt=0.5, description="fraction of documents held out for evaluation")
+    min_doc_chars: int = Field(1, ge=0, description="documents shorter than this are dropped")
+    cache_dir: str | None = Field(None, description="tokenizer/token cache; default $LMFORGE_CACHE or ~/.cache/lmforge")
+    num_proc: int = Field(1, ge=1, description="processes for tokenization")
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "DataConfig":
+        if not self.paths or any(not p.strip() for p in self.paths):
+            raise ValueError("data.paths must list at least one non-empty path")
+        return self
+
+    def expanded_paths(self) -> list[str]:
+        stdlib = sysconfig.get_paths()["stdlib"]
+        return [os.path.expanduser(p.replace("{stdlib}", stdlib)) for p in self.paths]
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("LMFORGE_CACHE", "~/.cache/lmforge")).expanduser()
+
+
+class TrainConfig(_Section):
+    steps: int | None = Field(None, ge=1, description="optimizer steps (or give `tokens`)")
+    tokens: int | None = Field(None, ge=1, description="training tokens; steps = tokens / (global_batch_size * seq_len)")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per forward pass")
+    global_batch_size: int = Field(16, ge=1, description="sequences per optimizer step; accumulation is derived")
+    optimizer: Literal["adamw"] = Field("adamw", description="adamw: torch AdamW, DeepSpeed CPUAdam under optimizer offload")
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of lr")
+    warmup: int = Field(0, ge=0, description="linear warmup steps")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA that supports it, else fp32")
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _steps_or_tokens(self) -> "TrainConfig":
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("set exactly one of train.steps and train.tokens")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"train.global_batch_size ({self.global_batch_size}) is not a multiple of "
+                             f"train.micro_batch_size ({self.micro_batch_size})")
+        return self
+
+
+class ParallelConfig(_Section):
+    zero_stage: Literal[1, 2, 3] = 3
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer state and step on the CPU")
+    offload_params: bool = Field(False, description="ZeRO-Infinity parameter offload to CPU (stage 3 only)")
+    ds_config: str | None = Field(None, description="DeepSpeed JSON with ZeRO/communication keys only; default ds_configs/zero<stage>.json")
+
+    @model_validator(mode="after")
+    def _offload(self) -> "ParallelConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("parallel.offload_params needs parallel.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+        return self
+
+
+class CheckpointConfig(_Section):
+    dir: str | None = Field(None, description="default <run_dir>/checkpoints")
+    interval: int = Field(100, ge=0, description="steps between checkpoints; 0: only at the end")
+    keep: int = Field(3, ge=1, description="newest checkpoints kept")
+    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest complete checkpoint")
+    allow_config_change: bool = Field(False, description="resume even if model/data/batch keys changed")
+
+
+class EvalConfig(_Section):
+    interval: int = Field(100, ge=0, description="steps between evaluations; 0: only before and after training")
+    batches: int = Field(10, ge=1, description="held-out micro batches per rank per evaluation")
+
+
+class LoggingConfig(_Section):
+    dir: str | None = Field(None, description="TensorBoard directory; default <run_dir>/tensorboard")
+    interval: int = Field(1, ge=1, description="steps between logged scalars")
+    peak_tflops: float | None = Field(None, gt=0, description="per-device peak TFLOP/s for MFU; default from the GPU table, none on CPU")
+    progress: bool = Field(True, description="progress bar on rank 0")
+
+
+class Config(_Section):
+    run_dir: str = Field("runs/debug", description="everything a run writes goes under here")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    train: TrainConfig
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    # Derived locations: one setting each, defaults under run_dir.
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run_dir) / "checkpoints")
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return Path(self.logging.dir or Path(self.run_dir) / "tensorboard")
+
+    def grad_accum(self, data_parallel_size: int) -> int:
+        per_step = self.train.micro_batch_size * data_parallel_size
+        if self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({self.train.global_batch_size}) is not divisible by "
+                f"train.micro_batch_size ({self.train.micro_batch_size}) x data-parallel size "
+                f"({data_parallel_size}) = {per_step}")
+        return self.train.global_batch_size // per_step
+
+    def total_steps(self) -> int:
+        if self.train.steps is not None:
+            return self.train.steps
+        return max(1, self.train.tokens // (self.train.global_batch_size * self.data.seq_len))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Keys whose change makes an existing checkpoint a different run (model shape, tokens it saw,
+# optimizer state layout). lr, steps, intervals and logging may change on resume.
+COMPAT_KEYS = ("model", "data.paths", "data.format", "data.text_field", "data.tokenizer", "data.vocab_size",
+               "data.seq_len", "data.holdout", "data.min_doc_chars", "train.global_batch_size",
+               "train.optimizer", "train.seed", "parallel.zero_stage")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and key != "model.overrides":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def incompatible_keys(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Compat keys whose value differs between a checkpoint's config and this run's."""
+    a, b = flatten(saved), flatten(current)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if any(k == c or k.startswith(c + ".") for c in COMPAT_KEYS) and a.get(k) != b.get(k)}
+
+
+def config_hash(cfg: Config) -> str:
+    compat = {k: v for k, v in flatten(cfg.to_dict()).items()
+              if any(k == c or k.startswith(c + ".") for c in COMPAT_KEYS)}
+    return hashlib.sha256(json.dumps(compat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        keys.append(prefix + name)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _all_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _suggest(key: str) -> str:
+    match = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key}{_suggest(key)}")
+        elif e["type"] == "missing":
+            lines.append(f"missing key {key}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+            lines.append(f"{key}: {msg}{got}" if key else msg)
+    return "; ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = tree
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """YAML file (or None for defaults only) + dotted overrides → a validated Config."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    tree = apply_overrides(tree, list(overrides))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(cfg.to_yaml())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- DeepSpeed config
+
+# Keys the run config owns. A ds_config JSON that sets one is refused, so no setting lives twice.
+RUN_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                     "optimizer", "scheduler", "fp16", "bf16", "amp", "gradient_clipping")
+
+
+def load_ds_json(cfg: Config) -> tuple[dict[str, Any], Path]:
+    if cfg.parallel.ds_config:
+        path = Path(cfg.parallel.ds_config).expanduser()
+    else:
+        name = "zero3_offload" if cfg.parallel.zero_stage == 3 and (
+            cfg.parallel.offload_optimizer or cfg.parallel.offload_params) else f"zero{cfg.parallel.zero_stage}"
+        path = DS_CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(f"parallel.ds_config: {path} does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"parallel.ds_config: {path} is not valid JSON: {e}") from None
+    owned = [k for k in RUN_OWNED_DS_KEYS if k in ds]
+    if owned:
+        raise ConfigError(
+            f"parallel.ds_config: {path} sets {', '.join(owned)}; these come from the run config "
+            "(train.micro_batch_size, train.global_batch_size, train.optimizer, train.lr/schedule, "
+            "train.precision, train.grad_clip): remove them from the JSON")
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != cfg.parallel.zero_stage:
+        raise ConfigError(f"parallel.ds_config: {path} sets zero_optimization.stage={stage} but "
+                          f"parallel.zero_stage={cfg.parallel.zero_stage}; keep the stage in one place")
+    return ds, path
+
+
+def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict[str, Any]:
+    """The final DeepSpeed config: ZeRO/comm keys from the JSON, everything else from `cfg`.
+
+    `precision` is the resolved one ("fp32", "bf16" or "fp16"), chosen by dist.select_runtime.
+    """
+    ds, path = load_ds_json(cfg)
+    ds = copy.deepcopy(ds)
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.parallel.zero_stage
+    # parallel.offload_* switch offload on and off; a JSON offload section only supplies its
+    # details (device, pin_memory, nvme_path). A user JSON that offloads while the switch is
+    # off would be a second, contradicting setting: refuse it.
+    for flag, section in (("offload_optimizer", "offload_optimizer"), ("offload_params", "offload_param")):
+        if getattr(cfg.parallel, flag):
+            zero.setdefault(section, {"device": "cpu", "pin_memory": False})
+        elif section in zero:
+            if cfg.parallel.ds_config:
+                raise ConfigError(f"parallel.ds_config: {path} sets zero_optimization.{section} but "
+                                  f"parallel.{flag}=false; switch offload with parallel.{flag}")
+            del zero[section]
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum(world_size),
+        train_batch_size=cfg.train.global_batch_size,
+        gradient_clipping=cfg.train.grad_clip,
+        bf16={"enabled": precision == "bf16"},
+        fp16={"enabled": precision == "fp16", "initial_scale_power": 16},
+        # lmforge passes a torch optimizer of its own choosing (never DeepSpeed's JIT FusedAdam).
+        zero_allow_untested_optimizer=True,
+        steps_per_print=10**9,
+        wall_clock_breakdown=False,
+    )
+    return ds

@@ -1,0 +1,327 @@
+"""Data: documents (via `datasets`) → tokenizer (local or trained here) → one flat, memory-mapped
+token file per split with EOS between documents → fixed-length packed sequences → a deterministic
+sampler that gives every data-parallel rank a disjoint shard and whose position is checkpointed.
+
+    lmforge prepare configs/demo.yaml      # build (or find) the cached tokenizer and token files
+
+Preparation runs once per corpus+tokenizer fingerprint and is cached under data.cache_dir; it is
+guarded by a file lock so ranks started by torchrun or srun may all call it: one builds, the others
+wait and reuse. Corpora larger than RAM never need to fit in memory: tokens are written into an
+on-disk .npy and read back with np.load(mmap_mode="r"). A pre-tokenized 1-D .npy can be given
+directly with data.format=tokens.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+
+from .config import ConfigError, DataConfig
+
+EOS_TOKEN = "<|endoftext|>"
+_SUFFIX_FORMAT = {".txt": "text", ".md": "text", ".py": "text", ".rst": "text", ".json": "json",
+                  ".jsonl": "json", ".parquet": "parquet", ".npy": "tokens"}
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    tokenizer_dir: Path
+    train_tokens: Path
+    val_tokens: Path
+    vocab_size: int     # len(tokenizer)
+    eos_id: int
+    meta: dict
+
+
+# --------------------------------------------------------------------------- sources
+
+def resolve_files(cfg: DataConfig) -> tuple[list[Path], str]:
+    """Expand paths/globs/directories into a sorted file list and settle the format."""
+    files: list[Path] = []
+    for pattern in cfg.expanded_paths():
+        p = Path(pattern)
+        if cfg.format == "arrow":
+            if not p.is_dir():
+                raise ConfigError(f"data.paths: {pattern} is not a datasets.save_to_disk directory")
+            files.append(p)
+            continue
+        if any(ch in pattern for ch in "*?["):
+            matched = [Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file()]
+        elif p.is_dir():
+            matched = [m for m in p.rglob("*") if m.is_file() and not m.name.startswith(".")]
+        elif p.is_file():
+            matched = [p]
+        else:
+            raise ConfigError(f"data.paths: {pattern} does not exist")
+        if not matched:
+            raise ConfigError(f"data.paths: {pattern} matches no files")
+        files += matched
+    files = sorted(set(files))
+    fmt = cfg.format
+    if fmt == "auto":
+        kinds = {_SUFFIX_FORMAT.get(f.suffix.lower(), "text") for f in files}
+        if len(kinds) > 1:
+            raise ConfigError(f"data.paths mixes formats {sorted(kinds)}; set data.format")
+        fmt = kinds.pop()
+    empty = [f for f in files if f.is_file() and f.stat().st_size == 0]
+    if empty and len(empty) == len(files):
+        raise ConfigError(f"data.paths: every file is empty (e.g. {empty[0]})")
+    return files, fmt
+
+
+def _fingerprint(cfg: DataConfig, files: list[Path], fmt: str) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    tok_id = "trained:%d" % cfg.vocab_size
+    if cfg.tokenizer:
+        tok_dir = Path(cfg.tokenizer).expanduser()
+        tok_file = tok_dir / "tokenizer.json"
+        tok_id = hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else str(tok_dir)
+    h.update(json.dumps([fmt, cfg.text_field, cfg.holdout, cfg.min_doc_chars, tok_id, 2]).encode())
+    return h.hexdigest()[:20]
+
+
+def _load_documents(files: list[Path], fmt: str, cfg: DataConfig, hf_cache: Path):
+    """A datasets.Dataset with a `text` column, one row per document."""
+    import datasets
+
+    str_files = [str(f) for f in files]
+    if fmt == "text":
+        ds = datasets.load_dataset("text", data_files=str_files, sample_by="document", split="train",
+                                   cache_dir=str(hf_cache))
+        field = "text"
+    elif fmt in ("json", "parquet"):
+        ds = datasets.load_dataset(fmt, data_files=str_files, split="train", cache_dir=str(hf_cache))
+        field = cfg.text_field
+    elif fmt == "arrow":
+        parts = []
+        for f in files:
+            d = datasets.load_from_disk(str(f))
+            if isinstance(d, datasets.DatasetDict):
+                if "train" not in d:
+                    raise ConfigError(f"data.paths: {f} is a DatasetDict without a 'train' split ({list(d)})")
+                d = d["train"]
+            parts.append(d)
+        ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        field = cfg.text_field
+    else:
+        raise AssertionError(fmt)
+    if field not in ds.column_names:
+        raise ConfigError(f"data.text_field: column {field!r} not in the data (columns: {ds.column_names})")
+    ds = ds.select_columns([field])
+    return ds.rename_column(field, "text") if field != "text" else ds
+
+
+def _split(ds, cfg: DataConfig):
+    """Document-level held-out split by a hash of the document's index (stable, no leakage)."""
+    ds = ds.filter(lambda t: t is not None and len(t) >= max(1, cfg.min_doc_chars), input_columns="text")
+    if len(ds) == 0:
+        raise ConfigError(f"data: no documents left after filtering (data.min_doc_chars={cfg.min_doc_chars})")
+    cut = int(cfg.holdout * 10_000)
+    is_val = np.array([zlib.crc32(str(i).encode()) % 10_000 < cut for i in range(len(ds))])
+    if not is_val.any():
+        is_val[-1] = True  # tiny corpora: hold out at least one document
+    if is_val.all():
+        raise ConfigError("data: the corpus is too small to split into training and held-out documents")
+    return ds.select(np.flatnonzero(~is_val)), ds.select(np.flatnonzero(is_val))
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def _train_tokenizer(train_ds, vocab_size: int, out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=True,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+    def batches(n=256):
+        for i in range(0, len(train_ds), n):
+            yield train_ds[i:i + n]["text"]
+
+    tok.train_from_iterator(batches(), trainer=trainer, length=len(train_ds))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                   unk_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"data.tokenizer: {p} does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # transformers raises many types for an unusable directory
+        raise ConfigError(f"data.tokenizer: cannot load a tokenizer from {p}: {e}") from None
+    if tok.eos_token_id is None:
+        raise ConfigError(f"data.tokenizer: {p} has no EOS token; packing needs one between documents")
+    return tok
+
+
+# --------------------------------------------------------------------------- token files
+
+def _write_tokens(ds, tok, out: Path, num_proc: int, desc: str) -> int:
+    eos = tok.eos_token_id
+    dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max else np.uint32
+
+    def encode(batch):
+        ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [x + [eos] for x in ids], "n": [len(x) + 1 for x in ids]}
+
+    enc = ds.map(encode, batched=True, num_proc=num_proc if num_proc > 1 else None,
+                 remove_columns=["text"], desc=f"tokenizing {desc}")
+    total = int(np.sum(enc["n"]))
+    tmp = out.with_name(out.name + ".tmp.npy")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
+    pos = 0
+    for batch in enc.iter(batch_size=1024):
+        flat = np.fromiter((t for ids in batch["ids"] for t in ids), dtype=dtype)
+        arr[pos:pos + len(flat)] = flat
+        pos += len(flat)
+    arr.flush()
+    del arr
+    os.replace(tmp, out)
+    return total
+
+
+def prepare(cfg: DataConfig, log=None) -> PreparedData:
+    """Find or build the tokenizer and token files for this corpus; safe to call from every rank."""
+    files, fmt = resolve_files(cfg)
+    if fmt == "tokens":
+        return _prepare_pretokenized(cfg, files)
+    root = cfg.resolved_cache_dir()
+    out = root / "data" / _fingerprint(cfg, files, fmt)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "meta.json"
+    with FileLock(str(out / ".lock")):
+        if not meta_path.is_file():
+            if log:
+                log.info(f"preparing data: {len(files)} file(s) ({fmt}) → {out}")
+            ds = _load_documents(files, fmt, cfg, root / "hf_datasets")
+            train_ds, val_ds = _split(ds, cfg)
+            tok_dir = out / "tokenizer"
+            tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else _train_tokenizer(train_ds, cfg.vocab_size, tok_dir)
+            if cfg.tokenizer:
+                tok.save_pretrained(str(tok_dir))
+            n_train = _write_tokens(train_ds, tok, out / "train.npy", cfg.num_proc, "train")
+            n_val = _write_tokens(val_ds, tok, out / "val.npy", cfg.num_proc, "held-out")
+            meta = dict(format=fmt, files=len(files), train_docs=len(train_ds), val_docs=len(val_ds),
+                        train_tokens=n_train, val_tokens=n_val, vocab_size=len(tok), eos_id=tok.eos_token_id)
+            tmp = meta_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(meta, indent=1))
+            os.replace(tmp, meta_path)  # meta.json last: its presence means the cache is complete
+    meta = json.loads(meta_path.read_text())
+    return PreparedData(out / "tokenizer", out / "train.npy", out / "val.npy", meta["vocab_size"], meta["eos_id"], meta)
+
+
+def _prepare_pretokenized(cfg: DataConfig, files: list[Path]) -> PreparedData:
+    if not cfg.tokenizer:
+        raise ConfigError("data.format=tokens needs data.tokenizer (the tokenizer that made the ids)")
+    if len(files) != 1:
+        raise ConfigError(f"data.format=tokens takes one .npy file, got {len(files)}")
+    tok = load_tokenizer(cfg.tokenizer)
+    arr = np.load(files[0], mmap_mode="r")
+    if arr.ndim != 1 or arr.dtype.kind not in "ui":
+        raise ConfigError(f"data.paths: {files[0]} must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+    # The held-out split is the tail of the stream: the file is already flattened.
+    root = cfg.resolved_cache_dir() / "data" / _fingerprint(cfg, files, "tokens")
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".lock")):
+        if not (root / "meta.json").is_file():
+            cut = int(len(arr) * (1 - cfg.holdout))
+            for name, part in (("train.npy", arr[:cut]), ("val.npy", arr[cut:])):
+                np.save(root / name, np.asarray(part))
+            tok.save_pretrained(str(root / "tokenizer"))
+            (root / "meta.json").write_text(json.dumps(dict(format="tokens", train_tokens=cut,
+                                                            val_tokens=len(arr) - cut, vocab_size=len(tok),
+                                                            eos_id=tok.eos_token_id)))
+    meta = json.loads((root / "meta.json").read_text())
+    return PreparedData(root / "tokenizer", root / "train.npy", root / "val.npy", meta["vocab_size"], meta["eos_id"], meta)
+
+
+# --------------------------------------------------------------------------- packing and sampling
+
+class PackedTokens:
+    """Fixed-length sequences over a flat token file: sequence i is tokens[i*L : i*L + L + 1]
+    (input = first L, target = last L). Documents are already separated by EOS, so no padding."""
+
+    def __init__(self, path: Path, seq_len: int):
+        self.tokens = np.load(path, mmap_mode="r")
+        self.seq_len = seq_len
+        self.n = (len(self.tokens) - 1) // seq_len
+        if self.n < 1:
+            raise ConfigError(f"data: {path.name} holds {len(self.tokens)} tokens, fewer than "
+                              f"data.seq_len+1={seq_len + 1}; use more data or a shorter seq_len")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        L = self.seq_len
+        rows = np.stack([self.tokens[i * L:i * L + L + 1] for i in indices]).astype(np.int64)
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+
+class ShardedSampler:
+    """Deterministic global order (a seeded permutation per epoch) cut into global batches; a
+    data-parallel rank takes its own contiguous micro-batch slices of each. Ranks therefore see
+    disjoint samples, an epoch covers every sequence once, and the whole state is one integer:
+    `consumed` (global samples handed out), saved in checkpoints."""
+
+    def __init__(self, n: int, seed: int, dp_rank: int, dp_size: int, micro_batch: int, grad_accum: int,
+                 consumed: int = 0):
+        self.n, self.seed = n, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.micro, self.accum = micro_batch, grad_accum
+        self.consumed = consumed
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.dp_size * self.accum
+
+    def _index(self, g: int) -> int:
+        epoch, i = divmod(g, self.n)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng(self.seed + epoch).permutation(self.n)
+            self._perm_epoch = epoch
+        return int(self._perm[i])
+
+    def next_step(self) -> list[list[int]]:
+        """Index lists of this rank's micro batches for the next optimizer step; advances `consumed`."""
+        base = self.consumed
+        micro_batches = []
+        for m in range(self.accum):
+            start = base + (m * self.dp_size + self.dp_rank) * self.micro
+            micro_batches.append([self._index(g) for g in range(start, start + self.micro)])
+        self.consumed += self.global_batch
+        return micro_batches
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "seed": self.seed, "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])
+
+
+def eval_indices(n: int, batches: int, micro: int, dp_rank: int, dp_size: int) -> list[list[int]]:
+    """Fixed held-out micro batches for this rank (the same at every evaluation), wrapping if short."""
+    return [[(b * dp_size * micro + dp_rank * micro + i) % n for i in range(micro)] for b in range(batches)]

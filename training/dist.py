@@ -1,0 +1,138 @@
+"""Process-group setup, the runtime choice (device, backend, precision, attention), and the
+rank-0 logger.
+
+Every rank reads only the torchrun-style environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT), so the same code runs under `lmforge train`, torchrun, the `deepspeed` CLI, srun and
+Ray Train. A plain `python -m lmforge.training.train CONFIG` gets single-process defaults here,
+because DeepSpeed otherwise falls back to MPI discovery and fails on `No module named 'mpi4py'`.
+
+This module imports nothing else of lmforge's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import sys
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What this machine runs on: chosen once, printed at start."""
+    device_type: str      # "cuda" | "cpu"
+    backend: str          # "nccl" | "gloo"
+    precision: str        # "bf16" | "fp16" | "fp32"
+    attention: str        # "flash_attention_2" | "sdpa" | "eager"
+    device_name: str
+
+    def describe(self) -> str:
+        return (f"device={self.device_type} ({self.device_name}) backend={self.backend} "
+                f"precision={self.precision} attention={self.attention}")
+
+
+def select_runtime(precision: str = "auto", attention: str = "auto") -> Runtime:
+    """The one place the GPU path (NCCL, bf16, flash-attn) or the CPU path (gloo, fp32, SDPA) is chosen."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision in ("bf16", "fp16") and not cuda:
+        # DeepSpeed's CPU path trains in fp32; half precision on CPU is slower and not what
+        # a user asking for it on a GPU cluster means. Refuse rather than silently change it.
+        raise ValueError(f"train.precision={precision} needs CUDA; this machine has none (use auto or fp32)")
+    if attention == "auto":
+        attention = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") else "sdpa"
+    if attention == "flash_attention_2" and not (cuda and importlib.util.find_spec("flash_attn")):
+        raise ValueError("model.attention=flash_attention_2 needs CUDA and the flash-attn package "
+                         "(pip install 'lmforge[gpu]'); use auto or sdpa")
+    name = torch.cuda.get_device_name() if cuda else (os.uname().machine + " CPU")
+    return Runtime("cuda" if cuda else "cpu", "nccl" if cuda else "gloo", precision, attention, name)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_extensions_dir() -> str:
+    """A private, persistent TORCH_EXTENSIONS_DIR: DeepSpeed JIT-builds its shared-memory comm op
+    at the first init_distributed (~70 s on 2 cores); kept across runs, later starts take seconds.
+    Keyed by the torch build because the compiled op is tied to it."""
+    root = Path(os.environ.get("LMFORGE_CACHE", "~/.cache/lmforge")).expanduser()
+    return str(root / "torch_extensions" / f"torch-{torch.__version__}")
+
+
+def single_process_env() -> None:
+    """Set the torchrun variables for a run started without a launcher (one rank)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def setup(runtime: Runtime, timeout_s: int = 1800) -> DistInfo:
+    single_process_env()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+    if runtime.device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Ranks on one box share its cores; oversubscription makes every rank slower. The
+            # same thread count under every launcher also keeps CPU losses bitwise reproducible.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    # DeepSpeed 0.19 calls a torch collective that torch 2.13 deprecates, once per ZeRO step.
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+    import deepspeed  # imported here: the driver process and config tools never pay for it
+
+    deepspeed.init_distributed(dist_backend=runtime.backend, timeout=timedelta(seconds=timeout_s),
+                               verbose=False)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def teardown() -> None:
+    """Destroy the process group explicitly, also on error paths: a rank that exits without it
+    can abort at exit (SIGABRT, "terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def get_logger(rank: int) -> logging.Logger:
+    """Rank 0 logs info to stderr; other ranks get a logger that only passes errors, so code
+    never needs `if rank == 0` around a log line."""
+    name = "lmforge" if rank == 0 else f"lmforge.rank{rank}"
+    log = logging.getLogger(name)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "[lmforge %(asctime)s] %(message)s" if rank == 0 else f"[lmforge rank {rank}] %(message)s",
+            datefmt="%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+    return log

@@ -1,0 +1,204 @@
+"""What every rank runs: config → data → model → DeepSpeed engine → loop (step, metrics, eval,
+checkpoint). The same `main(cfg)` runs under every launcher, reading only torchrun's env vars:
+
+    lmforge train configs/debug.yaml --nproc 2                                   # lmforge's launcher
+    torchrun --nproc_per_node 2 -m lmforge.training.train configs/debug.yaml     # torchrun
+    deepspeed --num_gpus 2 --module lmforge.training.train configs/debug.yaml    # DeepSpeed's CLI
+    python -m lmforge.training.train configs/debug.yaml train.steps=20           # one process
+
+Dotted overrides (train.lr=1e-3) follow the config path in every form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, data, dist, engine as engine_lib, evaluate as evaluate_lib, metrics as metrics_lib, model as model_lib
+from .config import Config, ConfigError, build_ds_config, dump_config, load_config
+
+
+@dataclass
+class Plan:
+    """What preflight established: everything a rank needs that could have failed on bad input."""
+    runtime: dist.Runtime
+    data: data.PreparedData
+    hf_config: object
+    ds_config: dict
+    resume_from: Path | None
+
+
+def preflight(cfg: Config, world_size: int, log) -> Plan:
+    """Every check that bad config or bad data can fail, run before any rank starts (by the
+    launcher) and again, cheaply, inside each rank (for torchrun/srun starts): data are prepared
+    and cached, the model config resolved, the DeepSpeed config built, the resume point chosen."""
+    try:
+        runtime = dist.select_runtime(cfg.train.precision, cfg.model.attention)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ds_config = build_ds_config(cfg, world_size, runtime.precision)
+    prepared = data.prepare(cfg.data, log)
+    conf = model_lib.hf_config(cfg.model, prepared.vocab_size, prepared.eos_id)
+    max_pos = model_lib.max_positions(conf)
+    if max_pos is not None and cfg.data.seq_len > max_pos:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the model's max positions ({max_pos})")
+    for split in (prepared.train_tokens, prepared.val_tokens):
+        data.PackedTokens(split, cfg.data.seq_len)  # enough tokens for one sequence of each split
+    resume = None
+    if cfg.checkpoint.resume == "auto":
+        resume = checkpoint.find_latest(cfg.checkpoint_dir, log)
+        if resume is not None:
+            try:
+                checkpoint.check_compatible(resume, cfg)
+            except checkpoint.IncompatibleCheckpoint as e:
+                raise ConfigError(str(e)) from None
+    return Plan(runtime, prepared, conf, ds_config, resume)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_step(engine, train_data, micro_batches, device) -> float:
+    """One optimizer step over this rank's micro batches; returns the loss averaged over all ranks."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for indices in micro_batches:
+        inputs, targets = train_data.batch(indices)
+        logits = engine(input_ids=inputs.to(device)).logits
+        loss = evaluate_lib.token_loss(logits, targets.to(device))
+        engine.backward(loss)  # DeepSpeed scales by 1/accumulation and syncs at the boundary
+        engine.step()          # optimizer + scheduler step only at the accumulation boundary
+        total += loss.detach().double()
+    torch.distributed.all_reduce(total)
+    return total.item() / (len(micro_batches) * torch.distributed.get_world_size())
+
+
+def main(cfg: Config) -> dict:
+    runtime = dist.select_runtime(cfg.train.precision, cfg.model.attention)
+    d = dist.setup(runtime)
+    try:
+        return run(cfg, d, dist.get_logger(d.rank))
+    finally:
+        dist.teardown()
+
+
+def run(cfg: Config, d: dist.DistInfo, log) -> dict:
+    plan = preflight(cfg, d.world_size, log)
+    if d.is_main:
+        dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    log.info("config:\n" + cfg.to_yaml())
+    log.info(f"runtime: {plan.runtime.describe()} world_size={d.world_size}")
+    total_steps = cfg.total_steps()
+    accum = cfg.grad_accum(d.world_size)
+    seq_len = cfg.data.seq_len
+    tokens_per_step = cfg.train.global_batch_size * seq_len
+
+    seed_everything(cfg.train.seed)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.runtime.precision]
+    model = model_lib.build(cfg.model, plan.hf_config, plan.ds_config, plan.runtime.attention, dtype)
+    n_total, n_matmul = model_lib.count_params(model)
+    log.info(f"model: {model_lib.describe(model.config, n_total)}")
+    engine = engine_lib.initialize(cfg, model, plan.ds_config, total_steps)
+    log.info(f"ZeRO-{cfg.parallel.zero_stage}, {d.world_size} rank(s), micro batch {cfg.train.micro_batch_size} "
+             f"x accumulation {accum} x {d.world_size} = global batch {cfg.train.global_batch_size} "
+             f"({tokens_per_step} tokens/step), {total_steps} steps")
+
+    train_data = data.PackedTokens(plan.data.train_tokens, seq_len)
+    val_data = data.PackedTokens(plan.data.val_tokens, seq_len)
+    sampler = data.ShardedSampler(len(train_data), cfg.train.seed, d.rank, d.world_size,
+                                  cfg.train.micro_batch_size, accum)
+    eval_batches = data.eval_indices(len(val_data), cfg.eval.batches, cfg.train.micro_batch_size,
+                                     d.rank, d.world_size)
+    step, tokens, ppl_before = 0, 0, None
+    if plan.resume_from is not None:
+        client = checkpoint.load(engine, plan.resume_from, d.rank, d.world_size)
+        step, tokens, ppl_before = client["step"], client["tokens"], client.get("ppl_before")
+        sampler.load_state_dict(client["sampler"])
+        log.info(f"resumed from {plan.resume_from} at step {step}")
+
+    metrics = metrics_lib.make_metrics(d.rank, cfg.tensorboard_dir, Path(cfg.run_dir) / "metrics.jsonl", cfg.to_yaml())
+    throughput = metrics_lib.Throughput(tokens_per_step, model_lib.flops_per_token(model.config, n_matmul, seq_len),
+                                        d.world_size, metrics_lib.peak_tflops(cfg.logging.peak_tflops))
+
+    def do_eval() -> dict:
+        result = evaluate_lib.evaluate(engine, val_data, eval_batches, d.device)
+        metrics.log(step, result)
+        return result
+
+    def do_save() -> Path:
+        return checkpoint.save(engine, cfg, step, {"tokens": tokens, "sampler": sampler.state_dict(),
+                                                   "ppl_before": ppl_before}, d.rank, d.world_size, log)
+
+    if step == 0:
+        ppl_before = do_eval()["eval/ppl"]
+        log.info(f"held-out perplexity before training: {ppl_before:.2f}")
+
+    evals: dict[int, dict] = {}
+    last_save = None
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               mininterval=1.0, disable=not (d.is_main and cfg.logging.progress))
+    while step < total_steps:
+        lr = engine.get_lr()[0]
+        t0 = time.perf_counter()
+        loss = train_step(engine, train_data, sampler.next_step(), d.device)
+        step_time = time.perf_counter() - t0
+        step += 1
+        tokens += tokens_per_step
+        perf = throughput(step_time)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{perf['perf/tokens_per_s']:.0f}", refresh=False)
+        if step % cfg.logging.interval == 0 or step == total_steps:
+            grad_norm = engine.get_global_grad_norm()
+            metrics.log(step, {"train/loss": loss, "train/lr": lr, "train/tokens": tokens,
+                               "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                               "mem/peak_gib": metrics_lib.memory_gib(), **perf})
+        if cfg.eval.interval and step % cfg.eval.interval == 0:
+            evals[step] = do_eval()
+            log.info(f"step {step}: eval loss {evals[step]['eval/loss']:.4f} ppl {evals[step]['eval/ppl']:.2f}")
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+            last_save = do_save()
+    bar.close()
+
+    final = evals.get(step) or do_eval()
+    ckpt = last_save if last_save is not None and last_save.name == f"step_{step}" else do_save()
+    metrics.close()
+    log.info(f"held-out perplexity: {ppl_before:.2f} before -> {final['eval/ppl']:.2f} after "
+             f"({step} steps, {tokens:,} tokens)")
+    log.info(f"checkpoint: {ckpt}")
+    log.info(f"tensorboard --logdir {cfg.tensorboard_dir}")
+    return {"step": step, "tokens": tokens, "ppl_before": ppl_before, "ppl_after": final["eval/ppl"],
+            "checkpoint": str(ckpt)}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmforge.training.train",
+                                     description="Run one rank of an lmforge training job.")
+    parser.add_argument("config", help="YAML run config")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    # The deepspeed CLI appends --local_rank=N; the rank is read from LOCAL_RANK instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        main(cfg)
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"lmforge: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
