@@ -106,8 +106,8 @@ def setup(runtime: Runtime, timeout_s: int = 1800) -> DistInfo:
             # Ranks on one box share its cores; oversubscription makes every rank slower. The
             # same thread count under every launcher also keeps CPU losses bitwise reproducible.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    # DeepSpeed 0.19 calls a torch collective that torch 2.13 deprecates, once per ZeRO step.
-    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
+    # DeepSpeed 0.19 calls torch collectives that torch 2.13 deprecates, warning at every step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import deepspeed  # imported here: the driver process and config tools never pay for it
 
     deepspeed.init_distributed(dist_backend=runtime.backend, timeout=timedelta(seconds=timeout_s),

@@ -189,7 +189,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     # The deepspeed CLI appends --local_rank=N; the rank is read from LOCAL_RANK instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         main(cfg)

@@ -1,0 +1,114 @@
+"""The `lmforge` command.
+
+    lmforge train configs/demo.yaml [dotted.key=value …] [--nproc N]
+    lmforge config configs/debug.yaml train.lr=1e-3 [--nproc N]    # resolved tree + DeepSpeed JSON
+    lmforge prepare configs/demo.yaml                               # build the tokenizer + token cache
+
+Every command validates the whole config first; a bad key or value prints one line naming it and
+exits 2 before any rank starts. The driver never imports DeepSpeed: ranks do, in
+lmforge.training.train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmforge.training.config import ConfigError, build_ds_config, dump_config, load_config
+
+EXIT_CONFIG = 2
+
+
+def _default_nproc() -> int:
+    import torch
+
+    return torch.cuda.device_count() or 1
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
+
+
+def cmd_config(args) -> int:
+    from lmforge.training.dist import select_runtime
+
+    cfg = load_config(args.config, args.overrides)
+    nproc = args.nproc or _default_nproc()
+    try:
+        runtime = select_runtime(cfg.train.precision, cfg.model.attention)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ds = build_ds_config(cfg, nproc, runtime.precision)
+    print(f"# resolved config ({runtime.describe()}, {nproc} rank(s), "
+          f"gradient accumulation {cfg.grad_accum(nproc)}, {cfg.total_steps()} steps)")
+    print(cfg.to_yaml())
+    print("# DeepSpeed config")
+    print(json.dumps(ds, indent=2))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from lmforge.training import data
+    from lmforge.training.dist import get_logger
+
+    cfg = load_config(args.config, args.overrides)
+    prepared = data.prepare(cfg.data, get_logger(0))
+    print(json.dumps({"tokenizer": str(prepared.tokenizer_dir), "train": str(prepared.train_tokens),
+                      "val": str(prepared.val_tokens), **prepared.meta}, indent=1))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from lmforge.launcher import local
+    from lmforge.training.dist import get_logger
+    from lmforge.training.train import preflight
+
+    cfg = load_config(args.config, args.overrides)
+    nproc = args.nproc or _default_nproc()
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    # All validation (data included) happens here, before any rank or GPU is started.
+    preflight(cfg, nproc, get_logger(0))
+    config_path = Path(cfg.run_dir) / "config.yaml"
+    dump_config(cfg, config_path)
+    return local.launch(cfg, config_path, nproc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Distributed LLM training on DeepSpeed ZeRO.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train on this machine with N ranks")
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, default=None, help="ranks on this machine (default: number of GPUs, else 1)")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("config", help="print the resolved config tree and the DeepSpeed JSON")
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, default=None, help="ranks to resolve gradient accumulation for")
+    p.set_defaults(func=cmd_config)
+    p = sub.add_parser("prepare", help="build the tokenizer and token cache for a config's data")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come before or after --flags (argparse stops filling a positional list at the
+    # first option), so the leftovers that look like key=value join the overrides.
+    args, rest = parser.parse_known_args(argv)
+    stray = [r for r in rest if "=" not in r or r.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(getattr(args, "overrides", [])) + rest
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"lmforge: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Local launch: N ranks on this machine.
+
+    lmforge train configs/debug.yaml --nproc 2
+
+One rank runs in this process (with the torchrun variables set, see training.dist); more ranks run
+under torch.distributed.run (torchrun) on a free loopback port, which owns the rendezvous, forwards
+signals and tears the group down if one rank fails. The ranks read the resolved config that the
+driver dumped into the run directory, so every rank sees exactly the validated tree.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lmforge.training.config import Config
+from lmforge.training.dist import default_extensions_dir, free_port
+
+
+def torchrun_command(config_path: Path, nproc: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+            "-m", "lmforge.training.train", str(config_path)]
+
+
+def launch(cfg: Config, config_path: Path, nproc: int) -> int:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+    if nproc == 1:
+        from lmforge.training.train import main
+
+        main(cfg)
+        return 0
+    env = dict(os.environ)
+    # One thread per rank's share of the cores; torchrun would force 1 and warn.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(torchrun_command(config_path, nproc, free_port()), env=env)

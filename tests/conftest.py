@@ -1,0 +1,66 @@
+"""Shared test helpers: run lmforge for real (subprocesses, 2 gloo ranks on a free port), read the
+metrics it wrote. The tokenizer/token cache lives in one session temp dir (data.cache_dir); the
+DeepSpeed op cache (TORCH_EXTENSIONS_DIR) stays in the persistent default so it is built once per
+machine, not per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = REPO / "configs" / "debug.yaml"
+BIN = Path(sys.executable).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lmforge-cache")
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.setdefault("OMP_NUM_THREADS", "1")
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def run(cmd: list[str], timeout: int = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def lmforge(*args, **kw) -> subprocess.CompletedProcess:
+    return run([str(BIN / "lmforge"), *map(str, args)], **kw)
+
+
+def debug_overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"data.cache_dir={cache}", "logging.progress=false", *extra]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step → train loss; a step logged twice (replayed after a resume) keeps its last value."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/loss" in rec:
+            out[rec["step"]] = rec["train/loss"]
+    return out

@@ -1,0 +1,133 @@
+"""Config tree, overrides, DeepSpeed JSON building and the one-line errors (no ranks started)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import DEBUG, REPO, lmforge
+from lmforge.training.config import (CONFIG_DIR, DS_CONFIG_DIR, ConfigError, build_ds_config, incompatible_keys,
+                                     load_config)
+
+ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+ALL_DS = sorted(DS_CONFIG_DIR.glob("*.json"))
+
+
+def test_recipes_are_shipped():
+    names = {p.stem for p in ALL_CONFIGS}
+    assert {"debug", "demo", "pretrain_1b", "pretrain_7b"} <= names
+    assert {p.stem for p in ALL_DS} >= {"zero1", "zero2", "zero3", "zero3_offload"}
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.name)
+def test_every_recipe_validates_and_builds_a_ds_config(path):
+    cfg = load_config(path)
+    world = 8 if "pretrain" in path.name else 2
+    ds = build_ds_config(cfg, world, "bf16" if "pretrain" in path.name else "fp32")
+    assert ds["train_batch_size"] == cfg.train.global_batch_size
+    assert (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+            == cfg.train.global_batch_size)
+    assert ds["zero_optimization"]["stage"] == cfg.parallel.zero_stage
+
+
+@pytest.mark.parametrize("path", ALL_DS, ids=lambda p: p.name)
+def test_every_ds_config_holds_only_zero_and_comm_keys(path):
+    ds = json.loads(path.read_text())
+    stage = ds["zero_optimization"]["stage"]
+    offload = "offload" in path.stem
+    cfg = load_config(DEBUG, [f"parallel.ds_config={path}", f"parallel.zero_stage={stage}",
+                              f"parallel.offload_optimizer={str(offload).lower()}",
+                              f"parallel.offload_params={str(offload).lower()}"])
+    built = build_ds_config(cfg, 2, "fp32")
+    assert built["zero_optimization"]["stage"] == stage
+    assert not {"optimizer", "scheduler", "train_batch_size", "fp16", "bf16"} & set(ds)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(DEBUG, ["train.lr=1e-3", "parallel.zero_stage=2", "model.overrides.num_hidden_layers=3",
+                              "data.paths=[a.txt, b.txt]"])
+    assert cfg.train.lr == 1e-3 and cfg.parallel.zero_stage == 2
+    assert cfg.model.overrides == {"num_hidden_layers": 3}
+    assert cfg.data.paths == ["a.txt", "b.txt"]
+
+
+def test_derived_defaults_live_under_run_dir():
+    cfg = load_config(DEBUG, ["run_dir=/x/y"])
+    assert cfg.checkpoint_dir == Path("/x/y/checkpoints") and cfg.tensorboard_dir == Path("/x/y/tensorboard")
+
+
+def test_steps_from_tokens_and_accumulation():
+    cfg = load_config(DEBUG, ["train.steps=null", "train.tokens=51200"])
+    assert cfg.total_steps() == 51200 // (8 * 64)
+    assert cfg.grad_accum(1) == 2 and cfg.grad_accum(2) == 1
+
+
+@pytest.mark.parametrize("override,expected", [
+    (["train.lrr=1"], "unknown key train.lrr; did you mean train.lr?"),
+    (["trian.lr=1"], "unknown key trian; did you mean train?"),
+    (["parallel.zero_stage=4"], "parallel.zero_stage: Input should be 1, 2 or 3"),
+    (["train.precision=fp8"], "train.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
+    (["train.steps=null"], "set exactly one of train.steps and train.tokens"),
+    (["train.global_batch_size=10"], "train.global_batch_size (10) is not a multiple of train.micro_batch_size (4)"),
+    (["model.preset=llama-3b"], "unknown preset 'llama-3b'"),
+    (["data.paths=[]"], "data.paths must list at least one non-empty path"),
+    (["parallel.zero_stage=2", "parallel.offload_params=true"], "parallel.offload_params needs parallel.zero_stage=3"),
+    (["train.lr"], "is not key=value"),
+])
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEBUG, override)
+    assert expected in str(err.value)
+
+
+def test_global_batch_must_divide_by_micro_times_dp():
+    cfg = load_config(DEBUG, ["train.global_batch_size=12"])
+    with pytest.raises(ConfigError, match=r"not divisible by train.micro_batch_size \(4\) x data-parallel size \(2\) = 8"):
+        build_ds_config(cfg, 2, "fp32")
+
+
+@pytest.mark.parametrize("key", ["optimizer", "train_batch_size", "bf16", "gradient_accumulation_steps", "scheduler"])
+def test_ds_config_that_sets_run_keys_is_refused(tmp_path, key):
+    ds = json.loads((DS_CONFIG_DIR / "zero3.json").read_text())
+    ds[key] = {"type": "AdamW"} if key in ("optimizer", "scheduler") else ({"enabled": True} if key == "bf16" else 8)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    cfg = load_config(DEBUG, [f"parallel.ds_config={path}"])
+    with pytest.raises(ConfigError, match=f"sets {key}; these come from the run config"):
+        build_ds_config(cfg, 2, "fp32")
+
+
+def test_ds_config_stage_must_agree(tmp_path):
+    cfg = load_config(DEBUG, [f"parallel.ds_config={DS_CONFIG_DIR / 'zero2.json'}"])
+    with pytest.raises(ConfigError, match="sets zero_optimization.stage=2 but parallel.zero_stage=3"):
+        build_ds_config(cfg, 2, "fp32")
+
+
+def test_incompatible_keys_ignore_lr_and_steps():
+    a = load_config(DEBUG).to_dict()
+    b = load_config(DEBUG, ["train.lr=1", "train.steps=99", "model.overrides.num_hidden_layers=3"]).to_dict()
+    assert list(incompatible_keys(a, b)) == ["model.overrides"]
+
+
+def test_cli_config_prints_tree_and_ds_json():
+    out = lmforge("config", DEBUG, "train.lr=0.01", "--nproc", "2").stdout
+    tree, ds = out.split("# DeepSpeed config")
+    assert yaml.safe_load(tree)["train"]["lr"] == 0.01
+    ds = json.loads(ds)
+    assert ds["gradient_accumulation_steps"] == 1 and ds["zero_optimization"]["stage"] == 3
+
+
+def test_cli_bad_key_exits_2_with_one_line():
+    proc = lmforge("config", DEBUG, "train.lrr=1", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "lmforge: config error: unknown key train.lrr; did you mean train.lr?"
+
+
+def test_cli_train_bad_key_exits_2_before_any_rank(tmp_path):
+    proc = lmforge("train", DEBUG, f"run_dir={tmp_path / 'r'}", "checkpoint.intervall=3", "--nproc", "2", check=False)
+    assert proc.returncode == 2
+    assert "unknown key checkpoint.intervall; did you mean checkpoint.interval?" in proc.stderr
+    assert not (tmp_path / "r").exists()  # nothing written half

@@ -1,0 +1,143 @@
+"""Data pipeline with real `datasets` and `tokenizers`: formats, packing, caching, the sampler,
+and the bad-data errors (these go through `lmforge train`, which must fail before any rank)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import DEBUG, debug_overrides, lmforge
+from lmforge.training import data
+from lmforge.training.config import ConfigError, DataConfig
+
+DOCS = [f"def function_{i}(x):\n    return x * {i} + {i * i}  # document {i}\n" * (3 + i % 4) for i in range(60)]
+
+
+def _cfg(tmp_path, paths, **kw) -> DataConfig:
+    return DataConfig(paths=[str(p) for p in paths], vocab_size=300, seq_len=16, holdout=0.1,
+                      cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def _decode_docs(prepared: data.PreparedData) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(prepared.tokenizer_dir))
+    docs = []
+    for split in (prepared.train_tokens, prepared.val_tokens):
+        ids = np.load(split)
+        assert ids[-1] == prepared.eos_id  # every document ends with EOS, nothing padded
+        cuts = np.flatnonzero(ids == prepared.eos_id)
+        starts = np.concatenate([[0], cuts[:-1] + 1])
+        docs += [tok.decode(ids[s:e]) for s, e in zip(starts, cuts)]
+    return docs
+
+
+def test_text_files_one_document_each_with_eos_between(tmp_path):
+    for i, d in enumerate(DOCS):
+        (tmp_path / f"doc{i:02d}.txt").write_text(d)
+    prepared = data.prepare(_cfg(tmp_path, [tmp_path / "*.txt"]))
+    assert prepared.meta["train_docs"] + prepared.meta["val_docs"] == len(DOCS)
+    assert prepared.meta["val_docs"] >= 1
+    assert sorted(_decode_docs(prepared)) == sorted(DOCS)  # byte-level BPE round-trips exactly
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "arrow"])
+def test_row_formats_through_datasets(tmp_path, fmt):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"body": DOCS, "id": list(range(len(DOCS)))})
+    if fmt == "jsonl":
+        path = tmp_path / "d.jsonl"
+        path.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+    elif fmt == "parquet":
+        path = tmp_path / "d.parquet"
+        ds.to_parquet(str(path))
+    else:
+        path = tmp_path / "saved"
+        datasets.DatasetDict({"train": ds}).save_to_disk(str(path))
+    cfg = _cfg(tmp_path, [path], text_field="body", format="arrow" if fmt == "arrow" else "auto")
+    prepared = data.prepare(cfg)
+    assert sorted(_decode_docs(prepared)) == sorted(DOCS)
+
+
+def test_missing_text_field_names_the_columns(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ConfigError, match=r"data.text_field: column 'text' not in the data \(columns: \['body'\]\)"):
+        data.prepare(_cfg(tmp_path, [path]))
+
+
+def test_pretokenized_memmap_file(tmp_path):
+    for i, d in enumerate(DOCS):
+        (tmp_path / f"doc{i:02d}.txt").write_text(d)
+    first = data.prepare(_cfg(tmp_path, [tmp_path / "*.txt"]))
+    tokens = np.load(first.train_tokens)
+    np.save(tmp_path / "corpus.npy", tokens)
+    cfg = DataConfig(paths=[str(tmp_path / "corpus.npy")], tokenizer=str(first.tokenizer_dir), seq_len=16,
+                     holdout=0.1, cache_dir=str(tmp_path / "cache2"))
+    prepared = data.prepare(cfg)
+    train, val = np.load(prepared.train_tokens, mmap_mode="r"), np.load(prepared.val_tokens)
+    assert np.array_equal(np.concatenate([train, val]), tokens)
+
+
+def test_cache_is_reused_and_keyed_by_content(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, d in enumerate(DOCS):
+        (src / f"doc{i:02d}.txt").write_text(d)
+    cfg = _cfg(tmp_path, [src])
+    a = data.prepare(cfg)
+    mtime = a.train_tokens.stat().st_mtime_ns
+    b = data.prepare(cfg)
+    assert b.train_tokens == a.train_tokens and b.train_tokens.stat().st_mtime_ns == mtime
+    (src / "doc00.txt").write_text("changed content\n")
+    c = data.prepare(cfg)
+    assert c.train_tokens != a.train_tokens
+
+
+def test_packing_covers_the_stream_with_one_token_overlap(tmp_path):
+    path = tmp_path / "t.npy"
+    np.save(path, np.arange(101, dtype=np.uint16))
+    packed = data.PackedTokens(path, seq_len=10)
+    assert len(packed) == 10
+    x, y = packed.batch([0, 9])
+    assert x[0].tolist() == list(range(10)) and y[0].tolist() == list(range(1, 11))
+    assert x[1].tolist() == list(range(90, 100)) and y[1].tolist() == list(range(91, 101))
+
+
+@pytest.mark.parametrize("dp,accum", [(1, 1), (2, 1), (2, 3), (4, 2)])
+def test_sampler_shards_are_disjoint_and_cover_an_epoch(dp, accum):
+    n, micro = 96, 4
+    samplers = [data.ShardedSampler(n, seed=7, dp_rank=r, dp_size=dp, micro_batch=micro, grad_accum=accum)
+                for r in range(dp)]
+    steps = n // (micro * dp * accum)
+    seen = [[i for _ in range(steps) for mb in s.next_step() for i in mb] for s in samplers]
+    flat = [i for rank in seen for i in rank]
+    assert sorted(flat) == list(range(n))  # disjoint and covering
+    # the second epoch is a different order, and the position is one integer that resumes exactly
+    s = data.ShardedSampler(n, seed=7, dp_rank=0, dp_size=dp, micro_batch=micro, grad_accum=accum)
+    s.load_state_dict({"consumed": samplers[0].consumed})
+    assert s.next_step() == samplers[0].next_step()
+
+
+def test_bad_data_fails_before_any_rank(tmp_path, data_cache):
+    def train(*extra):
+        return lmforge("train", DEBUG, *debug_overrides(tmp_path / "r", data_cache, *extra), "--nproc", "2",
+                       check=False)
+
+    proc = train(f"data.paths=[{tmp_path}/nope/*.txt]")
+    assert proc.returncode == 2 and "data.paths: " in proc.stderr and "matches no files" in proc.stderr
+    proc = train(f"data.paths=[{tmp_path}/missing.txt]")
+    assert proc.returncode == 2 and "missing.txt does not exist" in proc.stderr
+    (tmp_path / "empty.txt").write_text("")
+    proc = train(f"data.paths=[{tmp_path}/empty.txt]")
+    assert proc.returncode == 2 and "every file is empty" in proc.stderr
+    proc = train("data.min_doc_chars=100000000")
+    assert proc.returncode == 2 and "no documents left after filtering (data.min_doc_chars=100000000)" in proc.stderr
+    proc = train("data.seq_len=1024")
+    assert proc.returncode == 2 and "data.seq_len (1024) exceeds the model's max positions (512)" in proc.stderr
+    proc = train("train.global_batch_size=12")
+    assert proc.returncode == 2 and "train.micro_batch_size (4) x data-parallel size (2) = 8" in proc.stderr
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,147 @@
+"""End-to-end training on 2 real gloo ranks with real DeepSpeed: ZeRO stages, the three launchers,
+SIGKILL + resume, checkpoint verification, TensorBoard event files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, DEBUG, REPO, debug_overrides, env, lmforge, losses, run
+
+# 40 steps, checkpoints at 10/20/30/40 (keep 2), eval every 20: ~20 s a run on 2 cores.
+COMMON = ["train.steps=40", "checkpoint.interval=10", "eval.interval=20"]
+
+
+def falls(run_dir: Path) -> None:
+    ls = losses(run_dir)
+    assert sorted(ls) == list(range(1, 41))
+    first, last = sum(ls[s] for s in (1, 2, 3)) / 3, sum(ls[s] for s in (38, 39, 40)) / 3
+    assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
+
+
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory, data_cache) -> Path:
+    """The reference run: `lmforge train` with 2 ranks, ZeRO-3."""
+    run_dir = tmp_path_factory.mktemp("zero3") / "run"
+    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2")
+    assert "held-out perplexity" in proc.stderr and "tensorboard --logdir" in proc.stderr
+    return run_dir
+
+
+def test_zero3_trains_and_publishes_checkpoints(zero3):
+    falls(zero3)
+    ckpts = zero3 / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_30", "step_40"]
+    assert (ckpts / "latest").read_text() == "step_40"
+    files = {p.name for p in (ckpts / "step_40").iterdir()}
+    # both ranks' ZeRO-3 shards, both ranks' RNG, our metadata
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "rng_rank0.pt", "rng_rank1.pt", "client.json", "config.yaml", "manifest.json"} <= files
+    assert not list(ckpts.glob(".tmp_*"))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stage_trains(stage, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON, f"parallel.zero_stage={stage}"),
+            "--nproc", "2")
+    falls(run_dir)
+    assert (run_dir / "checkpoints" / "step_40" / "manifest.json").is_file()
+
+
+def test_torchrun_gives_identical_losses(zero3, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    run([str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_port()}",
+         "-m", "lmforge.training.train", str(DEBUG), *debug_overrides(run_dir, data_cache, *COMMON)])
+    assert losses(run_dir) == losses(zero3)
+
+
+def test_deepspeed_cli_gives_identical_losses(zero3, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    run([str(BIN / "deepspeed"), "--num_gpus=2", f"--master_port={_port()}", "--module",
+         "lmforge.training.train", str(DEBUG), *debug_overrides(run_dir, data_cache, *COMMON)])
+    assert losses(run_dir) == losses(zero3)
+
+
+def test_sigkill_then_resume_is_bitwise_equal(zero3, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "lmforge"), "train", str(DEBUG), *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and max(losses(run_dir), default=0) >= 15:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver, torchrun and both ranks
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    killed_at = max(losses(run_dir))
+    assert 15 <= killed_at < 40
+
+    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2")
+    resumed_from = int(proc.stderr.split("resumed from ")[1].split("step_")[1].split()[0])
+    assert 10 <= resumed_from <= killed_at
+    reference, resumed = losses(zero3), losses(run_dir)
+    assert sorted(resumed) == list(range(1, 41))
+    # every step after the kill point (and the replayed ones since the checkpoint) bitwise equal
+    assert {s: resumed[s] for s in range(resumed_from + 1, 41)} == {s: reference[s] for s in range(resumed_from + 1, 41)}
+
+
+def test_truncated_checkpoint_is_skipped(zero3, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero3, run_dir, symlinks=True)
+    (run_dir / "metrics.jsonl").unlink()
+    shard = run_dir / "checkpoints" / "step_40" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2")
+    assert "skipping checkpoint" in proc.stderr and "step_40" in proc.stderr and "bytes" in proc.stderr
+    assert "resumed from " + str(run_dir / "checkpoints" / "step_30") in proc.stderr
+    # steps 31..40 recomputed from step_30 equal the original run's
+    assert losses(run_dir) == {s: v for s, v in losses(zero3).items() if s > 30}
+
+
+def test_incompatible_checkpoint_is_refused_with_the_keys(zero3, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero3, run_dir, symlinks=True)
+    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON, "train.global_batch_size=16",
+                                                    "model.overrides.num_hidden_layers=3"),
+                   "--nproc", "2", check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("lmforge: config error:") and "was written by a different config" in err
+    assert "train.global_batch_size: 8 in the checkpoint, 16 now" in err
+    assert "model.overrides" in err and "checkpoint.allow_config_change=true" in err
+
+
+def test_tensorboard_scalars_read_back(zero3):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(zero3 / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
+            "perf/tflops_per_device", "mem/peak_gib", "eval/loss", "eval/ppl"} <= tags
+    assert "perf/mfu" not in tags  # CPU, no configured peak: omitted rather than invented
+    tb_loss = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert tb_loss == pytest.approx(losses(zero3), rel=1e-6)
+    assert [e.step for e in acc.Scalars("eval/ppl")] == [0, 20, 40]
+    lrs = [e.value for e in acc.Scalars("train/lr")]
+    assert lrs[0] < lrs[3] and lrs[-1] < max(lrs)  # warmup then decay
+    assert all(e.value > 0 for e in acc.Scalars("train/grad_norm"))
+    assert any("config" in t for t in acc.Tags()["tensors"])
+
+
+def _port() -> int:
+    from lmforge.training.dist import free_port
+
+    return free_port()
