@@ -11,6 +11,7 @@ driver dumped into the run directory, so every rank sees exactly the validated t
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,4 +36,13 @@ def launch(cfg: Config, config_path: Path, nproc: int) -> int:
     env = dict(os.environ)
     # One thread per rank's share of the cores; torchrun would force 1 and warn.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(torchrun_command(config_path, nproc, free_port()), env=env)
+    child = subprocess.Popen(torchrun_command(config_path, nproc, free_port()), env=env)
+    # torchrun forwards SIGINT/SIGTERM to the ranks (each runs in a session of its own); pass
+    # ours on so that stopping `lmforge train` stops the job instead of orphaning it.
+    forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -3,7 +3,7 @@ SIGKILL + resume, checkpoint verification, TensorBoard event files."""
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import BIN, DEBUG, REPO, debug_overrides, env, lmforge, losses, run
@@ -79,16 +80,20 @@ def test_sigkill_then_resume_is_bitwise_equal(zero3, tmp_path, data_cache):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and max(losses(run_dir), default=0) >= 15:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver, torchrun and both ranks
+            # the driver, torchrun and both ranks (torchrun puts ranks in sessions of their own)
+            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                p.kill()
             break
         time.sleep(0.02)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    time.sleep(1)
     killed_at = max(losses(run_dir))
     assert 15 <= killed_at < 40
+    assert not (run_dir / "checkpoints" / "step_40").exists()
 
     proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2")
-    resumed_from = int(proc.stderr.split("resumed from ")[1].split("step_")[1].split()[0])
+    resumed_from = int(re.search(r"resumed from \S+ at step (\d+)", proc.stderr).group(1))
     assert 10 <= resumed_from <= killed_at
     reference, resumed = losses(zero3), losses(run_dir)
     assert sorted(resumed) == list(range(1, 41))

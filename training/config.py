@@ -80,7 +80,7 @@ class DataConfig(_Section):
     text_field: str = Field("text", description="column holding the text (json/parquet/arrow)")
     tokenizer: str | None = Field(None, description="local tokenizer directory; unset: train a byte-level BPE on the training split")
     vocab_size: int = Field(8192, ge=260, description="vocabulary of the locally trained tokenizer")
-    seq_len: int = Field(256, ge=8)
+    seq_len: int = Field(256, ge=8, description="tokens per training sequence (documents are packed, EOS between)")
     holdout: float = Field(0.02, gt=0.0, lt=0.5, description="fraction of documents held out for evaluation")
     min_doc_chars: int = Field(1, ge=0, description="documents shorter than this are dropped")
     cache_dir: str | None = Field(None, description="tokenizer/token cache; default $LMFORGE_CACHE or ~/.cache/lmforge")
@@ -108,16 +108,16 @@ class TrainConfig(_Section):
     micro_batch_size: int = Field(8, ge=1, description="sequences per rank per forward pass")
     global_batch_size: int = Field(16, ge=1, description="sequences per optimizer step; accumulation is derived")
     optimizer: Literal["adamw"] = Field("adamw", description="adamw: torch AdamW, DeepSpeed CPUAdam under optimizer offload")
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of lr")
     warmup: int = Field(0, ge=0, description="linear warmup steps")
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (not on norms/biases)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA that supports it, else fp32")
-    seed: int = 1234
+    seed: int = Field(1234, description="seeds model init, data order and every RNG")
 
     @model_validator(mode="after")
     def _steps_or_tokens(self) -> "TrainConfig":
@@ -130,7 +130,7 @@ class TrainConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    zero_stage: Literal[1, 2, 3] = 3
+    zero_stage: Literal[1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters partitioned")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer state and step on the CPU")
     offload_params: bool = Field(False, description="ZeRO-Infinity parameter offload to CPU (stage 3 only)")
     ds_config: str | None = Field(None, description="DeepSpeed JSON with ZeRO/communication keys only; default ds_configs/zero<stage>.json")
