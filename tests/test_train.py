@@ -48,13 +48,16 @@ def test_zero3_trains_and_publishes_checkpoints(zero3):
     assert not list(ckpts.glob(".tmp_*"))
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_stage_trains(stage, tmp_path, data_cache):
+@pytest.mark.parametrize("layout", [["parallel.zero_stage=1"], ["parallel.zero_stage=2"],
+                                    ["parallel.offload_optimizer=true", "parallel.offload_params=true"]],
+                         ids=["zero1", "zero2", "zero3-offload"])
+def test_zero_stage_trains(layout, tmp_path, data_cache):
     run_dir = tmp_path / "run"
-    lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON, f"parallel.zero_stage={stage}"),
-            "--nproc", "2")
+    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON, *layout), "--nproc", "2")
     falls(run_dir)
     assert (run_dir / "checkpoints" / "step_40" / "manifest.json").is_file()
+    expected = "DeepSpeedCPUAdam" if "offload" in layout[0] else "AdamW"
+    assert f"optimizer: {expected}, precision fp32" in proc.stderr
 
 
 def test_torchrun_gives_identical_losses(zero3, tmp_path, data_cache):
@@ -126,6 +129,8 @@ def test_incompatible_checkpoint_is_refused_with_the_keys(zero3, tmp_path, data_
     assert err.startswith("lmforge: config error:") and "was written by a different config" in err
     assert "train.global_batch_size: 8 in the checkpoint, 16 now" in err
     assert "model.overrides" in err and "checkpoint.allow_config_change=true" in err
+    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "1", check=False)
+    assert proc.returncode == 2 and "was written by 2 rank(s), this run has 1" in proc.stderr
 
 
 def test_tensorboard_scalars_read_back(zero3):
@@ -150,3 +155,28 @@ def _port() -> int:
     from lmforge.training.dist import free_port
 
     return free_port()
+
+
+def test_any_local_hf_model_directory(tmp_path, data_cache):
+    """model.path: a GPT-2 (not a Llama) saved with save_pretrained; its weights are loaded, so the
+    held-out perplexity before training does not depend on the seed, and training lowers it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmforge.training import data
+    from lmforge.training.config import load_config
+
+    prepared = data.prepare(load_config(DEBUG, [f"data.cache_dir={data_cache}"]).data)
+    model_dir = tmp_path / "gpt2-tiny"
+    GPT2LMHeadModel(GPT2Config(vocab_size=prepared.vocab_size, n_positions=128, n_embd=64, n_layer=2,
+                               n_head=2)).save_pretrained(model_dir)
+
+    def train(seed):
+        proc = lmforge("train", DEBUG, *debug_overrides(tmp_path / f"run{seed}", data_cache, f"model.path={model_dir}",
+                                                        f"data.tokenizer={prepared.tokenizer_dir}", f"train.seed={seed}",
+                                                        "train.steps=20", "checkpoint.interval=0"), "--nproc", "1")
+        before, after = re.search(r"held-out perplexity: ([\d.]+) before -> ([\d.]+) after", proc.stderr).groups()
+        assert "model: gpt2" in proc.stderr
+        return float(before), float(after)
+
+    (b1, a1), (b2, _) = train(1), train(2)
+    assert b1 == b2 and a1 < b1 / 2

@@ -138,8 +138,13 @@ def find_latest(root: Path, log) -> Path | None:
     return None
 
 
-def check_compatible(path: Path, cfg: Config) -> None:
-    """Refuse to resume a checkpoint written by an incompatible config, naming the keys."""
+def check_compatible(path: Path, cfg: Config, world_size: int) -> None:
+    """Refuse to resume a checkpoint written by an incompatible config or world size, naming why."""
+    written_by = json.loads((path / "client.json").read_text())["world_size"]
+    if written_by != world_size:
+        raise IncompatibleCheckpoint(
+            f"{path} was written by {written_by} rank(s), this run has {world_size}; resuming on another "
+            "world size is not supported yet: run with the same number of ranks or use a new run_dir")
     saved = yaml.safe_load((path / "config.yaml").read_text())
     diff = incompatible_keys(saved, cfg.to_dict())
     if diff and not cfg.checkpoint.allow_config_change:
@@ -153,12 +158,9 @@ class IncompatibleCheckpoint(ValueError):
     pass
 
 
-def load(engine, path: Path, rank: int, world_size: int) -> dict:
+def load(engine, path: Path, rank: int) -> dict:
     """Collective: restore engine (model, optimizer, scheduler) and this rank's RNG; returns client state."""
     client = json.loads((path / "client.json").read_text())
-    if client["world_size"] != world_size:
-        raise RuntimeError(f"{path} was written by {client['world_size']} ranks, this run has {world_size}; "
-                           "resuming on another world size is not supported yet")
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:

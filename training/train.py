@@ -59,7 +59,7 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
         resume = checkpoint.find_latest(cfg.checkpoint_dir, log)
         if resume is not None:
             try:
-                checkpoint.check_compatible(resume, cfg)
+                checkpoint.check_compatible(resume, cfg, world_size)
             except checkpoint.IncompatibleCheckpoint as e:
                 raise ConfigError(str(e)) from None
     return Plan(runtime, prepared, conf, ds_config, resume)
@@ -111,6 +111,7 @@ def run(cfg: Config, d: dist.DistInfo, log) -> dict:
     n_total, n_matmul = model_lib.count_params(model)
     log.info(f"model: {model_lib.describe(model.config, n_total)}")
     engine = engine_lib.initialize(cfg, model, plan.ds_config, total_steps)
+    log.info(f"optimizer: {type(engine.client_optimizer).__name__}, precision {plan.runtime.precision}")
     log.info(f"ZeRO-{cfg.parallel.zero_stage}, {d.world_size} rank(s), micro batch {cfg.train.micro_batch_size} "
              f"x accumulation {accum} x {d.world_size} = global batch {cfg.train.global_batch_size} "
              f"({tokens_per_step} tokens/step), {total_steps} steps")
@@ -123,7 +124,7 @@ def run(cfg: Config, d: dist.DistInfo, log) -> dict:
                                      d.rank, d.world_size)
     step, tokens, ppl_before = 0, 0, None
     if plan.resume_from is not None:
-        client = checkpoint.load(engine, plan.resume_from, d.rank, d.world_size)
+        client = checkpoint.load(engine, plan.resume_from, d.rank)
         step, tokens, ppl_before = client["step"], client["tokens"], client.get("ppl_before")
         sampler.load_state_dict(client["sampler"])
         log.info(f"resumed from {plan.resume_from} at step {step}")
