@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
+# A fresh run directory each time, so `make demo` always trains end to end (rerunning on the same
+# run_dir would resume its finished checkpoint instead).
 demo: setup
-	$(VENV)/bin/lmforge train configs/demo.yaml --nproc 2
+	$(VENV)/bin/lmforge train configs/demo.yaml --nproc 2 run_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # pytest exits 5 when it collects no tests (e.g. a -k filter matching nothing): report it, pass.
 test: setup

@@ -131,3 +131,31 @@ def test_cli_train_bad_key_exits_2_before_any_rank(tmp_path):
     assert proc.returncode == 2
     assert "unknown key checkpoint.intervall; did you mean checkpoint.interval?" in proc.stderr
     assert not (tmp_path / "r").exists()  # nothing written half
+
+
+def test_runtime_is_chosen_in_one_place_and_refuses_gpu_only_settings_on_cpu():
+    import torch
+
+    from lmforge.training.dist import select_runtime
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-path test")
+    rt = select_runtime()
+    assert (rt.device_type, rt.backend, rt.precision, rt.attention) == ("cpu", "gloo", "fp32", "sdpa")
+    with pytest.raises(ValueError, match="train.precision=bf16 needs CUDA"):
+        select_runtime(precision="bf16")
+    with pytest.raises(ValueError, match="flash_attention_2 needs CUDA and the flash-attn package"):
+        select_runtime(attention="flash_attention_2")
+    proc = lmforge("config", DEBUG, "train.precision=bf16", check=False)
+    assert proc.returncode == 2 and "train.precision=bf16 needs CUDA" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_runtime_selects_nccl_bf16():
+    import importlib.util
+
+    from lmforge.training.dist import select_runtime
+
+    rt = select_runtime()
+    assert rt.device_type == "cuda" and rt.backend == "nccl" and rt.precision in ("bf16", "fp16", "fp32")
+    assert rt.attention == ("flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa")

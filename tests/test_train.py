@@ -180,3 +180,14 @@ def test_any_local_hf_model_directory(tmp_path, data_cache):
 
     (b1, a1), (b2, _) = train(1), train(2)
     assert b1 == b2 and a1 < b1 / 2
+
+
+@pytest.mark.gpu
+def test_gpu_zero3_bf16_trains(tmp_path, data_cache):
+    import torch
+
+    run_dir = tmp_path / "run"
+    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc",
+                   str(min(2, torch.cuda.device_count())))
+    falls(run_dir)
+    assert "backend=nccl" in proc.stderr and "precision bf16" in proc.stderr

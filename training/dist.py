@@ -11,6 +11,7 @@ This module imports nothing else of lmforge's.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -76,10 +77,12 @@ def free_port() -> int:
 
 def default_extensions_dir() -> str:
     """A private, persistent TORCH_EXTENSIONS_DIR: DeepSpeed JIT-builds its shared-memory comm op
-    at the first init_distributed (~70 s on 2 cores); kept across runs, later starts take seconds.
-    Keyed by the torch build because the compiled op is tied to it."""
+    at the first init_distributed (~45-70 s on 2 cores); kept across runs, later starts take
+    seconds. Keyed by the torch build and the environment (a second venv compiles with other
+    include paths, and sharing one directory would make each rebuild the other's ops)."""
     root = Path(os.environ.get("LMFORGE_CACHE", "~/.cache/lmforge")).expanduser()
-    return str(root / "torch_extensions" / f"torch-{torch.__version__}")
+    env = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
+    return str(root / "torch_extensions" / f"torch-{torch.__version__}-{env}")
 
 
 def single_process_env() -> None:
