@@ -1,6 +1,7 @@
 """The `lmforge` command.
 
     lmforge train configs/demo.yaml [dotted.key=value …] [--nproc N]
+    lmforge launch --on ray configs/debug.yaml [--address HOST:PORT] [--workers N]
     lmforge config configs/debug.yaml train.lr=1e-3 [--nproc N]    # resolved tree + DeepSpeed JSON
     lmforge prepare configs/demo.yaml                               # build the tokenizer + token cache
 
@@ -44,6 +45,7 @@ def cmd_config(args) -> int:
     ds = build_ds_config(cfg, nproc, runtime.precision)
     print(f"# resolved config ({runtime.describe()}, {nproc} rank(s), "
           f"gradient accumulation {cfg.grad_accum(nproc)}, {cfg.total_steps()} steps)")
+    print(f"# checkpoints: {cfg.checkpoint_dir}  tensorboard: {cfg.tensorboard_dir}")
     print(cfg.to_yaml())
     print("# DeepSpeed config")
     print(json.dumps(ds, indent=2))
@@ -61,15 +63,21 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def cmd_launch(args) -> int:
+    # Flags are sugar for config keys, so each setting still lives in one place (the tree).
+    flags = {"launch.backend": getattr(args, "on", None), "launch.address": getattr(args, "address", None),
+             "launch.workers": args.nproc}
+    overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load_config(args.config, overrides)
+    if cfg.launch.backend == "ray":
+        from lmforge.launcher import ray as ray_launcher
+
+        return ray_launcher.launch(cfg)
     from lmforge.launcher import local
     from lmforge.training.dist import get_logger
     from lmforge.training.train import preflight
 
-    cfg = load_config(args.config, args.overrides)
-    nproc = args.nproc or _default_nproc()
-    if nproc < 1:
-        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    nproc = cfg.launch.workers or _default_nproc()
     # All validation (data included) happens here, before any rank or GPU is started.
     preflight(cfg, nproc, get_logger(0))
     config_path = Path(cfg.run_dir) / "config.yaml"
@@ -77,13 +85,33 @@ def cmd_train(args) -> int:
     return local.launch(cfg, config_path, nproc)
 
 
+def cmd_sweep(args) -> int:
+    from lmforge.launcher.sweep import sweep
+
+    overrides = list(args.overrides) + ([f"launch.address={args.address}"] if args.address else [])
+    return sweep(load_config(args.config, overrides), args.param, args.trials)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Distributed LLM training on DeepSpeed ZeRO.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train on this machine with N ranks")
+    p = sub.add_parser("train", help="train with N ranks on this machine (or where launch.backend says)")
     _add_config_args(p)
-    p.add_argument("--nproc", type=int, default=None, help="ranks on this machine (default: number of GPUs, else 1)")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--nproc", type=int, default=None, help="ranks = launch.workers (default: number of GPUs, else 1)")
+    p.set_defaults(func=cmd_launch)
+    p = sub.add_parser("launch", help="train on this machine (--on local) or a Ray cluster (--on ray)")
+    _add_config_args(p)
+    p.add_argument("--on", choices=["local", "ray"], default=None, help="= launch.backend (default: local)")
+    p.add_argument("--address", default=None, help="= launch.address: Ray cluster (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--nproc", "--workers", dest="nproc", type=int, default=None, help="= launch.workers")
+    p.set_defaults(func=cmd_launch)
+    p = sub.add_parser("sweep", help="Ray Tune sweep over whole runs (ASHA on eval loss)")
+    _add_config_args(p)
+    p.add_argument("--param", action="append", default=[], metavar="KEY=DIST:ARGS",
+                   help="e.g. train.lr=loguniform:1e-4:3e-3, train.warmup=choice:50,100")
+    p.add_argument("--trials", type=int, default=4)
+    p.add_argument("--address", default=None, help="= launch.address")
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("config", help="print the resolved config tree and the DeepSpeed JSON")
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=None, help="ranks to resolve gradient accumulation for")
@@ -107,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"lmforge: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except RuntimeError as e:
+        if type(e).__name__ != "LaunchError":
+            raise
+        print(f"lmforge: launch error: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
 

@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from pathlib import Path
 from typing import Any, Literal
@@ -164,6 +165,17 @@ class LoggingConfig(_Section):
     progress: bool = Field(True, description="progress bar on rank 0")
 
 
+class LaunchConfig(_Section):
+    backend: Literal["local", "ray"] = Field("local", description="where ranks run: local (torchrun on this box) or ray (Ray Train)")
+    address: str | None = Field(None, description="Ray cluster address (host:port, ray://…, auto); default $RAY_ADDRESS, else start a local Ray")
+    workers: int | None = Field(None, ge=1, description="ranks (--nproc): default one per GPU (local: this box; ray: the cluster), else 1")
+    cpus_per_worker: float = Field(1, gt=0, description="Ray: CPUs reserved per worker")
+    gpus_per_worker: float = Field(0, ge=0, description="Ray: GPUs per worker (1 on GPU clusters)")
+    strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = Field(
+        "SPREAD", description="Ray placement group strategy across nodes")
+    max_failures: int = Field(0, ge=-1, description="Ray: restarts after a worker/node failure (-1: unlimited); each resumes from the newest checkpoint")
+
+
 class Config(_Section):
     run_dir: str = Field("runs/debug", description="everything a run writes goes under here")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -173,6 +185,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     # Derived locations: one setting each, defaults under run_dir.
     @property
@@ -273,21 +286,47 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    return key.split("."), parse_value(raw)
+
+
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def parse_value(raw: str) -> Any:
+    """A YAML scalar/list, plus 1e-3 style floats (YAML 1.1 would read them as strings)."""
+    if raw == "":
+        return ""
+    if _NUMBER.match(raw.strip()):
+        return float(raw) if any(c in raw for c in ".eE") else int(raw)
+    return yaml.safe_load(raw)
+
+
+def set_key(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Set a dotted key in a nested dict (in place; returns it)."""
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{key}: {'.'.join(parts[:i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+    return tree
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     tree = copy.deepcopy(tree)
     for item in overrides:
         parts, value = parse_override(item)
-        node = tree
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is not a section")
-            node = nxt
-        node[parts[-1]] = value
+        set_key(tree, ".".join(parts), value)
     return tree
+
+
+def validate(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
@@ -303,11 +342,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
-    tree = apply_overrides(tree, list(overrides))
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e)) from None
+    return validate(apply_overrides(tree, list(overrides)))
 
 
 def dump_config(cfg: Config, path: Path) -> None:

@@ -18,6 +18,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -85,16 +86,18 @@ def train_step(engine, train_data, micro_batches, device) -> float:
     return total.item() / (len(micro_batches) * torch.distributed.get_world_size())
 
 
-def main(cfg: Config) -> dict:
+def main(cfg: Config, report: Callable[[dict], None] | None = None) -> dict:
+    """Train on the ranks the launcher started. `report`, if given, receives every evaluation's
+    metrics on every rank (Ray Train / Ray Tune pass ray.train.report here)."""
     runtime = dist.select_runtime(cfg.train.precision, cfg.model.attention)
     d = dist.setup(runtime)
     try:
-        return run(cfg, d, dist.get_logger(d.rank))
+        return run(cfg, d, dist.get_logger(d.rank), report or (lambda metrics: None))
     finally:
         dist.teardown()
 
 
-def run(cfg: Config, d: dist.DistInfo, log) -> dict:
+def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None]) -> dict:
     plan = preflight(cfg, d.world_size, log)
     if d.is_main:
         dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
@@ -168,11 +171,15 @@ def run(cfg: Config, d: dist.DistInfo, log) -> dict:
         if cfg.eval.interval and step % cfg.eval.interval == 0:
             evals[step] = do_eval()
             log.info(f"step {step}: eval loss {evals[step]['eval/loss']:.4f} ppl {evals[step]['eval/ppl']:.2f}")
+            report({"step": step, "train/loss": loss, **evals[step]})
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             last_save = do_save()
     bar.close()
 
-    final = evals.get(step) or do_eval()
+    if step not in evals:
+        evals[step] = do_eval()
+        report({"step": step, **evals[step]})
+    final = evals[step]
     ckpt = last_save if last_save is not None and last_save.name == f"step_{step}" else do_save()
     metrics.close()
     log.info(f"held-out perplexity: {ppl_before:.2f} before -> {final['eval/ppl']:.2f} after "

@@ -1,0 +1,187 @@
+"""Ray launcher: the same training entry point on a Ray cluster, through Ray Train.
+
+    lmforge launch --on ray configs/debug.yaml launch.workers=2                 # local Ray, started here
+    lmforge launch --on ray configs/debug.yaml --address HEAD_IP:6379            # an existing cluster
+    ray job submit --address http://HEAD_IP:8265 -- lmforge launch --on ray configs/debug.yaml
+
+`ray.train.torch.TorchTrainer` places the workers (a placement group, SPREAD across nodes by
+default), creates the process group and sets the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) in every worker, which then runs `lmforge.training.train.main` exactly as
+under torchrun. The driver never imports DeepSpeed or builds the model.
+
+Failures: with `launch.max_failures=N` Ray Train restarts the worker group after a worker or node
+dies; the restarted ranks resume from the newest complete lmforge checkpoint (atomic layout under
+run_dir/checkpoints, which must be on storage every node sees). Checkpoints are NOT also reported
+to Ray: `ray.train.report` carries metrics only, so nothing is stored twice and there is one source
+of truth for "newest complete checkpoint". Ray's own run state goes to RunConfig(storage_path =
+run_dir's parent, name = run_dir's name), i.e. inside the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from lmforge.training.config import Config, ConfigError
+
+EXIT_FAILED = 1
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def _quiet_ray_env() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast (seconds, not Ray's minutes of retries) on an address nobody listens on."""
+    if address in ("auto", "local"):
+        return
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"launch.address {address!r} is not host:port (e.g. 10.0.0.1:6379), ray://host:port or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise LaunchError(f"cannot reach the Ray cluster at {address}: {e}") from None
+
+
+def _node_ip_for(address: str | None) -> str | None:
+    """The local IP on the route to the head: a driver on a cluster node must use the address the
+    node registered with (e.g. 127.0.0.2 in tests), or Ray refuses to attach it."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return None
+    host = address.rpartition(":")[0]
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind((host, 0))  # the head runs on this machine under this address
+                return host
+            except OSError:
+                s.connect((host, 9))  # else: our address on the route to the head
+                return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def check_fits(cfg: Config, workers: int, nodes: list[dict]) -> None:
+    """Refuse a request the cluster can never satisfy, instead of waiting forever for resources."""
+    want_cpu, want_gpu = cfg.launch.cpus_per_worker, cfg.launch.gpus_per_worker
+    fits = 0
+    for n in nodes:
+        r = n["Resources"]
+        per_node = int(r.get("CPU", 0) // want_cpu) if want_cpu else workers
+        if want_gpu:
+            per_node = min(per_node, int(r.get("GPU", 0) // want_gpu))
+        fits += per_node
+    if cfg.launch.strategy == "STRICT_SPREAD":
+        fits = min(fits, len(nodes))
+    if fits < workers:
+        have = "; ".join(f"{n['NodeManagerAddress']}: CPU {n['Resources'].get('CPU', 0):g}, "
+                         f"GPU {n['Resources'].get('GPU', 0):g}" for n in nodes)
+        raise LaunchError(
+            f"asked for {workers} worker(s) x (CPU {want_cpu:g}, GPU {want_gpu:g}) with {cfg.launch.strategy}; "
+            f"the cluster can fit at most {fits}: {have}")
+
+
+def _describe(nodes: list[dict]) -> str:
+    lines = [f"  node {n['NodeID'][:12]} {n['NodeManagerAddress']}: CPU {n['Resources'].get('CPU', 0):g}, "
+             f"GPU {n['Resources'].get('GPU', 0):g}" for n in nodes]
+    return "\n".join(lines)
+
+
+def connect(cfg: Config, log) -> list[dict]:
+    """ray.init on launch.address / $RAY_ADDRESS (or a new local Ray); returns the alive nodes."""
+    _quiet_ray_env()
+    import ray
+
+    address = cfg.launch.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+    ray.init(address=address or None, _node_ip_address=_node_ip_for(address), log_to_driver=True,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                       if k in ("TORCH_EXTENSIONS_DIR", "LMFORGE_CACHE", "PYTHONPATH")}})
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    log.info(f"Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s)\n{_describe(nodes)}")
+    return nodes
+
+
+def _worker_loop(loop_config: dict) -> None:
+    """Runs in every Ray Train worker: record placement, then the same main() torchrun runs."""
+    import ray
+    import ray.train
+    import torch.distributed as tdist
+
+    from lmforge.training.config import Config
+    from lmforge.training.train import main
+
+    cfg = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    here = {"rank": ctx.get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
+            "ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "hostname": socket.gethostname()}
+    placement = [None] * ctx.get_world_size()
+    tdist.all_gather_object(placement, here)  # Ray Train has already created the process group
+    if ctx.get_world_rank() == 0:
+        path = Path(cfg.run_dir) / "placement.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(placement, indent=1))
+        print("lmforge: placement\n" + "\n".join(
+            f"  rank {p['rank']}: node {p['node_id'][:12]} ip {p['ip']} pid {p['pid']}" for p in placement), flush=True)
+    main(cfg, report=ray.train.report)
+
+
+def launch(cfg: Config) -> int:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lmforge.training.checkpoint import find_latest
+    from lmforge.training.config import dump_config
+    from lmforge.training.dist import get_logger
+    from lmforge.training.train import preflight
+
+    log = get_logger(0)
+    nodes = connect(cfg, log)
+    try:
+        workers = cfg.launch.workers
+        if workers is None:
+            gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
+            workers = int(gpus // cfg.launch.gpus_per_worker) if cfg.launch.gpus_per_worker and gpus else 1
+        check_fits(cfg, workers, nodes)
+        preflight(cfg, workers, log)  # bad config/data fail here, before any worker starts
+        run_dir = Path(cfg.run_dir).resolve()
+        cfg = cfg.model_copy(update={"run_dir": str(run_dir)})  # workers may start in another cwd
+        dump_config(cfg, run_dir / "config.yaml")
+        use_gpu = cfg.launch.gpus_per_worker > 0
+        trainer = TorchTrainer(
+            _worker_loop,
+            train_loop_config={"config": cfg.to_dict()},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cfg.launch.cpus_per_worker,
+                                                               **({"GPU": cfg.launch.gpus_per_worker} if use_gpu else {})},
+                                         placement_strategy=cfg.launch.strategy),
+            run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                                 failure_config=FailureConfig(max_failures=cfg.launch.max_failures)),
+        )
+        log.info(f"{workers} worker(s), {cfg.launch.strategy}, max_failures={cfg.launch.max_failures}; "
+                 f"tensorboard --logdir {cfg.tensorboard_dir}")
+        try:
+            trainer.fit()
+        except Exception as e:  # Ray wraps the worker's exception; say what failed and what is safe
+            last = find_latest(cfg.checkpoint_dir, log)
+            log.error(f"training failed after {cfg.launch.max_failures} restart(s): {type(e).__name__}: {e}\n"
+                      f"last good checkpoint: {last or 'none'}")
+            return EXIT_FAILED
+        return 0
+    finally:
+        ray.shutdown()

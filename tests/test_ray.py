@@ -1,0 +1,202 @@
+"""Ray launcher on a real two-node Ray cluster on this machine (head 127.0.0.2, worker 127.0.0.3,
+one CPU each): placement across nodes, equal losses to torchrun, SIGKILL of a worker with restart
+and exact resume, Ray Jobs submission, a Tune sweep, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import BIN, DEBUG, REPO, debug_overrides, env, losses, run
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+COMMON = ["train.steps=40", "checkpoint.interval=10", "eval.interval=20", "launch.workers=2"]
+
+
+def _ray_env() -> dict:
+    e = env()
+    # one auth mode for head, worker node and drivers (ray start and ray.init default differently)
+    e.update(RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_V2_ENABLED="1", RAY_AUTH_MODE="disabled")
+    return e
+
+
+def _free_port() -> int:
+    from lmforge.training.dist import free_port
+
+    return free_port()
+
+
+def _start_node(args: list[str]) -> subprocess.Popen:
+    # --block keeps `ray start` in the foreground as the parent of the node's processes, so the
+    # fixture tears down exactly what it started by its own process group.
+    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
+                            env=_ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _alive_nodes(address: str) -> int:
+    code = ("import ray; ray.init(address=%r, _node_ip_address='127.0.0.2', logging_level='ERROR');"
+            "print(sum(n['Alive'] for n in ray.nodes()))" % address)
+    proc = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True, env=_ray_env(),
+                          timeout=120)
+    return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip() else 0
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    port, dash = _free_port(), _free_port()
+    head = _start_node(["--head", "--node-ip-address=127.0.0.2", f"--port={port}", "--num-cpus=1",
+                        "--include-dashboard=true", "--dashboard-host=127.0.0.2", f"--dashboard-port={dash}"])
+    address = f"127.0.0.2:{port}"
+    worker = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with __import__("socket").create_connection(("127.0.0.2", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        worker = _start_node([f"--address={address}", "--node-ip-address=127.0.0.3", "--num-cpus=1"])
+        while time.time() < deadline and _alive_nodes(address) < 2:
+            time.sleep(1)
+        assert _alive_nodes(address) == 2, "two-node Ray cluster did not come up"
+        yield {"address": address, "dashboard": f"http://127.0.0.2:{dash}"}
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(head)
+
+
+@pytest.fixture(scope="module")
+def torchrun_reference(tmp_path_factory, data_cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("torchrun") / "run"
+    run([str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+         "-m", "lmforge.training.train", str(DEBUG), *debug_overrides(run_dir, data_cache, *COMMON)])
+    return run_dir
+
+
+def _launch(cluster, run_dir, data_cache, *extra):
+    return subprocess.run([str(BIN / "lmforge"), "launch", "--on", "ray", str(DEBUG), "--address", cluster["address"],
+                           *debug_overrides(run_dir, data_cache, *COMMON, *extra)],
+                          capture_output=True, text=True, env=_ray_env(), cwd=REPO, timeout=600)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def test_spread_across_two_nodes_matches_torchrun(cluster, torchrun_reference, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    proc = _ok(_launch(cluster, run_dir, data_cache))
+    placement = json.loads((run_dir / "placement.json").read_text())
+    assert len({p["node_id"] for p in placement}) == 2  # SPREAD: one worker per node
+    assert {p["ip"] for p in placement} == {"127.0.0.2", "127.0.0.3"}
+    assert "2 node(s)" in proc.stderr and "tensorboard --logdir" in proc.stderr
+    ls = losses(run_dir)
+    assert ls == losses(torchrun_reference)  # same seed, same losses, bitwise
+    assert ls[40] < ls[1] - 0.5
+
+
+def test_worker_sigkill_restarts_and_resumes_exactly(cluster, torchrun_reference, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "lmforge"), "launch", "--on", "ray", str(DEBUG), "--address", cluster["address"],
+           *debug_overrides(run_dir, data_cache, *COMMON, "launch.max_failures=1")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_ray_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        if (run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= 15:
+            pid = json.loads((run_dir / "placement.json").read_text())[1]["pid"]
+            psutil.Process(pid).kill()
+            killed = max(losses(run_dir))
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=600)
+    assert killed is not None and killed < 40, out[-4000:]
+    assert proc.returncode == 0, out[-6000:]
+    assert re.search(r"resumed from \S+step_(10|20|30) at step", out), out[-4000:]
+    assert losses(run_dir) == losses(torchrun_reference)
+
+
+def test_beyond_max_failures_names_cause_and_last_checkpoint(cluster, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "lmforge"), "launch", "--on", "ray", str(DEBUG), "--address", cluster["address"],
+           *debug_overrides(run_dir, data_cache, *COMMON, "launch.max_failures=0")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_ray_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= 15:
+            psutil.Process(json.loads((run_dir / "placement.json").read_text())[0]["pid"]).kill()
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, out[-4000:]
+    assert "training failed after 0 restart(s)" in out and "last good checkpoint: " + str(run_dir) in out
+
+
+def test_ray_job_submission_logs_progress(cluster, tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    entry = [str(BIN / "lmforge"), "launch", "--on", "ray", str(DEBUG), *debug_overrides(run_dir, data_cache, *COMMON)]
+    proc = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--", *entry],
+                          capture_output=True, text=True, env=_ray_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    assert re.search(r"held-out perplexity: [\d.]+ before -> [\d.]+ after", proc.stdout)
+    assert losses(run_dir)[40] < losses(run_dir)[1]
+
+
+def test_sweep_runs_trials_and_writes_table(cluster, tmp_path, data_cache):
+    out_dir = tmp_path / "sweep"
+    proc = subprocess.run([str(BIN / "lmforge"), "sweep", str(DEBUG), "--address", cluster["address"],
+                           "--param", "train.lr=loguniform:1e-3:1e-2", "--param", "train.warmup=choice:2,5",
+                           "--trials", "2", *debug_overrides(out_dir, data_cache, "train.steps=20", "eval.interval=5",
+                                                             "checkpoint.interval=0")],
+                          capture_output=True, text=True, env=_ray_env(), cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    table = (out_dir / "sweep_results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "eval/loss" not in line]
+    assert len(rows) == 2
+    losses_col = [float(r.split("|")[2]) for r in rows]
+    assert losses_col == sorted(losses_col)
+    best = __import__("yaml").safe_load((out_dir / "best_config.yaml").read_text())
+    assert 1e-3 <= best["train"]["lr"] <= 1e-2 and best["train"]["warmup"] in (2, 5)
+
+
+def test_unreachable_address_fails_fast(tmp_path, data_cache):
+    port = _free_port()  # nobody listens here
+    t0 = time.time()
+    proc = subprocess.run([str(BIN / "lmforge"), "launch", "--on", "ray", str(DEBUG), "--address", f"127.0.0.5:{port}",
+                           *debug_overrides(tmp_path / "r", data_cache)], capture_output=True, text=True,
+                          env=_ray_env(), cwd=REPO, timeout=120)
+    assert time.time() - t0 < 30
+    assert proc.returncode == 2 and f"cannot reach the Ray cluster at 127.0.0.5:{port}" in proc.stderr
+
+
+def test_request_larger_than_cluster_is_refused(cluster, tmp_path, data_cache):
+    proc = _launch(cluster, tmp_path / "r", data_cache, "launch.workers=4", "train.global_batch_size=16")
+    assert proc.returncode == 2
+    assert "asked for 4 worker(s) x (CPU 1, GPU 0) with SPREAD; the cluster can fit at most 2" in proc.stderr
+    assert "127.0.0.3: CPU 1" in proc.stderr
