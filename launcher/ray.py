@@ -76,15 +76,18 @@ def _node_ip_for(address: str | None) -> str | None:
 def check_fits(cfg: Config, workers: int, nodes: list[dict]) -> None:
     """Refuse a request the cluster can never satisfy, instead of waiting forever for resources."""
     want_cpu, want_gpu = cfg.launch.cpus_per_worker, cfg.launch.gpus_per_worker
-    fits = 0
+    per_node = []
     for n in nodes:
         r = n["Resources"]
-        per_node = int(r.get("CPU", 0) // want_cpu) if want_cpu else workers
+        k = int(r.get("CPU", 0) // want_cpu) if want_cpu else workers
         if want_gpu:
-            per_node = min(per_node, int(r.get("GPU", 0) // want_gpu))
-        fits += per_node
-    if cfg.launch.strategy == "STRICT_SPREAD":
-        fits = min(fits, len(nodes))
+            k = min(k, int(r.get("GPU", 0) // want_gpu))
+        per_node.append(k)
+    fits = sum(per_node)
+    if cfg.launch.strategy == "STRICT_SPREAD":  # at most one worker per node
+        fits = sum(1 for k in per_node if k > 0)
+    elif cfg.launch.strategy == "STRICT_PACK":  # all workers on one node
+        fits = max(per_node, default=0)
     if fits < workers:
         have = "; ".join(f"{n['NodeManagerAddress']}: CPU {n['Resources'].get('CPU', 0):g}, "
                          f"GPU {n['Resources'].get('GPU', 0):g}" for n in nodes)
@@ -107,7 +110,9 @@ def connect(cfg: Config, log) -> list[dict]:
     address = cfg.launch.address or os.environ.get("RAY_ADDRESS")
     if address:
         check_reachable(address)
-    ray.init(address=address or None, _node_ip_address=_node_ip_for(address), log_to_driver=True,
+    # "local" starts a new single-node Ray; None would attach to whatever cluster was started on
+    # this machine last (Ray remembers it in /tmp/ray), hanging for minutes if that one is gone.
+    ray.init(address=address or "local", _node_ip_address=_node_ip_for(address), log_to_driver=True,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                        if k in ("TORCH_EXTENSIONS_DIR", "LMFORGE_CACHE", "PYTHONPATH")}})
     nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -158,8 +163,8 @@ def launch(cfg: Config) -> int:
             workers = int(gpus // cfg.launch.gpus_per_worker) if cfg.launch.gpus_per_worker and gpus else 1
         check_fits(cfg, workers, nodes)
         preflight(cfg, workers, log)  # bad config/data fail here, before any worker starts
-        run_dir = Path(cfg.run_dir).resolve()
-        cfg = cfg.model_copy(update={"run_dir": str(run_dir)})  # workers may start in another cwd
+        cfg = cfg.with_absolute_paths()  # workers may start in another directory
+        run_dir = Path(cfg.run_dir)
         dump_config(cfg, run_dir / "config.yaml")
         use_gpu = cfg.launch.gpus_per_worker > 0
         trainer = TorchTrainer(

@@ -71,7 +71,8 @@ def sweep(cfg: Config, specs: list[str], trials: int) -> int:
     params = dict(parse_param(s) for s in specs)
     if not params:
         raise ConfigError("give at least one --param KEY=DIST:ARGS")
-    root = Path(cfg.run_dir).resolve()
+    cfg = cfg.with_absolute_paths()  # trials run in directories of Tune's choosing
+    root = Path(cfg.run_dir)
     base = cfg.to_dict()
     # every swept key must exist and accept a sampled value, before any trial starts
     _trial_config(base, {k: d.sample() for k, d in params.items()}, str(root / "probe"))

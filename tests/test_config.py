@@ -159,3 +159,41 @@ def test_gpu_runtime_selects_nccl_bf16():
     rt = select_runtime()
     assert rt.device_type == "cuda" and rt.backend == "nccl" and rt.precision in ("bf16", "fp16", "fp32")
     assert rt.attention == ("flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa")
+
+
+def test_readme_documents_every_config_key():
+    from lmforge.training.config import Config, _all_keys
+
+    readme = (REPO / "README.md").read_text()
+    sections = {k for k in _all_keys(Config) if "." not in k and k != "run_dir"}
+    missing = [k for k in _all_keys(Config) if k not in sections and f"`{k}`" not in readme]
+    assert not missing, f"README's config reference lacks {missing}"
+
+
+def test_driver_side_never_imports_deepspeed(data_cache):
+    """The launcher validates everything (config, data, model config, resume point) without
+    importing DeepSpeed: only ranks do (ray#50406, and a driver on a GPU-less head node)."""
+    code = f"""
+import sys
+from lmforge.launcher import cli, local, ray, sweep
+from lmforge.training.config import load_config
+from lmforge.training.dist import get_logger
+from lmforge.training.train import preflight
+preflight(load_config({str(DEBUG)!r}, ["data.cache_dir={data_cache}"]), 2, get_logger(0))
+print("deepspeed" in sys.modules)
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "False"
+
+
+def test_relative_paths_are_resolved_for_remote_ranks(tmp_path):
+    cfg = load_config(DEBUG, ["run_dir=runs/x", "data.paths=[data/*.jsonl, '{stdlib}/json/*.py', /abs/a.txt]",
+                              "data.cache_dir=cache", "model.path=models/m"])
+    a = cfg.with_absolute_paths(tmp_path)
+    assert a.run_dir == str(tmp_path / "runs/x") and a.model.path == str(tmp_path / "models/m")
+    assert a.data.paths == [str(tmp_path / "data/*.jsonl"), "{stdlib}/json/*.py", "/abs/a.txt"]
+    assert a.data.cache_dir == str(tmp_path / "cache") and a.checkpoint_dir == tmp_path / "runs/x/checkpoints"

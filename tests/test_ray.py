@@ -109,6 +109,20 @@ def _ok(proc):
     return proc
 
 
+def test_local_ray_started_by_the_command_matches_torchrun(cluster, torchrun_reference, tmp_path, data_cache):
+    """No address: lmforge starts a local Ray of its own, even while another cluster (the fixture's)
+    is the one Ray last remembers on this machine."""
+    run_dir = tmp_path / "run"
+    e = _ray_env()
+    e.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([str(BIN / "lmforge"), "launch", "--on", "ray", str(DEBUG),
+                           *debug_overrides(run_dir, data_cache, *COMMON)], capture_output=True, text=True,
+                          env=e, cwd=REPO, timeout=600)
+    _ok(proc)
+    assert cluster["address"] not in proc.stderr.split("node(s)")[0]  # its own cluster, not the fixture's
+    assert losses(run_dir) == losses(torchrun_reference)
+
+
 def test_spread_across_two_nodes_matches_torchrun(cluster, torchrun_reference, tmp_path, data_cache):
     run_dir = tmp_path / "run"
     proc = _ok(_launch(cluster, run_dir, data_cache))
@@ -164,6 +178,7 @@ def test_ray_job_submission_logs_progress(cluster, tmp_path, data_cache):
                           capture_output=True, text=True, env=_ray_env(), cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
+    assert re.search(r"step 40: eval loss [\d.]+ ppl", proc.stdout)  # progress and the final loss
     assert re.search(r"held-out perplexity: [\d.]+ before -> [\d.]+ after", proc.stdout)
     assert losses(run_dir)[40] < losses(run_dir)[1]
 
@@ -200,3 +215,21 @@ def test_request_larger_than_cluster_is_refused(cluster, tmp_path, data_cache):
     assert proc.returncode == 2
     assert "asked for 4 worker(s) x (CPU 1, GPU 0) with SPREAD; the cluster can fit at most 2" in proc.stderr
     assert "127.0.0.3: CPU 1" in proc.stderr
+
+
+@pytest.mark.parametrize("param,expected", [
+    ("train.lrr=uniform:1e-4:1e-3", "unknown key train.lrr; did you mean train.lr?"),
+    ("train.lr=gauss:1:2", "unknown distribution 'gauss'; allowed: loguniform, uniform, randint, choice"),
+    ("train.lr", "is not KEY=DIST:ARGS"),
+])
+def test_sweep_bad_param_is_refused_before_any_trial(param, expected, tmp_path, data_cache):
+    proc = subprocess.run([str(BIN / "lmforge"), "sweep", str(DEBUG), "--param", param,
+                           *debug_overrides(tmp_path / "s", data_cache)], capture_output=True, text=True,
+                          env=_ray_env(), cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+
+
+def test_strict_pack_that_no_node_can_hold_is_refused(cluster, tmp_path, data_cache):
+    proc = _launch(cluster, tmp_path / "r", data_cache, "launch.strategy=STRICT_PACK")
+    assert proc.returncode == 2
+    assert "asked for 2 worker(s) x (CPU 1, GPU 0) with STRICT_PACK; the cluster can fit at most 1" in proc.stderr

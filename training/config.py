@@ -210,12 +210,31 @@ class Config(_Section):
             return self.train.steps
         return max(1, self.train.tokens // (self.train.global_batch_size * self.data.seq_len))
 
+    def with_absolute_paths(self, base: Path | None = None) -> "Config":
+        """A copy whose relative paths are resolved against `base` (default: the current
+        directory), for ranks that start elsewhere (Ray workers, Tune trials, batch jobs)."""
+        base = base or Path.cwd()
+
+        def absolute(p: str | None) -> str | None:
+            return p if p is None or p.startswith(("/", "~", "{")) else str(base / p)
+
+        tree = self.to_dict()
+        for key in PATH_KEYS:
+            section, _, name = key.rpartition(".")
+            node = tree[section] if section else tree
+            node[name] = absolute(node[name])
+        tree["data"]["paths"] = [absolute(p) for p in tree["data"]["paths"]]
+        return Config.model_validate(tree)
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+
+PATH_KEYS = ("run_dir", "model.path", "data.tokenizer", "data.cache_dir", "parallel.ds_config",
+             "checkpoint.dir", "logging.dir")
 
 # Keys whose change makes an existing checkpoint a different run (model shape, tokens it saw,
 # optimizer state layout). lr, steps, intervals and logging may change on resume.

@@ -102,7 +102,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None]) -> d
     if d.is_main:
         dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
     log.info("config:\n" + cfg.to_yaml())
-    log.info(f"runtime: {plan.runtime.describe()} world_size={d.world_size}")
+    log.info(f"runtime: {plan.runtime.describe()} world_size={d.world_size} threads={torch.get_num_threads()}")
     total_steps = cfg.total_steps()
     accum = cfg.grad_accum(d.world_size)
     seq_len = cfg.data.seq_len
