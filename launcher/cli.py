@@ -37,7 +37,7 @@ def cmd_config(args) -> int:
     from lmforge.training.dist import select_runtime
 
     cfg = load_config(args.config, args.overrides)
-    nproc = args.nproc or _default_nproc()
+    nproc = args.nproc or cfg.launch.workers or _default_nproc()
     try:
         runtime = select_runtime(cfg.train.precision, cfg.model.attention)
     except ValueError as e:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
-import time
 from pathlib import Path
 
 from lmforge.training.config import Config, ConfigError
