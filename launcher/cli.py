@@ -13,7 +13,9 @@ lmforge.training.train.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,12 +54,26 @@ def cmd_config(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def cmd_prepare(args) -> int:
     from lmforge.training import data
     from lmforge.training.dist import get_logger
 
     cfg = load_config(args.config, args.overrides)
-    prepared = data.prepare(cfg.data, get_logger(0))
+    with _stdout_to_stderr():  # the tokenizer trainer prints progress on fd 1; stdout stays JSON
+        prepared = data.prepare(cfg.data, get_logger(0))
     print(json.dumps({"tokenizer": str(prepared.tokenizer_dir), "train": str(prepared.train_tokens),
                       "val": str(prepared.val_tokens), **prepared.meta}, indent=1))
     return 0

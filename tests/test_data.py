@@ -141,3 +141,9 @@ def test_bad_data_fails_before_any_rank(tmp_path, data_cache):
     proc = train("train.global_batch_size=12")
     assert proc.returncode == 2 and "train.micro_batch_size (4) x data-parallel size (2) = 8" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_cli_prepare_builds_the_cache(tmp_path):
+    out = json.loads(lmforge("prepare", DEBUG, f"data.cache_dir={tmp_path}").stdout)  # cold: trains a tokenizer
+    assert out["train_tokens"] > 0 and out["val_docs"] >= 1 and out["vocab_size"] == 512
+    assert np.load(out["train"], mmap_mode="r").shape == (out["train_tokens"],)

@@ -3,6 +3,7 @@ SIGKILL + resume, checkpoint verification, TensorBoard event files."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -190,3 +191,20 @@ def test_gpu_zero3_bf16_trains(tmp_path, data_cache):
                    str(min(2, torch.cuda.device_count())))
     falls(run_dir)
     assert "backend=nccl" in proc.stderr and "precision bf16" in proc.stderr
+
+
+def test_single_process_without_a_launcher(tmp_path, data_cache):
+    """`python -m lmforge.training.train CONFIG`: no torchrun variables set; training sets them
+    itself (DeepSpeed would otherwise try MPI discovery and fail on mpi4py)."""
+    run_dir = tmp_path / "run"
+    e = {k: v for k, v in env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([str(BIN / "python"), "-m", "lmforge.training.train", str(DEBUG),
+                           *debug_overrides(run_dir, data_cache, "train.steps=20", "checkpoint.interval=0",
+                                            "logging.peak_tflops=0.5")],
+                          capture_output=True, text=True, env=e, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ls = losses(run_dir)
+    assert sorted(ls) == list(range(1, 21)) and ls[20] < ls[1]
+    assert "world_size=1" in proc.stderr and (run_dir / "checkpoints" / "step_20" / "manifest.json").is_file()
+    rec = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "perf/mfu" in line]
+    assert rec and all(0 < r["perf/mfu"] == pytest.approx(r["perf/tflops_per_device"] / 0.5) for r in rec)
