@@ -8,12 +8,14 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
 from conftest import BIN, DEBUG, REPO, debug_overrides, env, losses, run
 
@@ -75,7 +77,7 @@ def cluster():
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
-                with __import__("socket").create_connection(("127.0.0.2", port), timeout=1):
+                with socket.create_connection(("127.0.0.2", port), timeout=1):
                     break
             except OSError:
                 time.sleep(0.5)
@@ -196,7 +198,7 @@ def test_sweep_runs_trials_and_writes_table(cluster, tmp_path, data_cache):
     assert len(rows) == 2
     losses_col = [float(r.split("|")[2]) for r in rows]
     assert losses_col == sorted(losses_col)
-    best = __import__("yaml").safe_load((out_dir / "best_config.yaml").read_text())
+    best = yaml.safe_load((out_dir / "best_config.yaml").read_text())
     assert 1e-3 <= best["train"]["lr"] <= 1e-2 and best["train"]["warmup"] in (2, 5)
 
 
