@@ -19,7 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from lmforge.training.config import ConfigError, build_ds_config, dump_config, load_config
+from lmforge.launcher.ray import LaunchError  # light: Ray itself is imported only when used
+from lmforge.training.config import Config, ConfigError, build_ds_config, dump_config, load_config
 
 EXIT_CONFIG = 2
 
@@ -79,12 +80,15 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_launch(args) -> int:
-    # Flags are sugar for config keys, so each setting still lives in one place (the tree).
+def _load_with_flags(args) -> Config:
+    """Flags are sugar for launch.* keys, so each setting still lives in one place (the tree)."""
     flags = {"launch.backend": getattr(args, "on", None), "launch.address": getattr(args, "address", None),
-             "launch.workers": args.nproc}
-    overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = load_config(args.config, overrides)
+             "launch.workers": getattr(args, "nproc", None)}
+    return load_config(args.config, list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None])
+
+
+def cmd_launch(args) -> int:
+    cfg = _load_with_flags(args)
     if cfg.launch.backend == "ray":
         from lmforge.launcher import ray as ray_launcher
 
@@ -104,8 +108,7 @@ def cmd_launch(args) -> int:
 def cmd_sweep(args) -> int:
     from lmforge.launcher.sweep import sweep
 
-    overrides = list(args.overrides) + ([f"launch.address={args.address}"] if args.address else [])
-    return sweep(load_config(args.config, overrides), args.param, args.trials)
+    return sweep(_load_with_flags(args), args.param, args.trials)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"lmforge: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except RuntimeError as e:
-        if type(e).__name__ != "LaunchError":
-            raise
+    except LaunchError as e:
         print(f"lmforge: launch error: {e}", file=sys.stderr)
         return EXIT_CONFIG
 

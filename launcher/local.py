@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from lmforge.training.config import Config
-from lmforge.training.dist import default_extensions_dir, free_port
+from lmforge.training.dist import free_port
 
 
 def torchrun_command(config_path: Path, nproc: int, port: int) -> list[str]:
@@ -27,7 +27,6 @@ def torchrun_command(config_path: Path, nproc: int, port: int) -> list[str]:
 
 
 def launch(cfg: Config, config_path: Path, nproc: int) -> int:
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     if nproc == 1:
         from lmforge.training.train import main
 

@@ -60,6 +60,7 @@ def _trial(tune_config: dict) -> None:
 
 
 def sweep(cfg: Config, specs: list[str], trials: int) -> int:
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -79,8 +80,6 @@ def sweep(cfg: Config, specs: list[str], trials: int) -> int:
     preflight(cfg, 1, log)  # data prepared once, before any trial
     connect(cfg, log)
     try:
-        import ray
-
         resources = {"CPU": cfg.launch.cpus_per_worker, "GPU": cfg.launch.gpus_per_worker}
         total = cfg.total_steps()
         tuner = tune.Tuner(
