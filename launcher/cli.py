@@ -2,6 +2,8 @@
 
     lmforge train configs/demo.yaml [dotted.key=value …] [--nproc N]
     lmforge launch --on ray configs/debug.yaml [--address HOST:PORT] [--workers N]
+    lmforge launch --on slurm configs/debug.yaml --nodes 2 [--gpus-per-node 8 --partition P --time 4:00:00
+                   --account A] [--dry-run | --follow]
     lmforge config configs/debug.yaml train.lr=1e-3 [--nproc N]    # resolved tree + DeepSpeed JSON
     lmforge prepare configs/demo.yaml                               # build the tokenizer + token cache
 
@@ -84,6 +86,8 @@ def _load_with_flags(args) -> Config:
     """Flags are sugar for launch.* keys, so each setting still lives in one place (the tree)."""
     flags = {"launch.backend": getattr(args, "on", None), "launch.address": getattr(args, "address", None),
              "launch.workers": getattr(args, "nproc", None)}
+    flags.update({f"slurm.{key}": getattr(args, key, None)
+                  for key in ("nodes", "gpus_per_node", "partition", "time", "account")})
     return load_config(args.config, list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None])
 
 
@@ -93,6 +97,10 @@ def cmd_launch(args) -> int:
         from lmforge.launcher import ray as ray_launcher
 
         return ray_launcher.launch(cfg)
+    if cfg.launch.backend == "slurm":
+        from lmforge.launcher import slurm
+
+        return slurm.launch(cfg, dry_run=getattr(args, "dry_run", False), follow_log=getattr(args, "follow", False))
     from lmforge.launcher import local
     from lmforge.training.dist import get_logger
     from lmforge.training.train import preflight
@@ -118,11 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=None, help="ranks = launch.workers (default: number of GPUs, else 1)")
     p.set_defaults(func=cmd_launch)
-    p = sub.add_parser("launch", help="train on this machine (--on local) or a Ray cluster (--on ray)")
+    p = sub.add_parser("launch", help="train on this machine (--on local), a Ray cluster (--on ray) or Slurm (--on slurm)")
     _add_config_args(p)
-    p.add_argument("--on", choices=["local", "ray"], default=None, help="= launch.backend (default: local)")
+    p.add_argument("--on", choices=["local", "ray", "slurm"], default=None, help="= launch.backend (default: local)")
     p.add_argument("--address", default=None, help="= launch.address: Ray cluster (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--nproc", "--workers", dest="nproc", type=int, default=None, help="= launch.workers")
+    g = p.add_argument_group("Slurm (--on slurm); each flag sets the slurm.* key of the same name")
+    g.add_argument("--nodes", type=int, default=None, help="= slurm.nodes")
+    g.add_argument("--gpus-per-node", type=int, default=None, help="= slurm.gpus_per_node (one rank per GPU)")
+    g.add_argument("--partition", default=None, help="= slurm.partition")
+    g.add_argument("--time", default=None, help="= slurm.time, e.g. 4:00:00")
+    g.add_argument("--account", default=None, help="= slurm.account")
+    g.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    g.add_argument("--follow", action="store_true", help="tail the job's log until it ends; exit with its status")
     p.set_defaults(func=cmd_launch)
     p = sub.add_parser("sweep", help="Ray Tune sweep over whole runs (ASHA on eval loss)")
     _add_config_args(p)

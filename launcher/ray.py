@@ -15,6 +15,10 @@ run_dir/checkpoints, which must be on storage every node sees). Checkpoints are 
 to Ray: `ray.train.report` carries metrics only, so nothing is stored twice and there is one source
 of truth for "newest complete checkpoint". Ray's own run state goes to RunConfig(storage_path =
 run_dir's parent, name = run_dir's name), i.e. inside the run directory.
+
+Graceful stop: SIGTERM or SIGUSR1 to this driver writes RUN_DIR/STOP; the workers (whose loop runs
+outside the main thread, so they cannot take signals themselves) save a checkpoint at the next step
+and the driver exits 75. slurm/ray.sbatch relies on this for pre-emption.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 from lmforge.training.config import Config, ConfigError
@@ -147,6 +152,7 @@ def launch(cfg: Config) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from lmforge.launcher.local import StopOnSignal
     from lmforge.training.checkpoint import find_latest
     from lmforge.training.config import dump_config
     from lmforge.training.dist import get_logger
@@ -179,12 +185,56 @@ def launch(cfg: Config) -> int:
         log.info(f"{workers} worker(s), {cfg.launch.strategy}, max_failures={cfg.launch.max_failures}; "
                  f"tensorboard --logdir {cfg.tensorboard_dir}")
         try:
-            trainer.fit()
+            # SIGTERM/SIGUSR1 to this driver (Slurm's warning, `ray job stop`) become the STOP file:
+            # the workers checkpoint and return, and this command exits 75 so the job can resume.
+            with StopOnSignal(run_dir) as stopper:
+                trainer.fit()
+            return stopper.outcome(0)
         except Exception as e:  # Ray wraps the worker's exception; say what failed and what is safe
             last = find_latest(cfg.checkpoint_dir, log)
             log.error(f"training failed after {cfg.launch.max_failures} restart(s): {type(e).__name__}: {e}\n"
                       f"last good checkpoint: {last or 'none'}")
             return EXIT_FAILED
-        return 0
     finally:
         ray.shutdown()
+
+
+def wait_for_nodes(address: str, count: int, timeout_s: float) -> int:
+    """Block until `count` nodes are alive in the cluster at `address` (slurm/ray.sbatch starts
+    the nodes, then calls this, so the placement group sees the whole allocation)."""
+    import time
+
+    _quiet_ray_env()
+    import ray
+
+    check_reachable(address, timeout_s=min(timeout_s, 60))
+    ray.init(address=address, _node_ip_address=_node_ip_for(address), log_to_driver=False)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            alive = sum(1 for n in ray.nodes() if n["Alive"])
+            if alive >= count:
+                print(f"lmforge: Ray cluster at {address} has {alive} node(s)", flush=True)
+                return 0
+            if time.monotonic() > deadline:
+                print(f"lmforge: only {alive} of {count} Ray node(s) joined {address} within {timeout_s:g} s",
+                      file=sys.stderr, flush=True)
+                return EXIT_FAILED
+            time.sleep(1)
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lmforge.launcher.ray")
+    parser.add_argument("--wait-for-nodes", type=int, required=True, metavar="N")
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--timeout", type=float, default=300)
+    args = parser.parse_args()
+    try:
+        sys.exit(wait_for_nodes(args.address, args.wait_for_nodes, args.timeout))
+    except LaunchError as e:
+        print(f"lmforge: {e}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)

@@ -235,3 +235,25 @@ def test_strict_pack_that_no_node_can_hold_is_refused(cluster, tmp_path, data_ca
     proc = _launch(cluster, tmp_path / "r", data_cache, "launch.strategy=STRICT_PACK")
     assert proc.returncode == 2
     assert "asked for 2 worker(s) x (CPU 1, GPU 0) with STRICT_PACK; the cluster can fit at most 1" in proc.stderr
+
+
+def test_sigterm_to_the_driver_checkpoints_and_exits_75(cluster, torchrun_reference, tmp_path, data_cache):
+    """Ray Train runs the loop off the main thread, so the driver turns SIGTERM into RUN_DIR/STOP;
+    the workers save at their next step, the driver exits 75 and a rerun resumes exactly."""
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "lmforge"), "launch", "--on", "ray", str(DEBUG), "--address", cluster["address"],
+           *debug_overrides(run_dir, data_cache, *COMMON)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_ray_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= 13:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-6000:]
+    stopped_at = int(re.search(r"stopped at step (\d+) of 40", out).group(1))
+    assert (run_dir / "checkpoints" / f"step_{stopped_at}" / "manifest.json").is_file()
+    assert not (run_dir / "STOP").exists()
+    _ok(_launch(cluster, run_dir, data_cache))
+    assert losses(run_dir) == losses(torchrun_reference)

@@ -208,3 +208,66 @@ def test_single_process_without_a_launcher(tmp_path, data_cache):
     assert "world_size=1" in proc.stderr and (run_dir / "checkpoints" / "step_20" / "manifest.json").is_file()
     rec = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "perf/mfu" in line]
     assert rec and all(0 < r["perf/mfu"] == pytest.approx(r["perf/tflops_per_device"] / 0.5) for r in rec)
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never reached step {step}: exit {proc.poll()}")
+
+
+def test_sigterm_checkpoints_exits_75_and_resume_is_bitwise_equal(zero3, tmp_path, data_cache):
+    """Pre-emption without Slurm: SIGTERM to `lmforge train` → every rank finishes its step, one
+    checkpoint at that step, exit 75; the same command resumes and the losses equal the reference."""
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "lmforge"), "train", str(DEBUG), *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, run_dir, 13)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    stopped_at = int(re.search(r"stopped at step (\d+) of 40", err).group(1))
+    assert 13 <= stopped_at < 40 and stopped_at % 10 != 0  # a save of its own, not an interval one
+    assert (run_dir / "checkpoints" / f"step_{stopped_at}" / "manifest.json").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at}"
+    assert not (run_dir / "STOP").exists()
+    assert max(losses(run_dir)) == stopped_at  # no step ran after the one it stopped at
+
+    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2")
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at}'} at step {stopped_at}" in proc.stderr
+    assert losses(run_dir) == losses(zero3)
+
+
+def test_plain_torchrun_forwarded_sigterm_saves_a_checkpoint(tmp_path, data_cache):
+    """torchrun run by hand: it forwards SIGTERM to the ranks, which save before it gives up on them."""
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_port()}",
+           "-m", "lmforge.training.train", str(DEBUG),
+           *debug_overrides(run_dir, data_cache, "train.steps=5000", "checkpoint.interval=0", "eval.interval=0")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, run_dir, 5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "stop requested (SIGTERM)" in err, err[-3000:]
+    stopped_at = int(re.search(r"stopped at step (\d+) of 5000", err).group(1))
+    assert (run_dir / "checkpoints" / f"step_{stopped_at}" / "manifest.json").is_file()
+    assert proc.returncode != 0  # torchrun reports the signal it got, not the ranks' 75
+
+
+def test_stop_file_stops_a_single_process_run(tmp_path, data_cache):
+    """`touch RUN_DIR/STOP`: the launcher-independent way (Slurm scripts and the Ray driver use it)."""
+    run_dir = tmp_path / "run"
+    cmd = [str(BIN / "python"), "-m", "lmforge.training.train", str(DEBUG),
+           *debug_overrides(run_dir, data_cache, "train.steps=5000", "checkpoint.interval=0", "eval.interval=0")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, run_dir, 5)
+    (run_dir / "STOP").write_text("test\n")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert f"stop requested ({run_dir / 'STOP'} (test))" in err
+    stopped_at = int(re.search(r"stopped at step (\d+) of 5000", err).group(1))
+    assert (run_dir / "checkpoints" / f"step_{stopped_at}" / "manifest.json").is_file()
+    assert not (run_dir / "STOP").exists()  # consumed, so the resumed run does not stop at once

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # configs/ and ds_configs/ sit beside training/ in a checkout and beside lmforge/training in a wheel.
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -165,8 +165,67 @@ class LoggingConfig(_Section):
     progress: bool = Field(True, description="progress bar on rank 0")
 
 
+_SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def slurm_time_seconds(value: str) -> int | None:
+    """Seconds in a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS);
+    None for UNLIMITED/INFINITE. Raises ValueError on anything else."""
+    if value.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    m = _SLURM_TIME.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not a Slurm time (e.g. 90, 4:00:00, 1-12:00:00)")
+    days, a, b, c = m.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        h, mi, se = int(a), int(b or 0), int(c or 0)
+        return ((int(days) * 24 + h) * 60 + mi) * 60 + se
+    if b is None:  # MM
+        return int(a) * 60
+    if c is None:  # MM:SS
+        return int(a) * 60 + int(b)
+    return (int(a) * 60 + int(b)) * 60 + int(c)  # HH:MM:SS
+
+
+class SlurmConfig(_Section):
+    """`lmforge launch --on slurm`: the sbatch script is rendered from these (see slurm/)."""
+    runner: Literal["torchrun", "ray"] = Field(
+        "torchrun", description="slurm/torchrun.sbatch (torchrun per node) or slurm/ray.sbatch (Ray cluster in the job)")
+    nodes: int = Field(1, ge=1, description="nodes (--nodes)")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (--gpus-per-node); one rank per GPU")
+    procs_per_node: int | None = Field(None, ge=1, description="ranks per node; default gpus_per_node, else 1")
+    cpus_per_node: int | None = Field(None, ge=1, description="CPUs per node (--cpus-per-task of the one task per node)")
+    partition: str | None = Field(None, description="partition (--partition); default: the cluster's default")
+    account: str | None = Field(None, description="account (--account)")
+    time: str | None = Field(None, description="time limit (--time), e.g. 4:00:00; default: the partition's")
+    job_name: str | None = Field(None, description="job name; default: the run_dir's name")
+    signal_before: int = Field(120, ge=0, description="Slurm sends USR1 this many seconds before the time limit: "
+                                                     "checkpoint, then requeue; 0: no warning")
+    requeue: bool = Field(True, description="requeue the job after a USR1 checkpoint (pre-emption, time limit)")
+    setup: str = Field("", description="shell lines run at the top of the job on every node, e.g. "
+                                       "'module load cuda/12.4; source /shared/venv/bin/activate'")
+    python: str | None = Field(None, description="python on the nodes; default the one running `lmforge launch`")
+    rdzv_port: int = Field(29500, ge=1, le=65535, description="torchrun c10d rendezvous port on the first node")
+    ray_port: int = Field(6379, ge=1, le=65535, description="Ray head port on the first node (runner=ray)")
+    sbatch_args: list[str] = Field(default_factory=list, description="extra #SBATCH options, e.g. ['--exclusive', '--mem=0']")
+    template: str | None = Field(None, description="your own copy of a slurm/*.sbatch template to render instead")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _check_time(cls, v):
+        if v is not None:
+            v = str(v)  # `slurm.time=90` (minutes) arrives as an int
+            slurm_time_seconds(v)
+        return v
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.procs_per_node or self.gpus_per_node or 1
+
+
 class LaunchConfig(_Section):
-    backend: Literal["local", "ray"] = Field("local", description="where ranks run: local (torchrun on this box) or ray (Ray Train)")
+    backend: Literal["local", "ray", "slurm"] = Field(
+        "local", description="where ranks run: local (torchrun on this box), ray (Ray Train) or slurm (sbatch)")
     address: str | None = Field(None, description="Ray cluster address (host:port, ray://…, auto); default $RAY_ADDRESS, else start a local Ray")
     workers: int | None = Field(None, ge=1, description="ranks (--nproc): default one per GPU (local: this box; ray: the cluster), else 1")
     cpus_per_worker: float = Field(1, gt=0, description="Ray: CPUs reserved per worker")
@@ -186,6 +245,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     # Derived locations: one setting each, defaults under run_dir.
     @property
@@ -234,7 +294,7 @@ class Config(_Section):
 
 
 PATH_KEYS = ("run_dir", "model.path", "data.tokenizer", "data.cache_dir", "parallel.ds_config",
-             "checkpoint.dir", "logging.dir")
+             "checkpoint.dir", "logging.dir", "slurm.template")
 
 # Keys whose change makes an existing checkpoint a different run (model shape, tokens it saw,
 # optimizer state layout). lr, steps, intervals and logging may change on resume.

@@ -15,8 +15,10 @@ import hashlib
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -139,3 +141,66 @@ def get_logger(rank: int) -> logging.Logger:
         log.propagate = False
     log.setLevel(logging.INFO if rank == 0 else logging.ERROR)
     return log
+
+
+# Exit status of a rank (and of `lmforge train`/`launch`) that stopped on request after publishing a
+# checkpoint: sysexits' EX_TEMPFAIL, "try again later". The job can be requeued and will resume.
+EXIT_STOPPED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def stop_file(run_dir: str | Path) -> Path:
+    """Touching this file asks a running job to checkpoint and stop at the next step boundary.
+    Launchers write it when they are signalled (Slurm's warning signal, SIGTERM to the driver),
+    so the ranks never depend on a signal reaching them through torchrun, srun or Ray."""
+    return Path(run_dir) / "STOP"
+
+
+def request_stop(run_dir: str | Path, reason: str) -> None:
+    path = stop_file(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(reason + "\n")
+
+
+class StopRequest:
+    """A graceful stop asked for by SIGTERM/SIGUSR1 (Slurm's pre-emption or time-limit warning,
+    torchrun forwarding SIGTERM, a user's kill) or by the STOP file in the run directory.
+
+    Signals only set a flag; `agreed()` is called once per step by every rank and all-reduces the
+    flags, so all ranks stop after the same step and save one checkpoint together. Handlers are
+    installed only on the main thread (Ray Train runs the loop in another thread; there the Ray
+    driver turns its own signals into the STOP file)."""
+
+    def __init__(self, run_dir: str | Path, is_main: bool):
+        self.path = stop_file(run_dir)
+        self.is_main = is_main
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device) -> str | None:
+        """Collective: the reason to stop if any rank was asked to, else None."""
+        asked = self.signal_name is not None or (self.is_main and self.path.exists())
+        flag = torch.tensor([1 if asked else 0], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if not flag.item():
+            return None
+        if self.signal_name:
+            return self.signal_name
+        if self.path.exists():
+            return f"{self.path} ({self.path.read_text().strip() or 'no reason given'})"
+        return "another rank was signalled"
+
+    def clear(self) -> None:
+        """Consume the request (main rank) so the resumed run does not stop at once."""
+        if self.is_main:
+            self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}

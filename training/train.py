@@ -7,6 +7,10 @@ checkpoint). The same `main(cfg)` runs under every launcher, reading only torchr
     python -m lmforge.training.train configs/debug.yaml train.steps=20           # one process
 
 Dotted overrides (train.lr=1e-3) follow the config path in every form.
+
+Graceful stop: SIGTERM or SIGUSR1 to a rank (torchrun forwards SIGTERM; Slurm sends both), or
+`touch RUN_DIR/STOP`, makes every rank finish its current step, save one checkpoint and exit 75;
+the same command then resumes from it (see dist.StopRequest).
 """
 
 from __future__ import annotations
@@ -91,13 +95,15 @@ def main(cfg: Config, report: Callable[[dict], None] | None = None) -> dict:
     metrics on every rank (Ray Train / Ray Tune pass ray.train.report here)."""
     runtime = dist.select_runtime(cfg.train.precision, cfg.model.attention)
     d = dist.setup(runtime)
+    stop = dist.StopRequest(cfg.run_dir, d.is_main)  # installed early: a signal during startup counts
     try:
-        return run(cfg, d, dist.get_logger(d.rank), report or (lambda metrics: None))
+        return run(cfg, d, dist.get_logger(d.rank), report or (lambda metrics: None), stop)
     finally:
+        stop.close()
         dist.teardown()
 
 
-def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None]) -> dict:
+def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop: dist.StopRequest) -> dict:
     plan = preflight(cfg, d.world_size, log)
     if d.is_main:
         dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
@@ -174,13 +180,33 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None]) -> d
             report({"step": step, "train/loss": loss, **evals[step]})
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             last_save = do_save()
+        reason = stop.agreed(d.device)
+        if reason is not None and step < total_steps:
+            bar.close()
+            log.warning(f"stop requested ({reason}) after step {step}: saving a checkpoint")
+            ckpt = last_save if last_save is not None and last_save.name == f"step_{step}" else do_save()
+            stop.clear()
+            # Consumed before any rank exits: a launcher that sees one rank's exit may kill the
+            # rest, and "STOP is gone" is how launchers and sbatch scripts know the save is done.
+            torch.distributed.barrier()
+            metrics.close()
+            report({"step": step, "stopped": 1})
+            log.warning(f"stopped at step {step} of {total_steps}; checkpoint {ckpt}. Exit {dist.EXIT_STOPPED}: "
+                        "run the same command again (or requeue the job) to resume from it")
+            return {"step": step, "tokens": tokens, "checkpoint": str(ckpt), "stopped": True}
     bar.close()
 
     if step not in evals:
         evals[step] = do_eval()
         report({"step": step, **evals[step]})
     final = evals[step]
-    ckpt = last_save if last_save is not None and last_save.name == f"step_{step}" else do_save()
+    if last_save is not None and last_save.name == f"step_{step}":
+        ckpt = last_save
+    elif plan.resume_from is not None and plan.resume_from.name == f"step_{step}":
+        ckpt = plan.resume_from  # resumed a finished run (e.g. a job requeued after its last step)
+    else:
+        ckpt = do_save()
+    stop.clear()  # a request that came after the last step is void, not a reason to stop the next run
     metrics.close()
     log.info(f"held-out perplexity: {ppl_before:.2f} before -> {final['eval/ppl']:.2f} after "
              f"({step} steps, {tokens:,} tokens)")
@@ -200,7 +226,8 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        main(cfg)
+        if main(cfg).get("stopped"):
+            return dist.EXIT_STOPPED
     except ConfigError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"lmforge: config error: {e}", file=sys.stderr)
