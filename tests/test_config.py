@@ -10,7 +10,7 @@ import yaml
 
 from conftest import DEBUG, REPO, lmforge
 from lmforge.training.config import (CONFIG_DIR, DS_CONFIG_DIR, ConfigError, build_ds_config, incompatible_keys,
-                                     load_config)
+                                     load_config, slurm_time_seconds)
 
 ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 ALL_DS = sorted(DS_CONFIG_DIR.glob("*.json"))
@@ -175,7 +175,7 @@ def test_driver_side_never_imports_deepspeed(data_cache):
     importing DeepSpeed: only ranks do (ray#50406, and a driver on a GPU-less head node)."""
     code = f"""
 import sys
-from lmforge.launcher import cli, local, ray, sweep
+from lmforge.launcher import cli, local, ray, slurm, sweep
 from lmforge.training.config import load_config
 from lmforge.training.dist import get_logger
 from lmforge.training.train import preflight
@@ -197,3 +197,29 @@ def test_relative_paths_are_resolved_for_remote_ranks(tmp_path):
     assert a.run_dir == str(tmp_path / "runs/x") and a.model.path == str(tmp_path / "models/m")
     assert a.data.paths == [str(tmp_path / "data/*.jsonl"), "{stdlib}/json/*.py", "/abs/a.txt"]
     assert a.data.cache_dir == str(tmp_path / "cache") and a.checkpoint_dir == tmp_path / "runs/x/checkpoints"
+
+
+@pytest.mark.parametrize("value, seconds", [("90", 5400), ("4:00:00", 14400), ("30:15", 1815), ("2-0", 172800),
+                                            ("1-12:30", 131400), ("1-00:00:10", 86410), ("UNLIMITED", None)])
+def test_slurm_time_formats(value, seconds):
+    assert slurm_time_seconds(value) == seconds
+
+
+def test_slurm_time_stays_a_string_from_yaml_and_overrides(tmp_path):
+    # PyYAML alone reads 4:00:00 as the base-60 integer 14400 (= 10 days if handed to sbatch as minutes)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(DEBUG.read_text() + "slurm:\n  time: 4:00:00\n")
+    assert load_config(cfg_file).slurm.time == "4:00:00"
+    assert load_config(DEBUG, ["slurm.time=1:30:00"]).slurm.time == "1:30:00"
+    assert load_config(DEBUG, ["slurm.time=90"]).slurm.time == "90"
+    with pytest.raises(ConfigError, match=r"slurm.time: '4h' is not a Slurm time"):
+        load_config(DEBUG, ["slurm.time=4h"])
+
+
+def test_slurm_workers_come_from_the_allocation():
+    from lmforge.launcher.slurm import resolve
+
+    cfg = resolve(load_config(DEBUG, ["slurm.nodes=2", "slurm.gpus_per_node=4"]))
+    assert cfg.launch.workers == 8 and cfg.launch.gpus_per_worker == 1
+    with pytest.raises(ConfigError, match=r"launch.workers=3 but slurm.nodes x ranks per node = 2 x 4 = 8"):
+        resolve(load_config(DEBUG, ["slurm.nodes=2", "slurm.gpus_per_node=4", "launch.workers=3"]))

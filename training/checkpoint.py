@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from .config import Config, config_hash, incompatible_keys
+from .config import Config, config_hash, incompatible_keys, yaml_load
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -145,7 +144,7 @@ def check_compatible(path: Path, cfg: Config, world_size: int) -> None:
         raise IncompatibleCheckpoint(
             f"{path} was written by {written_by} rank(s), this run has {world_size}; resuming on another "
             "world size is not supported yet: run with the same number of ranks or use a new run_dir")
-    saved = yaml.safe_load((path / "config.yaml").read_text())
+    saved = yaml_load((path / "config.yaml").read_text())
     diff = incompatible_keys(saved, cfg.to_dict())
     if diff and not cfg.checkpoint.allow_config_change:
         keys = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())

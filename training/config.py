@@ -202,8 +202,8 @@ class SlurmConfig(_Section):
     signal_before: int = Field(120, ge=0, description="Slurm sends USR1 this many seconds before the time limit: "
                                                      "checkpoint, then requeue; 0: no warning")
     requeue: bool = Field(True, description="requeue the job after a USR1 checkpoint (pre-emption, time limit)")
-    setup: str = Field("", description="shell lines run at the top of the job on every node, e.g. "
-                                       "'module load cuda/12.4; source /shared/venv/bin/activate'")
+    setup: str = Field("", description="shell lines at the top of the batch script (srun passes the environment "
+                                       "to every node), e.g. 'module load cuda/12.4; source /shared/venv/bin/activate'")
     python: str | None = Field(None, description="python on the nodes; default the one running `lmforge launch`")
     rdzv_port: int = Field(29500, ge=1, le=65535, description="torchrun c10d rendezvous port on the first node")
     ray_port: int = Field(6379, ge=1, le=65535, description="Ray head port on the first node (runner=ray)")
@@ -371,13 +371,32 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML without the 1.1 base-60 numbers, so `time: 4:00:00` stays the string Slurm expects
+    (PyYAML would read 14400), and with 1e-3 read as a float as in YAML 1.2."""
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in (_INT, _FLOAT)]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|"
+                                               r"[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?|"
+                                                 r"[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|"
+                                                 r"\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_value(raw: str) -> Any:
     """A YAML scalar/list, plus 1e-3 style floats (YAML 1.1 would read them as strings)."""
     if raw == "":
         return ""
     if _NUMBER.match(raw.strip()):
         return float(raw) if any(c in raw for c in ".eE") else int(raw)
-    return yaml.safe_load(raw)
+    return yaml_load(raw)
 
 
 def set_key(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
@@ -416,7 +435,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):
