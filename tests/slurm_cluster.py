@@ -14,7 +14,7 @@ under one directory; stop() kills exactly the daemons start() started and remove
 Settings that matter here (measured, see ../shared/reference/slurm): MinJobAge=5 keeps `sbatch
 --wait` polling every 2 s and lets finished jobs leave squeue quickly (their records stay
 readable in jobcomp.txt); EnforcePartLimits=ALL makes impossible requests fail at submission;
-KillWait=5 is the grace between SIGTERM and SIGKILL at a time limit.
+KillWait=15 is the grace between SIGTERM and SIGKILL at a time limit (the ranks save within it).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class LocalSlurm:
             "JobCompType=jobcomp/filetxt", f"JobCompLoc={r}/log/jobcomp.txt",
             "SchedulerType=sched/backfill", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "MpiDefault=none", "ReturnToService=2", "EnforcePartLimits=ALL", "InactiveLimit=0",
-            "KillWait=5", "MinJobAge=5", "SlurmdParameters=config_overrides",
+            "KillWait=15", "MinJobAge=5", "SlurmdParameters=config_overrides",
         ]
         for i, node in enumerate(NODES, start=1):
             lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "

@@ -108,7 +108,10 @@ class TrainConfig(_Section):
     tokens: int | None = Field(None, ge=1, description="training tokens; steps = tokens / (global_batch_size * seq_len)")
     micro_batch_size: int = Field(8, ge=1, description="sequences per rank per forward pass")
     global_batch_size: int = Field(16, ge=1, description="sequences per optimizer step; accumulation is derived")
-    optimizer: Literal["adamw"] = Field("adamw", description="adamw: torch AdamW, DeepSpeed CPUAdam under optimizer offload")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "lion_8bit"] = Field(
+        "adamw", description="adamw: torch AdamW (DeepSpeed CPUAdam under optimizer offload); adamw_8bit, "
+                             "paged_adamw_8bit (CUDA; plain 8-bit on CPU), lion_8bit: bitsandbytes, ~2 (Lion ~1) "
+                             "bytes of state per parameter instead of 8")
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of lr")
     warmup: int = Field(0, ge=0, description="linear warmup steps")
@@ -118,6 +121,8 @@ class TrainConfig(_Section):
     eps: float = Field(1e-8, gt=0, description="Adam epsilon")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA that supports it, else fp32")
+    activation_checkpointing: bool = Field(False, description="recompute each layer's activations in backward "
+                                                             "(non-reentrant): less memory, ~30% more compute")
     seed: int = Field(1234, description="seeds model init, data order and every RNG")
 
     @model_validator(mode="after")
@@ -246,6 +251,14 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        if self.train.optimizer != "adamw" and self.parallel.offload_optimizer:
+            raise ValueError(f"train.optimizer={self.train.optimizer} keeps its 8-bit state beside the parameters; "
+                             "parallel.offload_optimizer runs DeepSpeed's CPUAdam on fp32 state instead. Use one "
+                             "or the other (8-bit state is already 4x smaller than AdamW's)")
+        return self
 
     # Derived locations: one setting each, defaults under run_dir.
     @property

@@ -51,7 +51,8 @@ def max_positions(conf) -> int | None:
     return getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
 
 
-def build(cfg: ModelConfig, conf, ds_config: dict, attention: str, dtype: torch.dtype) -> torch.nn.Module:
+def build(cfg: ModelConfig, conf, ds_config: dict, attention: str, dtype: torch.dtype,
+          activation_checkpointing: bool = False) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -67,6 +68,9 @@ def build(cfg: ModelConfig, conf, ds_config: dict, attention: str, dtype: torch.
     else:
         model = AutoModelForCausalLM.from_config(conf, attn_implementation=attention, dtype=dtype)
     model.config.use_cache = False  # no KV cache while training
+    if activation_checkpointing:
+        # Non-reentrant: works with ZeRO-3's parameter hooks and with inputs that need no grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -116,11 +116,13 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
 
     seed_everything(cfg.train.seed)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.runtime.precision]
-    model = model_lib.build(cfg.model, plan.hf_config, plan.ds_config, plan.runtime.attention, dtype)
+    model = model_lib.build(cfg.model, plan.hf_config, plan.ds_config, plan.runtime.attention, dtype,
+                            cfg.train.activation_checkpointing)
     n_total, n_matmul = model_lib.count_params(model)
     log.info(f"model: {model_lib.describe(model.config, n_total)}")
-    engine = engine_lib.initialize(cfg, model, plan.ds_config, total_steps)
-    log.info(f"optimizer: {type(engine.client_optimizer).__name__}, precision {plan.runtime.precision}")
+    engine = engine_lib.initialize(cfg, model, plan.ds_config, total_steps, log)
+    log.info(f"optimizer: {type(engine.client_optimizer).__name__}, precision {plan.runtime.precision}, "
+             f"activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
     log.info(f"ZeRO-{cfg.parallel.zero_stage}, {d.world_size} rank(s), micro batch {cfg.train.micro_batch_size} "
              f"x accumulation {accum} x {d.world_size} = global batch {cfg.train.global_batch_size} "
              f"({tokens_per_step} tokens/step), {total_steps} steps")
@@ -156,7 +158,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
         log.info(f"held-out perplexity before training: {ppl_before:.2f}")
 
     evals: dict[int, dict] = {}
-    last_save = None
+    last_save, state_bytes = None, None
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0, disable=not (d.is_main and cfg.logging.progress))
     while step < total_steps:
@@ -167,6 +169,10 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
         step += 1
         tokens += tokens_per_step
         perf = throughput(step_time)
+        if state_bytes is None:  # optimizers create their state at the first step: measure it then
+            state_bytes = engine_lib.state_bytes_per_param(engine)
+            log.info(f"optimizer state: {state_bytes:.2f} bytes per parameter on each rank's partition")
+            metrics.log(step, {"mem/optimizer_state_bytes_per_param": state_bytes})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{perf['perf/tokens_per_s']:.0f}", refresh=False)
         if step % cfg.logging.interval == 0 or step == total_steps:
