@@ -6,6 +6,7 @@
                    --account A] [--dry-run | --follow]
     lmforge config configs/debug.yaml train.lr=1e-3 [--nproc N]    # resolved tree + DeepSpeed JSON
     lmforge prepare configs/demo.yaml                               # build the tokenizer + token cache
+    lmforge plan configs/pretrain_7b.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB [--json]
 
 Every command validates the whole config first; a bad key or value prints one line naming it and
 exits 2 before any rank starts. The driver never imports DeepSpeed: ranks do, in
@@ -49,7 +50,7 @@ def cmd_config(args) -> int:
         raise ConfigError(str(e)) from None
     ds = build_ds_config(cfg, nproc, runtime.precision)
     print(f"# resolved config ({runtime.describe()}, {nproc} rank(s), "
-          f"gradient accumulation {cfg.grad_accum(nproc)}, {cfg.total_steps()} steps)")
+          f"gradient accumulation {cfg.grad_accum(cfg.data_parallel_size(nproc))}, {cfg.total_steps()} steps)")
     print(f"# checkpoints: {cfg.checkpoint_dir}  tensorboard: {cfg.tensorboard_dir}")
     print(cfg.to_yaml())
     print("# DeepSpeed config")
@@ -113,6 +114,21 @@ def cmd_launch(args) -> int:
     return local.launch(cfg, config_path, nproc)
 
 
+def cmd_plan(args) -> int:
+    from lmforge.training import plan
+
+    cfg = load_config(args.config, args.overrides)
+    hw = plan.hardware(cfg, args.nodes, args.gpus_per_node, args.gpu_memory, args.gpu, args.peak_tflops,
+                       args.mfu, args.runtime_overhead)
+    est = plan.estimate(cfg, hw=hw, vocab_size=args.vocab_size)
+    rec = plan.recommend(cfg, hw, vocab_size=args.vocab_size)
+    if args.json:
+        print(json.dumps(plan.plan_dict(est, rec), indent=1))
+    else:
+        print(plan.format_table(est, rec))
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from lmforge.launcher.sweep import sweep
 
@@ -154,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="build the tokenizer and token cache for a config's data")
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("plan", help="per-rank memory, tokens/s and a layout that fits, from the config alone")
+    _add_config_args(p)
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node (default launch.workers, else 1)")
+    p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GiB; none: plan CPU ranks (process memory)")
+    p.add_argument("--gpu", default=None, help="GPU name for the peak TFLOP/s table, e.g. H100, A100")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak TFLOP/s (default logging.peak_tflops)")
+    p.add_argument("--mfu", type=float, default=None, help="assumed model FLOPs utilisation (default 0.4)")
+    p.add_argument("--runtime-overhead", default=None, help="fixed per-rank memory before the model, e.g. 1GiB")
+    p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default: data.tokenizer's, else data.vocab_size)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -14,6 +14,9 @@ manifest and publishes the directory by rename; `latest` (DeepSpeed's pointer fi
 zero_to_fp32.py works on the directory) moves last. A reader never sees half a checkpoint, and a
 directory whose files do not match its manifest (truncated copy, crash mid-write) is skipped with a
 warning in favour of the previous one.
+
+A checkpoint written by another world size is resumed through DeepSpeed's universal format:
+training/universal.py converts `step_N` once into `step_N_universal` beside it (pruned with it).
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. resumed run reaching it again): replace whole
             shutil.rmtree(final)
+        # a universal conversion of the step being replaced (universal.py) would be stale
+        shutil.rmtree(root / f"{tag}_universal", ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / "latest", tag)
         _fsync_dir(root)
@@ -103,6 +108,7 @@ def _prune(root: Path, keep: int) -> None:
     steps = sorted(_step_dirs(root), key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)  # universal.py's conversion
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -138,12 +144,8 @@ def find_latest(root: Path, log) -> Path | None:
 
 
 def check_compatible(path: Path, cfg: Config, world_size: int) -> None:
-    """Refuse to resume a checkpoint written by an incompatible config or world size, naming why."""
-    written_by = json.loads((path / "client.json").read_text())["world_size"]
-    if written_by != world_size:
-        raise IncompatibleCheckpoint(
-            f"{path} was written by {written_by} rank(s), this run has {world_size}; resuming on another "
-            "world size is not supported yet: run with the same number of ranks or use a new run_dir")
+    """Refuse to resume a checkpoint written by an incompatible config, naming why. Another world
+    size is no reason (see layout_change)."""
     saved = yaml_load((path / "config.yaml").read_text())
     diff = incompatible_keys(saved, cfg.to_dict())
     if diff and not cfg.checkpoint.allow_config_change:
@@ -155,6 +157,16 @@ def check_compatible(path: Path, cfg: Config, world_size: int) -> None:
 
 class IncompatibleCheckpoint(ValueError):
     pass
+
+
+def layout_change(path: Path, world_size: int) -> str | None:
+    """How the ranks that wrote `path` differ from this run's (None: the same). DeepSpeed loads its
+    sharded files only on the layout that wrote them; another one resumes through the universal
+    format (training/universal.py). TP/SP degrees join here once the config has them."""
+    written_by = json.loads((path / "client.json").read_text())["world_size"]
+    if written_by != world_size:
+        return f"{written_by} rank(s), this run has {world_size}"
+    return None
 
 
 def load(engine, path: Path, rank: int) -> dict:

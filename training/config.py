@@ -140,6 +140,10 @@ class ParallelConfig(_Section):
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer state and step on the CPU")
     offload_params: bool = Field(False, description="ZeRO-Infinity parameter offload to CPU (stage 3 only)")
     ds_config: str | None = Field(None, description="DeepSpeed JSON with ZeRO/communication keys only; default ds_configs/zero<stage>.json")
+    sequence: int = Field(1, ge=1, description="Ulysses sequence-parallel degree (DeepSpeed's HF integration): "
+                                               "each sequence split across this many ranks; needs sdpa/flash attention")
+    tensor: int = Field(1, ge=1, description="AutoTP tensor-parallel degree (DeepSpeed tensor_parallel.autotp_size); "
+                                             "the ranks of a group see the same batch")
 
     @model_validator(mode="after")
     def _offload(self) -> "ParallelConfig":
@@ -147,6 +151,9 @@ class ParallelConfig(_Section):
             raise ValueError("parallel.offload_params needs parallel.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+        if self.sequence > 1 and self.tensor > 1:
+            raise ValueError("parallel.sequence and parallel.tensor cannot both be > 1: DeepSpeed's Ulysses and "
+                             "AutoTP groups are not composed (and not tested together); pick one")
         return self
 
 
@@ -258,6 +265,13 @@ class Config(_Section):
             raise ValueError(f"train.optimizer={self.train.optimizer} keeps its 8-bit state beside the parameters; "
                              "parallel.offload_optimizer runs DeepSpeed's CPUAdam on fp32 state instead. Use one "
                              "or the other (8-bit state is already 4x smaller than AdamW's)")
+        sp = self.parallel.sequence
+        if sp > 1:
+            if self.model.attention == "eager":
+                raise ValueError("parallel.sequence > 1 needs model.attention sdpa or flash_attention_2 (DeepSpeed's "
+                                 "Ulysses attention wraps those; eager is refused)")
+            if self.data.seq_len % sp:
+                raise ValueError(f"data.seq_len ({self.data.seq_len}) must be divisible by parallel.sequence ({sp})")
         return self
 
     # Derived locations: one setting each, defaults under run_dir.
@@ -268,6 +282,14 @@ class Config(_Section):
     @property
     def tensorboard_dir(self) -> Path:
         return Path(self.logging.dir or Path(self.run_dir) / "tensorboard")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Ranks that see different data: the world divided into sequence/tensor-parallel groups."""
+        group = self.parallel.sequence * self.parallel.tensor
+        if world_size % group:
+            raise ConfigError(f"{world_size} rank(s) cannot be split into groups of parallel.sequence x "
+                              f"parallel.tensor = {group}")
+        return world_size // group
 
     def grad_accum(self, data_parallel_size: int) -> int:
         per_step = self.train.micro_batch_size * data_parallel_size
@@ -313,7 +335,8 @@ PATH_KEYS = ("run_dir", "model.path", "data.tokenizer", "data.cache_dir", "paral
 # optimizer state layout). lr, steps, intervals and logging may change on resume.
 COMPAT_KEYS = ("model", "data.paths", "data.format", "data.text_field", "data.tokenizer", "data.vocab_size",
                "data.seq_len", "data.holdout", "data.min_doc_chars", "train.global_batch_size",
-               "train.optimizer", "train.seed", "parallel.zero_stage")
+               "train.optimizer", "train.seed", "parallel.zero_stage", "parallel.tensor",
+               "parallel.sequence")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -518,7 +541,7 @@ def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict[str, A
             del zero[section]
     ds.update(
         train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
-        gradient_accumulation_steps=cfg.grad_accum(world_size),
+        gradient_accumulation_steps=cfg.grad_accum(cfg.data_parallel_size(world_size)),
         train_batch_size=cfg.train.global_batch_size,
         gradient_clipping=cfg.train.grad_clip,
         bf16={"enabled": precision == "bf16"},
@@ -528,4 +551,8 @@ def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict[str, A
         steps_per_print=10**9,
         wall_clock_breakdown=False,
     )
+    if cfg.parallel.sequence > 1:
+        ds["sequence_parallel_size"] = cfg.parallel.sequence
+    if cfg.parallel.tensor > 1:
+        ds["tensor_parallel"] = {"autotp_size": cfg.parallel.tensor}
     return ds

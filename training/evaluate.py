@@ -19,13 +19,19 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
 
 
 @torch.no_grad()
-def evaluate(engine, data, batches: list[list[int]], device: torch.device) -> dict[str, float]:
+def evaluate(engine, data, batches: list[list[int]], device: torch.device, layout=None) -> dict[str, float]:
+    """`layout` (dist.Layout): sequence-parallel peers evaluate their chunk of the same sequences
+    and tensor-parallel peers the same batch; the token-weighted sums give the global mean either way."""
     was_training = engine.module.training
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for indices in batches:
         inputs, targets = data.batch(indices)
-        logits = engine(input_ids=inputs.to(device)).logits
+        positions = None
+        if layout is not None:
+            inputs, targets, positions = layout.chunk(inputs, targets)
+        logits = engine(input_ids=inputs.to(device),
+                        position_ids=positions.to(device) if positions is not None else None).logits
         total[0] += token_loss(logits, targets.to(device), reduction="sum").double()
         total[1] += targets.numel()
     torch.distributed.all_reduce(total)

@@ -58,7 +58,10 @@ def build(cfg: ModelConfig, conf, ds_config: dict, attention: str, dtype: torch.
 
     global _hf_ds_config_ref
     if ds_config["zero_optimization"]["stage"] == 3:
-        _hf_ds_config_ref = HfDeepSpeedConfig(ds_config)
+        # zero.Init parses this config without the tensor-parallel groups and would count TP peers
+        # as data-parallel ranks in its batch-size check; the batch keys do not matter to it.
+        hf_config = {k: v for k, v in ds_config.items() if k != "train_batch_size"} if "tensor_parallel" in ds_config else ds_config
+        _hf_ds_config_ref = HfDeepSpeedConfig(hf_config)
     else:
         _hf_ds_config_ref = None
     if cfg.path and cfg.pretrained:
@@ -72,6 +75,23 @@ def build(cfg: ModelConfig, conf, ds_config: dict, attention: str, dtype: torch.
         # Non-reentrant: works with ZeRO-3's parameter hooks and with inputs that need no grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def register_sequence_parallel(model: torch.nn.Module, attention: str, sp: int, micro_batch: int, seq_len: int):
+    """Ulysses SP through DeepSpeed's Hugging Face integration: patches transformers' attention so
+    that each rank's chunk attends over the whole sequence (all-to-all over heads); returns the
+    mpu that deepspeed.initialize needs to build the sequence-parallel groups."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    return UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model, core_attn_implementation=attention, sequence_parallel_size=sp,
+        micro_batch_size=micro_batch, seq_length=seq_len, seq_length_is_variable=False)
+
+
+def stored_params(model: torch.nn.Module) -> int:
+    """Parameters this rank holds: its ZeRO-3 partition (ds_tensor) or, without ZeRO-3, its tensors
+    (AutoTP has already cut them to this rank's shard)."""
+    return sum(int(getattr(p, "ds_tensor", p).numel()) for p in model.parameters())
 
 
 def numel(p: torch.nn.Parameter) -> int:

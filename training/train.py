@@ -54,6 +54,11 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
     ds_config = build_ds_config(cfg, world_size, runtime.precision)
     prepared = data.prepare(cfg.data, log)
     conf = model_lib.hf_config(cfg.model, prepared.vocab_size, prepared.eos_id)
+    sp = cfg.parallel.sequence
+    heads, kv_heads = getattr(conf, "num_attention_heads", None), getattr(conf, "num_key_value_heads", None)
+    if sp > 1 and heads is not None and (heads % sp or (kv_heads and kv_heads % sp and sp % kv_heads)):
+        raise ConfigError(f"parallel.sequence={sp} must divide the model's attention heads ({heads}) and its "
+                          f"key/value heads ({kv_heads}) divide or be divided by it (Ulysses splits heads)")
     max_pos = model_lib.max_positions(conf)
     if max_pos is not None and cfg.data.seq_len > max_pos:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the model's max positions ({max_pos})")
@@ -67,6 +72,17 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
                 checkpoint.check_compatible(resume, cfg, world_size)
             except checkpoint.IncompatibleCheckpoint as e:
                 raise ConfigError(str(e)) from None
+            change = checkpoint.layout_change(resume, world_size)
+            if change is not None and cfg.parallel.tensor * cfg.parallel.sequence > 1:
+                raise ConfigError(f"{resume} was written by {change}; resuming on another world size with "
+                                  "parallel.tensor or parallel.sequence > 1 is not supported yet: use the same "
+                                  "number of ranks")
+            if change is not None:
+                # Resumed through DeepSpeed's universal format (universal.load converts it once).
+                # DeepSpeed reads this flag from the engine's config when it loads; a copy, so
+                # the run config's own DeepSpeed dict is untouched.
+                log.info(f"{resume} was written by {change}: resuming through a universal checkpoint")
+                ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     return Plan(runtime, prepared, conf, ds_config, resume)
 
 
@@ -76,14 +92,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_step(engine, train_data, micro_batches, device) -> float:
-    """One optimizer step over this rank's micro batches; returns the loss averaged over all ranks."""
+def train_step(engine, train_data, micro_batches, device, layout: dist.Layout | None = None,
+               loss_scale: float = 1.0) -> float:
+    """One optimizer step over this rank's micro batches; returns the loss averaged over all ranks
+    (SP chunks are equal-sized and TP peers compute the same loss, so this is the token-weighted
+    global mean in every layout)."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     for indices in micro_batches:
         inputs, targets = train_data.batch(indices)
-        logits = engine(input_ids=inputs.to(device)).logits
+        positions = None
+        if layout is not None:
+            inputs, targets, positions = layout.chunk(inputs, targets)
+        logits = engine(input_ids=inputs.to(device),
+                        position_ids=positions.to(device) if positions is not None else None).logits
         loss = evaluate_lib.token_loss(logits, targets.to(device))
-        engine.backward(loss)  # DeepSpeed scales by 1/accumulation and syncs at the boundary
+        # DeepSpeed scales by 1/accumulation and syncs at the boundary; loss_scale: engine.loss_scale
+        engine.backward(loss * loss_scale if loss_scale != 1.0 else loss)
         engine.step()          # optimizer + scheduler step only at the accumulation boundary
         total += loss.detach().double()
     torch.distributed.all_reduce(total)
@@ -110,7 +134,8 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     log.info("config:\n" + cfg.to_yaml())
     log.info(f"runtime: {plan.runtime.describe()} world_size={d.world_size} threads={torch.get_num_threads()}")
     total_steps = cfg.total_steps()
-    accum = cfg.grad_accum(d.world_size)
+    layout = dist.Layout(d.rank, d.world_size, cfg.parallel.sequence, cfg.parallel.tensor)
+    accum = cfg.grad_accum(layout.dp_size)
     seq_len = cfg.data.seq_len
     tokens_per_step = cfg.train.global_batch_size * seq_len
 
@@ -120,22 +145,32 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
                             cfg.train.activation_checkpointing)
     n_total, n_matmul = model_lib.count_params(model)
     log.info(f"model: {model_lib.describe(model.config, n_total)}")
-    engine = engine_lib.initialize(cfg, model, plan.ds_config, total_steps, log)
+    engine = engine_lib.initialize(cfg, model, plan.ds_config, total_steps, log, plan.runtime.attention)
+    loss_scale = engine_lib.loss_scale(plan.ds_config, layout.sequence)
+    log.info(f"parameters stored on rank 0: {model_lib.stored_params(engine.module):,} of {n_total:,}")
     log.info(f"optimizer: {type(engine.client_optimizer).__name__}, precision {plan.runtime.precision}, "
              f"activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
-    log.info(f"ZeRO-{cfg.parallel.zero_stage}, {d.world_size} rank(s), micro batch {cfg.train.micro_batch_size} "
-             f"x accumulation {accum} x {d.world_size} = global batch {cfg.train.global_batch_size} "
-             f"({tokens_per_step} tokens/step), {total_steps} steps")
+    groups = (f" = {layout.dp_size} data-parallel x {layout.sequence} sequence-parallel x {layout.tensor} "
+              f"tensor-parallel" if layout.group > 1 else "")
+    log.info(f"ZeRO-{cfg.parallel.zero_stage}, {d.world_size} rank(s){groups}, micro batch "
+             f"{cfg.train.micro_batch_size} x accumulation {accum} x {layout.dp_size} = global batch "
+             f"{cfg.train.global_batch_size} ({tokens_per_step} tokens/step), {total_steps} steps")
 
     train_data = data.PackedTokens(plan.data.train_tokens, seq_len)
     val_data = data.PackedTokens(plan.data.val_tokens, seq_len)
-    sampler = data.ShardedSampler(len(train_data), cfg.train.seed, d.rank, d.world_size,
+    # Ranks of one sequence/tensor-parallel group read the same sequences: shard by data-parallel rank.
+    sampler = data.ShardedSampler(len(train_data), cfg.train.seed, layout.dp_rank, layout.dp_size,
                                   cfg.train.micro_batch_size, accum)
     eval_batches = data.eval_indices(len(val_data), cfg.eval.batches, cfg.train.micro_batch_size,
-                                     d.rank, d.world_size)
+                                     layout.dp_rank, layout.dp_size)
     step, tokens, ppl_before = 0, 0, None
     if plan.resume_from is not None:
-        client = checkpoint.load(engine, plan.resume_from, d.rank)
+        if checkpoint.layout_change(plan.resume_from, d.world_size) is not None:
+            from . import universal  # only a resume on another layout needs it
+
+            client = universal.load(engine, plan.resume_from, cfg, d.rank, log)  # another world size
+        else:
+            client = checkpoint.load(engine, plan.resume_from, d.rank)
         step, tokens, ppl_before = client["step"], client["tokens"], client.get("ppl_before")
         sampler.load_state_dict(client["sampler"])
         log.info(f"resumed from {plan.resume_from} at step {step}")
@@ -145,7 +180,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
                                         d.world_size, metrics_lib.peak_tflops(cfg.logging.peak_tflops))
 
     def do_eval() -> dict:
-        result = evaluate_lib.evaluate(engine, val_data, eval_batches, d.device)
+        result = evaluate_lib.evaluate(engine, val_data, eval_batches, d.device, layout)
         metrics.log(step, result)
         return result
 
@@ -164,7 +199,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     while step < total_steps:
         lr = engine.get_lr()[0]
         t0 = time.perf_counter()
-        loss = train_step(engine, train_data, sampler.next_step(), d.device)
+        loss = train_step(engine, train_data, sampler.next_step(), d.device, layout, loss_scale)
         step_time = time.perf_counter() - t0
         step += 1
         tokens += tokens_per_step

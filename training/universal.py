@@ -1,0 +1,344 @@
+"""Resume on another layout: a checkpoint written by a different world size is converted once to
+DeepSpeed's universal format (per-parameter fp32 weights and Adam moments, independent of how
+ranks partitioned them) and loaded through DeepSpeed's universal load path.
+
+    lmforge train configs/debug.yaml --nproc 2 train.steps=40     # kill it after step_20 …
+    lmforge train configs/debug.yaml --nproc 1 train.steps=40     # … continues on 1 rank
+
+Layout on disk: `step_N/` stays as written; the conversion goes to `step_N_universal/` beside it
+(written to `.tmp_step_N_universal`, then renamed, like every checkpoint), with lmforge's
+client.json and config.yaml and a manifest.json that also records the source checkpoint's manifest
+hash: a later resume from the same `step_N` (e.g. after a second crash before the next save)
+reuses it, a re-saved `step_N` makes it stale and it is converted again. checkpoint.py prunes it
+together with its step.
+
+Where: inside the ranks, after the process group is up: rank 0 converts, the others wait for its
+result (a broadcast, so a failed conversion fails every rank with rank 0's message instead of
+hanging them at a barrier). Not in the launcher, because torchrun/srun/`deepspeed` starts never go
+through it and the Ray driver must not import DeepSpeed (or see the run's filesystem at all); the
+ranks are where the checkpoint was written and where it is read.
+
+The conversion is DeepSpeed's own `deepspeed.checkpoint.ds_to_universal.main` (in-process, one
+worker, `inject_missing_state` so ZeRO-1/2 checkpoints convert too). It only knows Adam state
+(`exp_avg`, `exp_avg_sq`) and fails on bitsandbytes' (`KeyError: 'exp_avg'`), so for a bnb
+optimizer lmforge first writes a dequantized copy of the optimizer shards (state1/state2 →
+fp32 exp_avg/exp_avg_sq, blockwise 256 with their absmax and qmap; 32-bit bnb state, used for
+partitions under bnb's min_8bit_size, is copied) and converts that. On load, DeepSpeed puts fp32
+`exp_avg`/`exp_avg_sq` into the bnb optimizer's state; `requantize_bnb_state` turns them back into
+bnb's own state (its init_state, then blockwise quantization on the new partition's blocks).
+Blocks of 256 now fall on other element boundaries, so the moments are re-rounded once: the
+resumed run is within the 8-bit optimizer's own noise, not bitwise (the same world size, which
+never comes here, stays bitwise).
+
+RNG: per-rank torch/numpy/python generator states cannot be mapped onto another number of ranks;
+every rank is reseeded deterministically from (train.seed, step, rank). The data order does not
+depend on them (the sampler's state is the global `consumed` count, re-sharded on the new world
+size), and nothing in the tiny recipes draws random numbers while training (no dropout), so
+losses continue; a model with dropout sees a different but reproducible mask stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import Config
+
+SUFFIX = "_universal"
+BNB_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers quantize their state in blocks of 256
+_BNB_WRAP = "__bnb_optimizer_quant_state__"  # bnb's state_dict() nests its quant state under this key
+
+
+def universal_dir(ckpt: Path) -> Path:
+    return ckpt.with_name(ckpt.name + SUFFIX)
+
+
+def _source_id(ckpt: Path) -> str:
+    return hashlib.sha256((ckpt / "manifest.json").read_bytes()).hexdigest()
+
+
+def is_converted(ckpt: Path) -> bool:
+    """A complete conversion of exactly this checkpoint (same manifest) exists beside it."""
+    out = universal_dir(ckpt)
+    if checkpoint.verify(out) is not None:
+        return False
+    try:
+        return json.loads((out / "manifest.json").read_text()).get("source") == _source_id(ckpt)
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+# --------------------------------------------------------------------------- bitsandbytes state
+
+def _inner_optimizer_state(sd: dict) -> dict:
+    """The client optimizer's state_dict inside a DeepSpeed *_optim_states.pt (ZeRO-1/2 and ZeRO-3
+    keep it under different keys)."""
+    osd = sd["optimizer_state_dict"]
+    for key in ("base_optimizer_state", "optimizer_state_dict"):
+        inner = osd.get(key)
+        if isinstance(inner, dict) and "state" in inner:
+            return inner
+    raise ValueError("no client optimizer state in this DeepSpeed optimizer file "
+                     f"(keys {sorted(osd)}); elastic ZeRO checkpoints are not supported")
+
+
+def _bnb_state(entry: dict) -> dict:
+    return {**{k: v for k, v in entry.items() if k != _BNB_WRAP}, **entry.get(_BNB_WRAP, {})}
+
+
+def is_bnb_state(entry: dict) -> bool:
+    return isinstance(entry, dict) and "state1" in _bnb_state(entry)
+
+
+def dequantize_bnb_entry(entry: dict) -> dict:
+    """One bnb parameter state (8-bit blockwise or 32-bit) → {step, exp_avg, exp_avg_sq} in fp32.
+    One-state optimizers (Lion) get a zero exp_avg_sq, which the converter requires and
+    `requantize_bnb_state` drops again."""
+    import bitsandbytes.functional as F
+
+    s = _bnb_state(entry)
+
+    def moment(i: int) -> torch.Tensor | None:
+        q = s.get(f"state{i}")
+        if q is None:
+            return None
+        if q.dtype == torch.uint8:
+            return F.dequantize_blockwise(q, absmax=s[f"absmax{i}"], code=s[f"qmap{i}"],
+                                          blocksize=BNB_BLOCKSIZE).float()
+        return q.float().clone()
+
+    m1, m2 = moment(1), moment(2)
+    extra = sorted(set(s) - {"step", "state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2", "unorm_vec"})
+    if extra:  # e.g. percentile clipping's gnorm_vec: not representable in the universal format
+        raise ValueError(f"bitsandbytes optimizer state {extra} cannot be converted to the universal format")
+    return {"step": s.get("step", 0), "exp_avg": m1, "exp_avg_sq": m2 if m2 is not None else torch.zeros_like(m1)}
+
+
+def _dequantized_copy(src: Path, dst: Path) -> int:
+    """dst: src's DeepSpeed files, the optimizer shards with bnb state dequantized (model states
+    linked). Returns how many parameter states were dequantized (0: not a bnb checkpoint)."""
+    dst.mkdir(parents=True)
+    count = 0
+    for f in sorted(src.iterdir()):
+        if f.name.endswith("_optim_states.pt"):
+            sd = torch.load(f, map_location="cpu", weights_only=False)
+            inner = _inner_optimizer_state(sd)
+            for k, entry in list(inner["state"].items()):
+                if is_bnb_state(entry):
+                    inner["state"][k] = dequantize_bnb_entry(entry)
+                    count += 1
+            torch.save(sd, dst / f.name)
+        elif f.name.endswith("_model_states.pt"):
+            os.symlink(f.resolve(), dst / f.name)
+    return count
+
+
+def _has_bnb_state(ckpt: Path) -> bool:
+    first = next(iter(sorted(ckpt.glob("*_optim_states.pt"))), None)
+    if first is None:
+        return False
+    sd = torch.load(first, map_location="cpu", weights_only=False)
+    return any(is_bnb_state(e) for e in _inner_optimizer_state(sd)["state"].values())
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = BNB_BLOCKSIZE):
+    """x (1-D fp32) → (uint8 codes, fp32 absmax per block) for bnb's blockwise dynamic maps.
+    Unlike F.quantize_blockwise, the scale of a block uses the map's asymmetric range (the signed
+    dynamic map ends at -0.99297 and +1.0), so dequantize → quantize of a state on the same blocks
+    gives back the very same codes and absmax."""
+    n = x.numel()
+    blocks = -(-n // blocksize)
+    padded = torch.zeros(blocks * blocksize, dtype=torch.float32, device=x.device)
+    padded[:n] = x.reshape(-1).float()
+    b = padded.view(blocks, blocksize)
+    code = code.to(device=x.device, dtype=torch.float32)
+    absmax = b.clamp(min=0).amax(1) / code.max()
+    if code.min() < 0:
+        absmax = torch.maximum(absmax, (-b).clamp(min=0).amax(1) / -code.min())
+    scaled = b / torch.where(absmax > 0, absmax, torch.ones_like(absmax))[:, None]
+    idx = torch.bucketize(scaled.reshape(-1), (code[1:] + code[:-1]) / 2)  # nearest code (map is sorted)
+    return idx[:n].to(torch.uint8), absmax
+
+
+def _owners(optimizer, zero_optimizer=None) -> dict[int, tuple[int, int]]:
+    """id(param) → (group index, index in group) for every parameter the optimizer steps. ZeRO-3
+    empties the param groups between steps (it puts a sub-group's flat fp32 partition in only for
+    its optimizer step), so its partitions are added from the ZeRO optimizer's own bookkeeping."""
+    owners = {id(p): (g, i) for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])}
+    flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or []
+    to_group = getattr(zero_optimizer, "sub_group_to_group_id", {}) or {}
+    for sub, flat in enumerate(flats):
+        if flat is not None and id(flat) not in owners:
+            owners[id(flat)] = (to_group.get(sub, 0), 0)
+    return owners
+
+
+@torch.no_grad()
+def requantize_bnb_state(optimizer, zero_optimizer=None) -> int:
+    """After DeepSpeed's universal load put fp32 exp_avg/exp_avg_sq (and step) into a bnb
+    optimizer's state: rebuild bnb's own state from them. Returns the parameters converted."""
+    converted = 0
+    owners = _owners(optimizer, zero_optimizer)
+    for p, state in list(optimizer.state.items()):
+        if not isinstance(state, dict) or "exp_avg" not in state:
+            continue
+        if id(p) not in owners:
+            raise RuntimeError(f"optimizer state for a {tuple(p.shape)} tensor that no parameter group holds")
+        gindex, pindex = owners[id(p)]
+        group = optimizer.param_groups[gindex]
+        m1, m2 = state.pop("exp_avg"), state.pop("exp_avg_sq", None)
+        step = state.pop("step", 0)
+        step = int(step.item()) if torch.is_tensor(step) else int(step)
+        state.clear()
+        held = group["params"]
+        if pindex >= len(held) or held[pindex] is not p:
+            group["params"] = [p]  # as ZeRO-3 does around each sub-group's step: bnb looks p up there
+        try:
+            optimizer.init_state(group, p, gindex, pindex)  # bnb's buffers (paged, 8- or 32-bit)
+        finally:
+            group["params"] = held
+        for i, m in ((1, m1), (2, m2)):
+            buf = state.get(f"state{i}")
+            if buf is None or m is None:
+                continue  # a one-state optimizer (Lion) has no second moment
+            m = m.reshape(-1).to(buf.device)
+            if buf.dtype == torch.uint8:
+                q, absmax = quantize_blockwise(m, state[f"qmap{i}"])
+                buf.copy_(q.view_as(buf))
+                state[f"absmax{i}"].copy_(absmax)
+            else:
+                buf.copy_(m.view_as(buf))
+        state["step"] = step
+        converted += 1
+    return converted
+
+
+# --------------------------------------------------------------------------- conversion
+
+def convert(ckpt: Path, log) -> Path:
+    """Convert lmforge checkpoint `ckpt` (step_N) to DeepSpeed's universal format in
+    step_N_universal (reused if already converted from this very checkpoint). Single process."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = universal_dir(ckpt)
+    if is_converted(ckpt):
+        log.info(f"universal checkpoint {out} is up to date: reusing it")
+        return out
+    root = ckpt.parent
+    tmp, scratch = root / f".tmp_{out.name}", root / f".tmp_{out.name}_input"
+    for d in (tmp, scratch):
+        if d.exists():
+            shutil.rmtree(d)  # left by a crash mid-conversion
+    src, dequantized = ckpt, 0
+    try:
+        if _has_bnb_state(ckpt):
+            dequantized = _dequantized_copy(ckpt, scratch)
+            src = scratch
+        args = Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
+                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        chatter = io.StringIO()  # the converter prints and draws progress bars
+        try:
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                ds_to_universal.main(args)
+        except BaseException as e:
+            raise RuntimeError(f"DeepSpeed's universal conversion of {ckpt} failed: {type(e).__name__}: {e}\n"
+                               f"{chatter.getvalue()[-3000:]}") from e
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch)
+    for name in ("client.json", "config.yaml"):
+        shutil.copy2(ckpt / name, tmp / name)
+    source = json.loads((ckpt / "client.json").read_text())
+    (tmp / "universal.json").write_text(json.dumps(
+        {"source": ckpt.name, "source_world_size": source.get("world_size"),
+         "bnb_states_dequantized": dequantized}, indent=1))
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    checkpoint._write_atomic(tmp / "manifest.json", json.dumps(
+        {"step": source.get("step"), "source": _source_id(ckpt), "files": files}, indent=1))
+    checkpoint._fsync_dir(tmp)
+    if out.exists():
+        shutil.rmtree(out)  # a stale conversion of an earlier save of this step
+    os.replace(tmp, out)
+    # ds_to_universal pointed `latest_universal` at the temporary name; point it at the real one
+    checkpoint._write_atomic(root / "latest_universal", out.name)
+    checkpoint._fsync_dir(root)
+    log.info(f"converted {ckpt} to DeepSpeed's universal format: {out}"
+             + (f" ({dequantized} bitsandbytes 8-bit states dequantized)" if dequantized else ""))
+    return out
+
+
+def convert_collective(ckpt: Path, rank: int, log) -> Path:
+    """Every rank calls it: rank 0 converts (or reuses), the others receive the outcome."""
+    outcome = [None]
+    if rank == 0:
+        try:
+            outcome[0] = str(convert(ckpt, log))
+        except Exception as e:  # told to every rank below, then raised on each
+            outcome[0] = RuntimeError(f"{type(e).__name__}: {e}")
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], BaseException):
+        raise RuntimeError(f"could not convert {ckpt} to a universal checkpoint: {outcome[0]}")
+    return Path(outcome[0])
+
+
+def reseed(cfg: Config, step: int, rank: int) -> None:
+    seed = int(np.random.SeedSequence([cfg.train.seed, step, rank]).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _repair_optimizer_state(optimizer, path: Path) -> None:
+    """DeepSpeed's ZeRO-3 universal load copies the hyperparameters of param group 0 onto every
+    group, so lmforge's no-decay group (norms, biases) would resume with weight decay. Put each
+    group's saved hyperparameters back (ZeRO-1/2 already match them by index: a no-op there)."""
+    saved = torch.load(path / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)["param_groups"]
+    if len(saved) != len(optimizer.param_groups):
+        raise RuntimeError(f"{path} has {len(saved)} optimizer param groups, this optimizer {len(optimizer.param_groups)}")
+    for group, old in zip(optimizer.param_groups, saved):
+        group.update({k: v for k, v in old.items() if k != "params"})
+    # ZeRO-3's universal load also hands every sub-group the SAME `step` tensor: torch's Adam
+    # increments it in place once per group and step, so the later groups' bias correction would
+    # run ahead. One tensor each.
+    for state in optimizer.state.values():
+        if isinstance(state, dict) and torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def load(engine, ckpt: Path, cfg: Config, rank: int, log) -> dict:
+    """Collective: convert `ckpt` (once) and load it through DeepSpeed's universal path. The
+    engine must have been built with `checkpoint: {load_universal: true}` in its DeepSpeed config
+    (train.preflight adds it when it plans this resume): DeepSpeed reads that flag at load time
+    from engine._config. Returns lmforge's client state."""
+    if not engine.load_universal_checkpoint():
+        raise RuntimeError("universal resume needs the engine built with checkpoint.load_universal=true")
+    path = convert_collective(ckpt, rank, log)
+    client = json.loads((path / "client.json").read_text())
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {path}")
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the client optimizer inside ZeRO
+    _repair_optimizer_state(base, path)
+    if type(base).__module__.startswith("bitsandbytes"):
+        n = requantize_bnb_state(base, engine.optimizer)
+        # DeepSpeed keeps views of the fp32 moments for its safe_get_full_optimizer_state API;
+        # they would pin 8 bytes/parameter that the 8-bit optimizer exists to save.
+        for p in engine.module.parameters():
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None and hasattr(mapping, "optim_fragment"):
+                mapping.optim_fragment = {}
+        log.info(f"re-quantized {n} bitsandbytes optimizer state(s) on this world size's partitions")
+    reseed(cfg, int(client["step"]), rank)
+    return client
