@@ -18,7 +18,8 @@ pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.slow
 
 COMMON = ["train.steps=40", "checkpoint.interval=10", "eval.interval=20"]
-LAYOUTS = [("adamw_8bit", 1), ("adamw_8bit", 2), ("adamw_8bit", 3), ("lion_8bit", 3), ("paged_adamw_8bit", 2)]
+# every optimizer and every ZeRO stage once (each run is ~20 s, mostly process start-up)
+LAYOUTS = [("adamw_8bit", 3), ("lion_8bit", 1), ("paged_adamw_8bit", 2)]
 _runs: dict = {}
 
 
@@ -47,7 +48,7 @@ def test_8bit_optimizer_trains_with_8bit_state(optimizer, stage, tmp_path_factor
         assert "paging needs CUDA unified memory; using adamw_8bit" in log
 
 
-@pytest.mark.parametrize("optimizer, stage", [("adamw_8bit", 3), ("lion_8bit", 3)], ids=["adamw_8bit", "lion_8bit"])
+@pytest.mark.parametrize("optimizer, stage", [("adamw_8bit", 3)], ids=["adamw_8bit"])
 def test_8bit_kill_then_resume_is_bitwise_equal(optimizer, stage, tmp_path, tmp_path_factory, data_cache):
     reference, _ = train(tmp_path_factory, data_cache, optimizer, stage)
     run_dir = tmp_path / "run"
@@ -70,11 +71,11 @@ def test_8bit_kill_then_resume_is_bitwise_equal(optimizer, stage, tmp_path, tmp_
     assert {s: got[s] for s in range(resumed_from + 1, 41)} == {s: ref[s] for s in range(resumed_from + 1, 41)}
 
 
-def test_activation_checkpointing_gives_the_same_losses(tmp_path, data_cache):
-    base = ["train.steps=15", "checkpoint.interval=0", "eval.interval=0", "parallel.zero_stage=3"]
-    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
-    lmforge("train", DEBUG, *debug_overrides(plain, data_cache, *base), "--nproc", "2")
-    proc = lmforge("train", DEBUG, *debug_overrides(ckpt, data_cache, *base, "train.activation_checkpointing=true"),
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, tmp_path_factory, data_cache):
+    plain, _ = train(tmp_path_factory, data_cache, "adamw_8bit", 3)
+    ckpt = tmp_path / "ckpt"
+    proc = lmforge("train", DEBUG, *debug_overrides(ckpt, data_cache, *COMMON, "train.optimizer=adamw_8bit",
+                                                    "parallel.zero_stage=3", "train.activation_checkpointing=true"),
                    "--nproc", "2")
     assert "activation checkpointing on" in proc.stderr
     a, b = losses(plain), losses(ckpt)
