@@ -159,19 +159,14 @@ class IncompatibleCheckpoint(ValueError):
     pass
 
 
-def layout_change(path: Path, world_size: int, zero_stage: int) -> str | None:
+def layout_change(path: Path, world_size: int) -> str | None:
     """How the ranks that wrote `path` differ from this run's (None: the same). DeepSpeed loads its
-    sharded files only on the world size and ZeRO stage that wrote them (across stages it fails
-    with a bare AssertionError in check_ckpt_list); another one resumes through the universal
-    format (training/universal.py). TP/SP degree changes are refused (config.COMPAT_KEYS)."""
+    sharded files only on the layout that wrote them; another one resumes through the universal
+    format (training/universal.py). TP/SP degrees join here once the config has them."""
     written_by = json.loads((path / "client.json").read_text())["world_size"]
-    saved_stage = yaml_load((path / "config.yaml").read_text())["parallel"]["zero_stage"]
-    changes = []
     if written_by != world_size:
-        changes.append(f"{written_by} rank(s), this run has {world_size}")
-    if saved_stage != zero_stage:
-        changes.append(f"ZeRO-{saved_stage}, this run uses ZeRO-{zero_stage}")
-    return "; ".join(changes) or None
+        return f"{written_by} rank(s), this run has {world_size}"
+    return None
 
 
 def load(engine, path: Path, rank: int) -> dict:

@@ -335,7 +335,8 @@ PATH_KEYS = ("run_dir", "model.path", "data.tokenizer", "data.cache_dir", "paral
 # optimizer state layout). lr, steps, intervals and logging may change on resume.
 COMPAT_KEYS = ("model", "data.paths", "data.format", "data.text_field", "data.tokenizer", "data.vocab_size",
                "data.seq_len", "data.holdout", "data.min_doc_chars", "train.global_batch_size",
-               "train.optimizer", "train.seed", "parallel.tensor", "parallel.sequence")
+               "train.optimizer", "train.seed", "parallel.zero_stage", "parallel.tensor",
+               "parallel.sequence")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

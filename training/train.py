@@ -72,11 +72,11 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
                 checkpoint.check_compatible(resume, cfg, world_size)
             except checkpoint.IncompatibleCheckpoint as e:
                 raise ConfigError(str(e)) from None
-            change = checkpoint.layout_change(resume, world_size, cfg.parallel.zero_stage)
+            change = checkpoint.layout_change(resume, world_size)
             if change is not None and cfg.parallel.tensor * cfg.parallel.sequence > 1:
-                raise ConfigError(f"{resume} was written by {change}; resuming on another world size or "
-                                  "ZeRO stage with parallel.tensor or parallel.sequence > 1 is not supported yet: "
-                                  "use the same number of ranks and ZeRO stage")
+                raise ConfigError(f"{resume} was written by {change}; resuming on another world size with "
+                                  "parallel.tensor or parallel.sequence > 1 is not supported yet: use the same "
+                                  "number of ranks")
             if change is not None:
                 # Resumed through DeepSpeed's universal format (universal.load converts it once).
                 # DeepSpeed reads this flag from the engine's config when it loads; a copy, so
@@ -165,7 +165,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
                                      layout.dp_rank, layout.dp_size)
     step, tokens, ppl_before = 0, 0, None
     if plan.resume_from is not None:
-        if checkpoint.layout_change(plan.resume_from, d.world_size, cfg.parallel.zero_stage) is not None:
+        if checkpoint.layout_change(plan.resume_from, d.world_size) is not None:
             from . import universal  # only a resume on another layout needs it
 
             client = universal.load(engine, plan.resume_from, cfg, d.rank, log)  # another world size
