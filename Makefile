@@ -37,6 +37,8 @@ test: setup
 bench: setup
 	$(PY) bench/bench_overhead.py
 	$(PY) bench/bench_dataloader.py
+	$(PY) bench/bench_layouts.py --config configs/demo.yaml --steps 20 --nproc 2
+	$(PY) bench/bench_mfu.py
 
 clean:
 	rm -rf runs .pytest_cache
