@@ -192,11 +192,35 @@ def exit_status(state: dict[str, str]) -> int:
     return int(code) or (128 + int(sig) if sig and int(sig) else 1)
 
 
+def wait_for_end(job_id: str, on_poll=None, poll_s: float = 1.0, confirm: int = 3) -> dict[str, str]:
+    """Poll scontrol until the job has really ended; its last record. A requeue passes through
+    states that look final for a moment (the old allocation is cancelled "due to job requeue"),
+    and scontrol can fail while slurmctld is busy, so an end state must be seen `confirm` polls in
+    a row, and a missing record `5 * confirm` times, before it counts."""
+    last, final, missing = None, 0, 0
+    while True:
+        state = job_state(job_id)
+        if on_poll is not None:
+            on_poll(state)
+        if state is None:
+            missing += 1
+            if missing >= 5 * confirm:
+                if last is None:
+                    raise LaunchError(f"Slurm has no record of job {job_id}")
+                return last  # forgotten (MinJobAge) right after it ended
+        else:
+            missing, last = 0, state
+            final = final + 1 if state.get("JobState") in TERMINAL_STATES else 0
+            if final >= confirm:
+                return state
+        time.sleep(poll_s)
+
+
 def follow(job_id: str, log: Path, poll_s: float = 1.0) -> int:
     """Print the job's log as it grows until the job ends (through any requeues); its exit status."""
-    offset, last = 0, None
+    offset = 0
 
-    def drain() -> None:
+    def drain(_state=None) -> None:
         nonlocal offset
         if log.is_file():
             with open(log, "rb") as f:
@@ -206,20 +230,10 @@ def follow(job_id: str, log: Path, poll_s: float = 1.0) -> int:
             sys.stdout.write(chunk.decode(errors="replace"))
             sys.stdout.flush()
 
-    while True:
-        state = job_state(job_id)
-        drain()
-        if state is None:  # forgotten already: report the last state seen
-            if last is None:
-                raise LaunchError(f"Slurm has no record of job {job_id}")
-            return exit_status(last)
-        last = state
-        if state.get("JobState") in TERMINAL_STATES:
-            time.sleep(poll_s)  # the last lines may still be on their way to the file
-            drain()
-            print(f"lmforge: job {job_id} {state['JobState']} (exit code {state.get('ExitCode')})", flush=True)
-            return exit_status(state)
-        time.sleep(poll_s)
+    state = wait_for_end(job_id, on_poll=drain, poll_s=poll_s)
+    drain()
+    print(f"lmforge: job {job_id} {state.get('JobState')} (exit code {state.get('ExitCode')})", flush=True)
+    return exit_status(state)
 
 
 def launch(cfg: Config, dry_run: bool = False, follow_log: bool = False) -> int:

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from conftest import BIN, DEBUG, REPO, debug_overrides, env, lmforge, losses
-from slurm_cluster import NODES, LocalSlurm, SlurmUnavailable
+from lmforge.launcher.slurm import wait_for_end
+from slurm_cluster import LocalSlurm, SlurmUnavailable
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -50,22 +51,18 @@ def slurm():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def scontrol_job(job: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, env=env())
-    return dict(t.split("=", 1) for t in out.stdout.split() if "=" in t)
-
-
 def wait_job(job: str, timeout: float = 300) -> dict[str, str]:
-    """Until the job ends; a requeued job is started at once (Slurm delays a requeued job's start)."""
-    deadline, state = time.time() + timeout, {}
-    while time.time() < deadline:
-        state = scontrol_job(job) or state
-        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+    """Until the job ends (the launcher's own wait, which sees through a requeue's passing states);
+    a requeued job is started at once (Slurm delays a requeued job's start)."""
+    deadline = time.time() + timeout
+
+    def nudge(state):
+        if time.time() > deadline:
+            raise AssertionError(f"job {job} did not end in {timeout} s: {state}")
+        if state and state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
             subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True, env=env())
-        if state.get("JobState") in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL"):
-            return state
-        time.sleep(1)
-    raise AssertionError(f"job {job} did not end in {timeout} s: {state}")
+
+    return wait_for_end(job, on_poll=nudge)
 
 
 def submit(*args) -> tuple[str, subprocess.CompletedProcess]:
