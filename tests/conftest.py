@@ -64,3 +64,26 @@ def losses(run_dir: Path) -> dict[int, float]:
         if "train/loss" in rec:
             out[rec["step"]] = rec["train/loss"]
     return out
+
+
+def kill_at_step(args: list, run_dir: Path, step: int, timeout: float = 300) -> int:
+    """`lmforge train ARGS` until it has logged `step`, then SIGKILL of the driver, torchrun and
+    every rank (torchrun puts ranks in sessions of their own); the last step logged."""
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([str(BIN / "lmforge"), "train", *map(str, args)], cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= step:
+            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                p.kill()
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    time.sleep(1)
+    return max(losses(run_dir))

@@ -5,14 +5,10 @@ run resumes bitwise; activation checkpointing changes memory, not losses; refuse
 from __future__ import annotations
 
 import re
-import signal
-import subprocess
-import time
 
-import psutil
 import pytest
 
-from conftest import BIN, DEBUG, REPO, debug_overrides, env, lmforge, losses
+from conftest import DEBUG, debug_overrides, kill_at_step, lmforge, losses
 
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.slow
@@ -53,17 +49,7 @@ def test_8bit_kill_then_resume_is_bitwise_equal(optimizer, stage, tmp_path, tmp_
     reference, _ = train(tmp_path_factory, data_cache, optimizer, stage)
     run_dir = tmp_path / "run"
     args = debug_overrides(run_dir, data_cache, *COMMON, f"train.optimizer={optimizer}", f"parallel.zero_stage={stage}")
-    proc = subprocess.Popen([str(BIN / "lmforge"), "train", str(DEBUG), *args, "--nproc", "2"], cwd=REPO, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= 15:
-            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-                p.kill()
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_step([DEBUG, *args, "--nproc", "2"], run_dir, 15)
     resumed_proc = lmforge("train", DEBUG, *args, "--nproc", "2")
     resumed_from = int(re.search(r"resumed from \S+ at step (\d+)", resumed_proc.stderr).group(1))
     assert resumed_from >= 10

@@ -11,10 +11,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import BIN, DEBUG, REPO, debug_overrides, env, lmforge, losses, run
+from conftest import BIN, DEBUG, REPO, debug_overrides, env, kill_at_step, lmforge, losses, run
 
 # 40 steps, checkpoints at 10/20/30/40 (keep 2), eval every 20: ~20 s a run on 2 cores.
 COMMON = ["train.steps=40", "checkpoint.interval=10", "eval.interval=20"]
@@ -76,22 +75,7 @@ def test_deepspeed_cli_gives_identical_losses(zero3, tmp_path, data_cache):
 
 def test_sigkill_then_resume_is_bitwise_equal(zero3, tmp_path, data_cache):
     run_dir = tmp_path / "run"
-    cmd = [str(BIN / "lmforge"), "train", str(DEBUG), *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and max(losses(run_dir), default=0) >= 15:
-            # the driver, torchrun and both ranks (torchrun puts ranks in sessions of their own)
-            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-                p.kill()
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
-    time.sleep(1)
-    killed_at = max(losses(run_dir))
+    killed_at = kill_at_step([DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2"], run_dir, 15)
     assert 15 <= killed_at < 40
     assert not (run_dir / "checkpoints" / "step_40").exists()
 

@@ -13,16 +13,12 @@ import json
 import logging
 import re
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
-from conftest import BIN, DEBUG, REPO, debug_overrides, env, lmforge, losses
+from conftest import DEBUG, debug_overrides, kill_at_step, lmforge, losses
 
 # 40 steps, checkpoints at 10/20/30/40 (keep 2), eval every 20: ~20 s a run on 2 cores.
 COMMON = ["train.steps=40", "checkpoint.interval=10", "eval.interval=20"]
@@ -109,19 +105,7 @@ def test_two_ranks_killed_then_resumed_on_one(optimizer, reference, tmp_path, da
     ref = reference(optimizer, 2)
     run_dir = tmp_path / "run"
     if optimizer == "adamw":  # a real SIGKILL of the driver, torchrun and both ranks mid-run
-        cmd = [str(BIN / "lmforge"), "train", *map(str, _args(run_dir, data_cache, optimizer)), "--nproc", "2"]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if (run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= 25:
-                for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-                    p.kill()
-                break
-            time.sleep(0.02)
-        proc.wait(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
-        time.sleep(1)
+        kill_at_step([*_args(run_dir, data_cache, optimizer), "--nproc", "2"], run_dir, 25)
         assert not (run_dir / "checkpoints" / "step_40").exists()
     else:  # the same state on disk, without waiting for a kill window
         _interrupted_copy(ref, run_dir)
