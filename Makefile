@@ -18,7 +18,7 @@ setup: $(STAMP)
 # persistent TORCH_EXTENSIONS_DIR (see training/dist.py).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet 'setuptools>=68' wheel ninja py-cpuinfo packaging
+	$(PIP) install --quiet 'setuptools>=68' wheel ninja py-cpuinfo packaging setuptools_scm
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
 	$(PIP) install --quiet --no-build-isolation -e '.[dev,ray]'

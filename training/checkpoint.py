@@ -7,7 +7,13 @@ Layout of one checkpoint directory (`<checkpoint_dir>/step_N/`):
   rng_rank<R>.pt   the RNG state of every rank,
   client.json      step, tokens seen, sampler position, config hash,
   config.yaml      the resolved run config that wrote it,
+  hf/              the model's Hugging Face config and the tokenizer (for export / init_from),
+  adapter/         peft runs: the adapter as peft writes it (the DeepSpeed files then hold only
+                   the trainable parameters: the frozen base comes from model.init_from),
   manifest.json    every file's size; written last, so its presence means "complete".
+
+`best.json` (beside `latest`) names the checkpoint with the best eval.early_stopping.metric;
+pruning never removes it.
 
 Every rank writes into `.tmp_step_N`; after a barrier rank 0 verifies the files, writes the
 manifest and publishes the directory by rename; `latest` (DeepSpeed's pointer file, so its
@@ -68,8 +74,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: int, log) -> Path:
-    """Collective: every rank calls it. Returns the published directory."""
+def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: int, log,
+         write_extra=None) -> Path:
+    """Collective: every rank calls it. Returns the published directory. `write_extra(tmp_dir)`
+    is called on every rank after DeepSpeed's save (it may gather; rank 0 writes)."""
     root = cfg.checkpoint_dir
     root.mkdir(parents=True, exist_ok=True)
     tmp_tag, tag = f".tmp_step_{step}", f"step_{step}"
@@ -78,8 +86,13 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
         shutil.rmtree(tmp)  # left by a crash mid-save
     torch.distributed.barrier()
     client = dict(client, step=step, world_size=world_size, config_hash=config_hash(cfg))
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"lmforge": client}, save_latest=False)
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
+    # An adapter run saves only what trains; the frozen base is rebuilt from model.init_from.
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"lmforge": client}, save_latest=False,
+                           exclude_frozen_parameters=frozen)
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    if write_extra is not None:
+        write_extra(tmp)
     torch.distributed.barrier()
     final = root / tag
     if rank == 0:
@@ -95,6 +108,7 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
             shutil.rmtree(final)
         # a universal conversion of the step being replaced (universal.py) would be stale
         shutil.rmtree(root / f"{tag}_universal", ignore_errors=True)
+        shutil.rmtree(root / f"{tag}_hf", ignore_errors=True)  # consolidate.py's copy for init_from
         os.replace(tmp, final)
         _write_atomic(root / "latest", tag)
         _fsync_dir(root)
@@ -106,9 +120,25 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
 
 def _prune(root: Path, keep: int) -> None:
     steps = sorted(_step_dirs(root), key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    best = (read_best(root) or {}).get("tag")
     for old in steps[:-keep]:
+        if old.name == best:
+            continue  # the early-stopping best is kept beyond checkpoint.keep
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)  # universal.py's conversion
+        shutil.rmtree(old.with_name(old.name + "_hf"), ignore_errors=True)  # consolidate.py's
+
+
+def mark_best(root: Path, tag: str, metric: str, value: float, step: int) -> None:
+    """Rank 0: record `tag` as the best checkpoint (best.json, written atomically)."""
+    _write_atomic(root / "best.json", json.dumps({"tag": tag, "metric": metric, "value": value, "step": step}))
+
+
+def read_best(root: Path) -> dict | None:
+    try:
+        return json.loads((root / "best.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -172,8 +202,9 @@ def layout_change(path: Path, world_size: int) -> str | None:
 def load(engine, path: Path, rank: int) -> dict:
     """Collective: restore engine (model, optimizer, scheduler) and this rank's RNG; returns client state."""
     client = json.loads((path / "client.json").read_text())
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True, load_module_strict=not frozen)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {path}")
     set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=False))

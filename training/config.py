@@ -58,6 +58,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 class ModelConfig(_Section):
     preset: str | None = Field("llama-debug", description="size preset: " + ", ".join(MODEL_PRESETS))
     path: str | None = Field(None, description="local Hugging Face model directory (any AutoModelForCausalLM)")
+    init_from: str | None = Field(None, description="fine-tune from weights: a local Hugging Face model directory or an "
+                                                    "lmforge run directory / checkpoint (step_N; consolidated once)")
     pretrained: bool = Field(True, description="with `path`: load its weights (false: its config only, random init)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="keys set on the HF config, e.g. num_hidden_layers")
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
@@ -65,9 +67,11 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
-        if self.path is None and self.preset is None:
-            raise ValueError("set model.preset or model.path")
-        if self.path is not None:
+        if self.init_from is not None and self.path is not None:
+            raise ValueError("set model.init_from (weights to fine-tune) or model.path (a model to build), not both")
+        if self.path is None and self.preset is None and self.init_from is None:
+            raise ValueError("set model.preset, model.path or model.init_from")
+        if self.path is not None or self.init_from is not None:
             self.__dict__["preset"] = None  # a path wins over the default preset
         elif self.preset not in MODEL_PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; allowed: {', '.join(MODEL_PRESETS)}")
@@ -86,6 +90,19 @@ class DataConfig(_Section):
     min_doc_chars: int = Field(1, ge=0, description="documents shorter than this are dropped")
     cache_dir: str | None = Field(None, description="tokenizer/token cache; default $LMFORGE_CACHE or ~/.cache/lmforge")
     num_proc: int = Field(1, ge=1, description="processes for tokenization")
+    # Fine-tuning tasks (task: sft | classification | ner) read records, not documents:
+    eval_paths: list[str] = Field(default_factory=list, description="held-out records for a fine-tuning task; "
+                                                                    "empty: `holdout` of data.paths, split by record")
+    label_field: str | None = Field(None, description="classification: the label column (default label); ner: the "
+                                                      "BIO tag list column (default tags)")
+    words_field: str = Field("tokens", description="ner: the column holding each record's words")
+    prompt_field: str = Field("prompt", description="sft: prompt column (records with prompt/response)")
+    response_field: str = Field("response", description="sft: response column")
+    messages_field: str = Field("messages", description="sft: chat column ([{role, content}, ...]); used when present")
+    chat_template: str | None = Field(None, description="sft: a Jinja chat template (or a file holding one); default "
+                                                        "the tokenizer's, else lmforge's built-in one")
+    packing: bool = Field(True, description="sft: pack several records per sequence; attention and loss never "
+                                            "cross a record boundary (position_ids restart per record)")
 
     @model_validator(mode="after")
     def _non_empty(self) -> "DataConfig":
@@ -93,9 +110,10 @@ class DataConfig(_Section):
             raise ValueError("data.paths must list at least one non-empty path")
         return self
 
-    def expanded_paths(self) -> list[str]:
+    def expanded_paths(self, paths: list[str] | None = None) -> list[str]:
+        """data.paths (or the given list, e.g. eval_paths) with {stdlib} and ~ expanded."""
         stdlib = sysconfig.get_paths()["stdlib"]
-        return [os.path.expanduser(p.replace("{stdlib}", stdlib)) for p in self.paths]
+        return [os.path.expanduser(p.replace("{stdlib}", stdlib)) for p in (self.paths if paths is None else paths)]
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
@@ -165,9 +183,26 @@ class CheckpointConfig(_Section):
     allow_config_change: bool = Field(False, description="resume even if model/data/batch keys changed")
 
 
+class EarlyStoppingConfig(_Section):
+    metric: str | None = Field(None, description="stop when this eval metric stops improving, e.g. eval/loss, "
+                                                 "eval/accuracy, eval/entity_f1; unset: never stop early")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="auto: min for loss/ppl, max otherwise")
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0, description="an improvement must exceed this")
+
+    def minimize(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "min"
+        return self.metric is not None and self.metric.rsplit("/", 1)[-1] in ("loss", "ppl")
+
+
 class EvalConfig(_Section):
     interval: int = Field(100, ge=0, description="steps between evaluations; 0: only before and after training")
-    batches: int = Field(10, ge=1, description="held-out micro batches per rank per evaluation")
+    batches: int = Field(10, ge=1, description="pretrain: held-out micro batches per rank per evaluation "
+                                               "(fine-tuning tasks evaluate their whole eval split)")
+    generate: int = Field(16, ge=0, description="sft: held-out prompts answered by greedy generation for BLEU")
+    max_new_tokens: int = Field(32, ge=1, description="sft: tokens generated per prompt")
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
 
 
 class LoggingConfig(_Section):
@@ -247,8 +282,35 @@ class LaunchConfig(_Section):
     max_failures: int = Field(0, ge=-1, description="Ray: restarts after a worker/node failure (-1: unlimited); each resumes from the newest checkpoint")
 
 
+class FinetuneConfig(_Section):
+    """How the weights are adapted (peft for everything but `full`)."""
+    method: Literal["full", "lora", "qlora", "adalora"] = Field(
+        "full", description="full: every weight trains; lora / qlora (4-bit base, bitsandbytes) / adalora: peft "
+                            "adapters only (needs model.init_from or pretrained model.path)")
+    r: int = Field(8, ge=1, description="LoRA rank (AdaLoRA: the average target rank)")
+    alpha: float = Field(16, gt=0, description="LoRA scaling alpha")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt, e.g. [q_proj, v_proj]; all-linear: every linear layer "
+                                  "except the output head")
+    init_r: int = Field(12, ge=1, description="AdaLoRA: initial rank before pruning down to r")
+
+
+TASKS = ("pretrain", "sft", "classification", "ner")
+# What each task's evaluation reports (eval.early_stopping.metric picks one).
+TASK_METRICS = {"pretrain": ("eval/loss", "eval/ppl"),
+                "sft": ("eval/loss", "eval/ppl", "eval/bleu"),
+                "classification": ("eval/loss", "eval/accuracy", "eval/macro_f1"),
+                "ner": ("eval/loss", "eval/entity_precision", "eval/entity_recall", "eval/entity_f1",
+                        "eval/token_accuracy")}
+
+
 class Config(_Section):
     run_dir: str = Field("runs/debug", description="everything a run writes goes under here")
+    task: Literal["pretrain", "sft", "classification", "ner"] = Field(
+        "pretrain", description="pretrain: causal LM on packed documents; sft: chat/prompt-response with loss on "
+                                "responses; classification: a label per record; ner: BIO tags per word")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     train: TrainConfig
@@ -265,6 +327,32 @@ class Config(_Section):
             raise ValueError(f"train.optimizer={self.train.optimizer} keeps its 8-bit state beside the parameters; "
                              "parallel.offload_optimizer runs DeepSpeed's CPUAdam on fp32 state instead. Use one "
                              "or the other (8-bit state is already 4x smaller than AdamW's)")
+        if self.task != "pretrain" and self.parallel.sequence * self.parallel.tensor > 1:
+            raise ValueError(f"task={self.task} runs data-parallel only: parallel.sequence and parallel.tensor must "
+                             "be 1 (sequence/tensor parallelism are for pretraining long or wide models)")
+        es = self.eval.early_stopping
+        if es.metric is not None:
+            known = TASK_METRICS[self.task] if not (self.task == "sft" and self.eval.generate == 0) else TASK_METRICS["pretrain"]
+            if es.metric not in known:
+                raise ValueError(f"eval.early_stopping.metric: task {self.task} reports {', '.join(known)}; "
+                                 f"got {es.metric!r}")
+            if not self.eval.interval:
+                raise ValueError("eval.early_stopping needs periodic evaluations: set eval.interval > 0")
+        method = self.finetune.method
+        if method != "full":
+            if not (self.model.init_from or (self.model.path and self.model.pretrained)):
+                raise ValueError(f"finetune.method={method} adapts pretrained weights: set model.init_from (a local "
+                                 "Hugging Face directory or an lmforge checkpoint)")
+            if self.parallel.sequence * self.parallel.tensor > 1:
+                raise ValueError(f"finetune.method={method} is not combined with parallel.sequence/tensor > 1")
+        if method == "qlora" and self.parallel.zero_stage == 3:
+            raise ValueError("finetune.method=qlora keeps the base weights in 4-bit bitsandbytes tensors, which ZeRO-3 "
+                             "cannot partition here: use parallel.zero_stage 1 or 2 (the frozen 4-bit base is small)")
+        if method == "adalora" and self.parallel.zero_stage == 3:
+            raise ValueError("finetune.method=adalora prunes ranks by masking whole adapter weights each step, which "
+                             "needs them unpartitioned: use parallel.zero_stage 1 or 2 (adapters are small)")
+        if method in ("qlora", "adalora") and self.parallel.offload_optimizer:
+            raise ValueError(f"finetune.method={method} is not combined with parallel.offload_optimizer")
         sp = self.parallel.sequence
         if sp > 1:
             if self.model.attention == "eager":
@@ -319,6 +407,7 @@ class Config(_Section):
             node = tree[section] if section else tree
             node[name] = absolute(node[name])
         tree["data"]["paths"] = [absolute(p) for p in tree["data"]["paths"]]
+        tree["data"]["eval_paths"] = [absolute(p) for p in tree["data"]["eval_paths"]]
         return Config.model_validate(tree)
 
     def to_dict(self) -> dict[str, Any]:
@@ -328,12 +417,14 @@ class Config(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-PATH_KEYS = ("run_dir", "model.path", "data.tokenizer", "data.cache_dir", "parallel.ds_config",
+PATH_KEYS = ("run_dir", "model.path", "model.init_from", "data.tokenizer", "data.cache_dir", "parallel.ds_config",
              "checkpoint.dir", "logging.dir", "slurm.template")
 
 # Keys whose change makes an existing checkpoint a different run (model shape, tokens it saw,
 # optimizer state layout). lr, steps, intervals and logging may change on resume.
-COMPAT_KEYS = ("model", "data.paths", "data.format", "data.text_field", "data.tokenizer", "data.vocab_size",
+COMPAT_KEYS = ("task", "finetune", "model", "data.paths", "data.eval_paths", "data.label_field",
+               "data.words_field", "data.prompt_field", "data.response_field", "data.messages_field",
+               "data.chat_template", "data.packing", "data.format", "data.text_field", "data.tokenizer", "data.vocab_size",
                "data.seq_len", "data.holdout", "data.min_doc_chars", "train.global_batch_size",
                "train.optimizer", "train.seed", "parallel.zero_stage", "parallel.tensor",
                "parallel.sequence")

@@ -45,7 +45,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         # ZeRO-3 partitions parameters to 1-D shards; ds_shape keeps the real shape.
         ndim = len(getattr(p, "ds_shape", p.shape))
         (decay if ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # An empty group (LoRA: every adapter weight is a matrix) would be dropped by ZeRO but not by
+    # the lr scheduler built on the same optimizer, which then mismatches it.
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, log=None) -> torch.optim.Optimizer:
@@ -127,3 +130,44 @@ def loss_scale(ds_config: dict, sequence: int) -> float:
         return 1.0
     return 1.0 / sequence
 
+
+
+class AdaLoraStep:
+    """AdaLoRA's rank allocation around DeepSpeed's optimizer step. peft's recipe is
+    `optimizer.step(); model.base_model.update_and_allocate(step); zero_grad()`, but DeepSpeed's
+    engine.step() steps and zeroes in one call and keeps the reduced gradients in its own buffers:
+    so the full gradients of the adapter weights are read (safe_get_full_grad) at the accumulation
+    boundary before the step, put back on p.grad for peft's importance scores after it, and the
+    singular values peft masks are written into DeepSpeed's fp32 master copy too (otherwise the
+    next step would copy the unmasked values back). ZeRO-1/2 only (config refuses ZeRO-3).
+    The importance averages live in memory: a resumed run restarts them (the rank pattern itself is
+    in the weights)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad and "lora_" in n]
+        self.grads: dict[str, torch.Tensor] | None = None
+
+    def before_step(self) -> None:
+        if self.engine.is_gradient_accumulation_boundary():
+            from deepspeed.utils import safe_get_full_grad
+
+            self.grads = {n: safe_get_full_grad(p).detach().clone() for n, p in self.params}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.grads is None:
+            return
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for n, p in self.params:
+            p.grad = self.grads[n].to(p.dtype)
+        try:
+            self.engine.module.base_model.update_and_allocate(self.engine.global_steps)
+        finally:
+            for _, p in self.params:
+                p.grad = None
+            self.grads = None
+        for n, p in self.params:
+            if "lora_E" in n:
+                safe_set_full_fp32_param(p, p.data.float())

@@ -1,7 +1,9 @@
-"""The model: any `AutoModelForCausalLM`, from a size preset, a local config or local pretrained
-weights, built under ZeRO-3 partitioning when stage 3 is on.
+"""The model: any Hugging Face model (causal LM; sequence or token classification for those tasks)
+from a size preset, a local config or local pretrained weights (model.init_from), built under
+ZeRO-3 partitioning when stage 3 is on, optionally wrapped in peft adapters (LoRA, QLoRA, AdaLoRA).
 
     lmforge config configs/demo.yaml   # prints the model shape and parameter count it resolves to
+    lmforge train configs/lora.yaml    # LoRA on an lmforge checkpoint
 
 For ZeRO-3, transformers itself wraps construction (`from_config` and `from_pretrained`) in
 `deepspeed.zero.Init` once an `HfDeepSpeedConfig` is alive, so each rank only ever materialises its
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import MODEL_PRESETS, ConfigError, ModelConfig
+from .config import MODEL_PRESETS, ConfigError, FinetuneConfig, ModelConfig
 
 _hf_ds_config_ref = None  # transformers reads ZeRO-3 state through a weak global; keep it alive
 
@@ -24,17 +26,20 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int):
-    """The transformers config of the model to train; no weights are touched."""
+def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int, source: Path | None = None,
+              labels: list[str] | None = None, pad_id: int | None = None):
+    """The transformers config of the model to train; no weights are touched. `source`: the
+    resolved model.init_from directory; `labels`: the classes/tags of a classification/ner head."""
     from transformers import AutoConfig, LlamaConfig
 
-    if cfg.path:
-        path = Path(cfg.path).expanduser()
+    if cfg.path or source:
+        path = source or Path(cfg.path).expanduser()
+        key = "model.init_from" if source else "model.path"
         if not (path / "config.json").is_file():
-            raise ConfigError(f"model.path: {path} has no config.json (a local Hugging Face model directory is needed)")
+            raise ConfigError(f"{key}: {path} has no config.json (a local Hugging Face model directory is needed)")
         conf = AutoConfig.from_pretrained(str(path), local_files_only=True)
         if conf.vocab_size < vocab_size:
-            raise ConfigError(f"model.path: the model's vocab_size {conf.vocab_size} is smaller than the "
+            raise ConfigError(f"{key}: the model's vocab_size {conf.vocab_size} is smaller than the "
                               f"tokenizer's {vocab_size}; use the model's own tokenizer (data.tokenizer)")
     else:
         kwargs: dict[str, Any] = dict(MODEL_PRESETS[cfg.preset])
@@ -44,7 +49,58 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int):
         if not hasattr(conf, key):
             raise ConfigError(f"model.overrides.{key}: {type(conf).__name__} has no such key")
         setattr(conf, key, value)
+    if labels is not None:
+        conf.num_labels = len(labels)
+        conf.id2label = dict(enumerate(labels))
+        conf.label2id = {name: i for i, name in enumerate(labels)}
+    if pad_id is not None and getattr(conf, "pad_token_id", None) is None:
+        conf.pad_token_id = pad_id  # sequence classification pools the last non-pad token
     return conf
+
+
+def auto_class(task: str):
+    import transformers
+
+    return {"classification": transformers.AutoModelForSequenceClassification,
+            "ner": transformers.AutoModelForTokenClassification}.get(task, transformers.AutoModelForCausalLM)
+
+
+_HEADS = ("lm_head", "score", "classifier", "embed_out", "output")
+
+
+def target_modules(model: torch.nn.Module, ft: FinetuneConfig) -> list[str]:
+    """The module names peft adapts: finetune.target_modules, or every linear layer but the head;
+    a name that matches nothing is a config error."""
+    import bitsandbytes as bnb
+
+    linear = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear)}
+    names -= set(_HEADS)
+    if ft.target_modules == "all-linear":
+        return sorted(names)
+    unknown = [t for t in ft.target_modules if t not in names]
+    if unknown:
+        raise ConfigError(f"finetune.target_modules: {unknown} match no linear layer of this model; "
+                          f"its linear layers are {sorted(names)}")
+    return list(ft.target_modules)
+
+
+def check_finetune(conf, task: str, ft: FinetuneConfig) -> None:
+    """Validate the adapter settings against the model's modules without building it (meta device)."""
+    if ft.method == "full":
+        return
+    with torch.device("meta"):
+        target_modules(auto_class(task).from_config(conf), ft)
+    if ft.method == "qlora":
+        try:
+            import bitsandbytes as bnb
+
+            layer = bnb.nn.Linear4bit(8, 8, compute_dtype=torch.float32, quant_type="nf4")
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            layer.to(device)(torch.zeros(1, 8, device=device))
+        except Exception as e:  # a bnb build without a 4-bit backend for this device
+            raise ConfigError(f"finetune.method=qlora needs bitsandbytes 4-bit support on this machine, which is "
+                              f"not usable here ({type(e).__name__}: {e}); use finetune.method=lora") from None
 
 
 def max_positions(conf) -> int | None:
@@ -52,8 +108,9 @@ def max_positions(conf) -> int | None:
 
 
 def build(cfg: ModelConfig, conf, ds_config: dict, attention: str, dtype: torch.dtype,
-          activation_checkpointing: bool = False) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+          activation_checkpointing: bool = False, task: str = "pretrain", source: Path | None = None,
+          finetune: FinetuneConfig | None = None, total_steps: int = 0) -> torch.nn.Module:
+    """`source`: the model.init_from directory (weights to start from); `finetune`: peft adapters."""
     from transformers.integrations import HfDeepSpeedConfig
 
     global _hf_ds_config_ref
@@ -64,17 +121,63 @@ def build(cfg: ModelConfig, conf, ds_config: dict, attention: str, dtype: torch.
         _hf_ds_config_ref = HfDeepSpeedConfig(hf_config)
     else:
         _hf_ds_config_ref = None
-    if cfg.path and cfg.pretrained:
-        model = AutoModelForCausalLM.from_pretrained(str(Path(cfg.path).expanduser()), config=conf,
-                                                     attn_implementation=attention, dtype=dtype,
-                                                     local_files_only=True)
+    cls = auto_class(task)
+    weights = source or (Path(cfg.path).expanduser() if cfg.path and cfg.pretrained else None)
+    method = finetune.method if finetune else "full"
+    if weights is not None:
+        extra = {}
+        if method == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            extra["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(_HEADS))
+        # A causal LM's weights under a classification head: the head is new (and reported so).
+        model = cls.from_pretrained(str(weights), config=conf, attn_implementation=attention, dtype=dtype,
+                                    local_files_only=True, **extra)
     else:
-        model = AutoModelForCausalLM.from_config(conf, attn_implementation=attention, dtype=dtype)
+        model = cls.from_config(conf, attn_implementation=attention, dtype=dtype)
     model.config.use_cache = False  # no KV cache while training
     if activation_checkpointing:
         # Non-reentrant: works with ZeRO-3's parameter hooks and with inputs that need no grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method != "full":
+        model = apply_peft(model, finetune, task, total_steps, activation_checkpointing)
     return model
+
+
+def apply_peft(model: torch.nn.Module, ft: FinetuneConfig, task: str, total_steps: int,
+               activation_checkpointing: bool) -> torch.nn.Module:
+    """Wrap in peft adapters; only they (and a new task head) train. peft's task types put a
+    classification head (score/classifier) into modules_to_save, so it trains and is saved too."""
+    import peft
+
+    task_type = {"classification": peft.TaskType.SEQ_CLS, "ner": peft.TaskType.TOKEN_CLS}.get(task, peft.TaskType.CAUSAL_LM)
+    targets = target_modules(model, ft)
+    if ft.method == "qlora":
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing,
+                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
+    if ft.method == "adalora":
+        # Rank budget: full (init_r) for the first 10% of steps, pruned towards r until the last 20%,
+        # then fixed. update_and_allocate runs after every optimizer step (engine.adalora_step).
+        tinit, tfinal = max(1, total_steps // 10), max(1, total_steps // 5)
+        if total_steps - tinit - tfinal < 1:
+            raise ConfigError(f"finetune.method=adalora needs more steps than {total_steps} to prune ranks")
+        config = peft.AdaLoraConfig(task_type=task_type, init_r=ft.init_r, target_r=ft.r, lora_alpha=ft.alpha,
+                                    lora_dropout=ft.dropout, target_modules=targets, total_step=total_steps,
+                                    tinit=tinit, tfinal=tfinal, deltaT=1)
+    else:
+        config = peft.LoraConfig(task_type=task_type, r=ft.r, lora_alpha=ft.alpha, lora_dropout=ft.dropout,
+                                 target_modules=targets)
+    return peft.get_peft_model(model, config)
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return type(model).__module__.startswith("peft")
+
+
+def trainable_params(model: torch.nn.Module) -> int:
+    return sum(numel(p) for p in model.parameters() if p.requires_grad)
 
 
 def register_sequence_parallel(model: torch.nn.Module, attention: str, sp: int, micro_batch: int, seq_len: int):
@@ -124,3 +227,31 @@ def describe(conf, n_total: int) -> str:
     shape = ", ".join(f"{k}={getattr(conf, k)}" for k in keys if hasattr(conf, k))
     return f"{conf.model_type} {n_total / 1e6:.2f}M params ({shape})"
 
+
+
+def save_hf_files(module: torch.nn.Module, tokenizer, out: Path, is_main: bool) -> None:
+    """Collective (a checkpoint's `write_extra`): the model's HF config and the tokenizer in
+    out/hf, and for a peft model its adapter in out/adapter as peft writes it. Under ZeRO-3 the
+    trainable (adapter) parameters are gathered first; they are small."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    peft_model = is_peft(module)
+    gather = peft_model and any(hasattr(p, "ds_id") for p in trainable)
+    if gather:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
+    else:
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+    with ctx:
+        if is_main and peft_model:
+            module.save_pretrained(str(out / "adapter"), safe_serialization=True)
+    if is_main:
+        import copy
+
+        conf = copy.deepcopy((module.get_base_model() if peft_model else module).config)
+        if hasattr(conf, "quantization_config"):
+            del conf.quantization_config  # QLoRA's 4-bit loading is a training choice, not the model's
+        conf.save_pretrained(str(out / "hf"))
+        tokenizer.save_pretrained(str(out / "hf"))

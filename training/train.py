@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, data, dist, engine as engine_lib, evaluate as evaluate_lib, metrics as metrics_lib, model as model_lib
+from . import tasks as tasks_lib
 from .config import Config, ConfigError, build_ds_config, dump_config, load_config
 
 
@@ -37,10 +38,12 @@ from .config import Config, ConfigError, build_ds_config, dump_config, load_conf
 class Plan:
     """What preflight established: everything a rank needs that could have failed on bad input."""
     runtime: dist.Runtime
-    data: data.PreparedData
+    data: data.PreparedData | None       # pretrain: packed token files
     hf_config: object
     ds_config: dict
     resume_from: Path | None
+    task: tasks_lib.TaskData | None = None  # sft / classification / ner: tokenized records
+    tokenizer_dir: Path | None = None
 
 
 def preflight(cfg: Config, world_size: int, log) -> Plan:
@@ -52,8 +55,25 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     ds_config = build_ds_config(cfg, world_size, runtime.precision)
-    prepared = data.prepare(cfg.data, log)
-    conf = model_lib.hf_config(cfg.model, prepared.vocab_size, prepared.eos_id)
+    meta = None
+    if cfg.model.init_from:
+        from .consolidate import source_meta
+
+        meta = source_meta(cfg.model.init_from)  # config + tokenizer; weights are consolidated in the ranks
+    prepared, task = None, None
+    if cfg.task == "pretrain":
+        data_cfg = cfg.data
+        if meta is not None and not cfg.data.tokenizer:
+            data_cfg = cfg.data.model_copy(update={"tokenizer": str(meta)})  # the model's own tokenizer
+        prepared = data.prepare(data_cfg, log)
+        conf = model_lib.hf_config(cfg.model, prepared.vocab_size, prepared.eos_id, meta)
+        tokenizer_dir = prepared.tokenizer_dir
+    else:
+        task = tasks_lib.prepare(cfg, meta, log)
+        conf = model_lib.hf_config(cfg.model, task.vocab_size, task.tokenizer.eos_token_id, meta, task.labels,
+                                   task.tokenizer.pad_token_id)
+        tokenizer_dir = None
+    model_lib.check_finetune(conf, cfg.task, cfg.finetune)
     sp = cfg.parallel.sequence
     heads, kv_heads = getattr(conf, "num_attention_heads", None), getattr(conf, "num_key_value_heads", None)
     if sp > 1 and heads is not None and (heads % sp or (kv_heads and kv_heads % sp and sp % kv_heads)):
@@ -62,8 +82,9 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
     max_pos = model_lib.max_positions(conf)
     if max_pos is not None and cfg.data.seq_len > max_pos:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the model's max positions ({max_pos})")
-    for split in (prepared.train_tokens, prepared.val_tokens):
-        data.PackedTokens(split, cfg.data.seq_len)  # enough tokens for one sequence of each split
+    if prepared is not None:
+        for split in (prepared.train_tokens, prepared.val_tokens):
+            data.PackedTokens(split, cfg.data.seq_len)  # enough tokens for one sequence of each split
     resume = None
     if cfg.checkpoint.resume == "auto":
         resume = checkpoint.find_latest(cfg.checkpoint_dir, log)
@@ -83,7 +104,7 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
                 # the run config's own DeepSpeed dict is untouched.
                 log.info(f"{resume} was written by {change}: resuming through a universal checkpoint")
                 ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    return Plan(runtime, prepared, conf, ds_config, resume)
+    return Plan(runtime, prepared, conf, ds_config, resume, task, tokenizer_dir)
 
 
 def seed_everything(seed: int) -> None:
@@ -93,22 +114,31 @@ def seed_everything(seed: int) -> None:
 
 
 def train_step(engine, train_data, micro_batches, device, layout: dist.Layout | None = None,
-               loss_scale: float = 1.0) -> float:
+               loss_scale: float = 1.0, adalora: engine_lib.AdaLoraStep | None = None) -> float:
     """One optimizer step over this rank's micro batches; returns the loss averaged over all ranks
     (SP chunks are equal-sized and TP peers compute the same loss, so this is the token-weighted
-    global mean in every layout)."""
+    global mean in every layout). Task data (dict inputs) average over the targets that count."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     for indices in micro_batches:
         inputs, targets = train_data.batch(indices)
-        positions = None
-        if layout is not None:
-            inputs, targets, positions = layout.chunk(inputs, targets)
-        logits = engine(input_ids=inputs.to(device),
-                        position_ids=positions.to(device) if positions is not None else None).logits
-        loss = evaluate_lib.token_loss(logits, targets.to(device))
+        if isinstance(inputs, dict):  # a fine-tuning task's batch: model kwargs, targets with -100
+            logits = engine(**{k: v.to(device) for k, v in inputs.items()}).logits
+            summed, count = tasks_lib.loss_sum(logits, targets.to(device))
+            loss = summed / max(count, 1)
+        else:
+            positions = None
+            if layout is not None:
+                inputs, targets, positions = layout.chunk(inputs, targets)
+            logits = engine(input_ids=inputs.to(device),
+                            position_ids=positions.to(device) if positions is not None else None).logits
+            loss = evaluate_lib.token_loss(logits, targets.to(device))
         # DeepSpeed scales by 1/accumulation and syncs at the boundary; loss_scale: engine.loss_scale
         engine.backward(loss * loss_scale if loss_scale != 1.0 else loss)
+        if adalora is not None:
+            adalora.before_step()
         engine.step()          # optimizer + scheduler step only at the accumulation boundary
+        if adalora is not None:
+            adalora.after_step()
         total += loss.detach().double()
     torch.distributed.all_reduce(total)
     return total.item() / (len(micro_batches) * torch.distributed.get_world_size())
@@ -127,6 +157,10 @@ def main(cfg: Config, report: Callable[[dict], None] | None = None) -> dict:
         dist.teardown()
 
 
+# The number a run's summary reports before -> after, per task.
+HEADLINE = {"pretrain": "eval/ppl", "sft": "eval/ppl", "classification": "eval/accuracy", "ner": "eval/entity_f1"}
+
+
 def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop: dist.StopRequest) -> dict:
     plan = preflight(cfg, d.world_size, log)
     if d.is_main:
@@ -137,33 +171,53 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     layout = dist.Layout(d.rank, d.world_size, cfg.parallel.sequence, cfg.parallel.tensor)
     accum = cfg.grad_accum(layout.dp_size)
     seq_len = cfg.data.seq_len
-    tokens_per_step = cfg.train.global_batch_size * seq_len
+    task = plan.task
+    if task is None:
+        train_data = data.PackedTokens(plan.data.train_tokens, seq_len)
+        val_data = data.PackedTokens(plan.data.val_tokens, seq_len)
+        tokens_per_step = cfg.train.global_batch_size * seq_len
+    else:
+        train_data, val_data = task.train, task.eval
+        # rows vary in length: throughput counts the mean row (padding excluded)
+        mean_row = float(np.mean([len(x) for x in getattr(train_data, "ids", None) or train_data.inputs]))
+        tokens_per_step = int(cfg.train.global_batch_size * mean_row)
 
     seed_everything(cfg.train.seed)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.runtime.precision]
+    source = None
+    if cfg.model.init_from:
+        from .consolidate import resolve_source
+
+        source = resolve_source(cfg.model.init_from)  # an lmforge checkpoint is consolidated once (file lock)
+        log.info(f"initialising from {source}")
     model = model_lib.build(cfg.model, plan.hf_config, plan.ds_config, plan.runtime.attention, dtype,
-                            cfg.train.activation_checkpointing)
+                            cfg.train.activation_checkpointing, cfg.task, source, cfg.finetune, total_steps)
     n_total, n_matmul = model_lib.count_params(model)
     log.info(f"model: {model_lib.describe(model.config, n_total)}")
+    if cfg.finetune.method != "full":
+        n_train = model_lib.trainable_params(model)
+        log.info(f"finetune: {cfg.finetune.method}, {n_train:,} trainable parameters ({100 * n_train / n_total:.2f}%)")
     engine = engine_lib.initialize(cfg, model, plan.ds_config, total_steps, log, plan.runtime.attention)
+    adalora = engine_lib.AdaLoraStep(engine) if cfg.finetune.method == "adalora" else None
     loss_scale = engine_lib.loss_scale(plan.ds_config, layout.sequence)
     log.info(f"parameters stored on rank 0: {model_lib.stored_params(engine.module):,} of {n_total:,}")
     log.info(f"optimizer: {type(engine.client_optimizer).__name__}, precision {plan.runtime.precision}, "
              f"activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
     groups = (f" = {layout.dp_size} data-parallel x {layout.sequence} sequence-parallel x {layout.tensor} "
               f"tensor-parallel" if layout.group > 1 else "")
-    log.info(f"ZeRO-{cfg.parallel.zero_stage}, {d.world_size} rank(s){groups}, micro batch "
+    log.info(f"task {cfg.task}, ZeRO-{cfg.parallel.zero_stage}, {d.world_size} rank(s){groups}, micro batch "
              f"{cfg.train.micro_batch_size} x accumulation {accum} x {layout.dp_size} = global batch "
              f"{cfg.train.global_batch_size} ({tokens_per_step} tokens/step), {total_steps} steps")
 
-    train_data = data.PackedTokens(plan.data.train_tokens, seq_len)
-    val_data = data.PackedTokens(plan.data.val_tokens, seq_len)
+    tokenizer = task.tokenizer if task is not None else data.load_tokenizer(plan.tokenizer_dir)
     # Ranks of one sequence/tensor-parallel group read the same sequences: shard by data-parallel rank.
     sampler = data.ShardedSampler(len(train_data), cfg.train.seed, layout.dp_rank, layout.dp_size,
                                   cfg.train.micro_batch_size, accum)
     eval_batches = data.eval_indices(len(val_data), cfg.eval.batches, cfg.train.micro_batch_size,
                                      layout.dp_rank, layout.dp_size)
-    step, tokens, ppl_before = 0, 0, None
+    headline = HEADLINE[cfg.task]
+    stopping = EarlyStopping(cfg) if cfg.eval.early_stopping.metric else None
+    step, tokens, before = 0, 0, None
     if plan.resume_from is not None:
         if checkpoint.layout_change(plan.resume_from, d.world_size) is not None:
             from . import universal  # only a resume on another layout needs it
@@ -171,8 +225,10 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
             client = universal.load(engine, plan.resume_from, cfg, d.rank, log)  # another world size
         else:
             client = checkpoint.load(engine, plan.resume_from, d.rank)
-        step, tokens, ppl_before = client["step"], client["tokens"], client.get("ppl_before")
+        step, tokens, before = client["step"], client["tokens"], client.get("before", client.get("ppl_before"))
         sampler.load_state_dict(client["sampler"])
+        if stopping is not None:
+            stopping.load_state_dict(client.get("early_stopping") or {})
         log.info(f"resumed from {plan.resume_from} at step {step}")
 
     metrics = metrics_lib.make_metrics(d.rank, cfg.tensorboard_dir, Path(cfg.run_dir) / "metrics.jsonl", cfg.to_yaml())
@@ -180,17 +236,27 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
                                         d.world_size, metrics_lib.peak_tflops(cfg.logging.peak_tflops))
 
     def do_eval() -> dict:
-        result = evaluate_lib.evaluate(engine, val_data, eval_batches, d.device, layout)
+        if task is None:
+            result = evaluate_lib.evaluate(engine, val_data, eval_batches, d.device, layout)
+        else:
+            result = tasks_lib.evaluate(engine, task, cfg, layout.dp_rank, layout.dp_size, d.device)
         metrics.log(step, result)
         return result
 
     def do_save() -> Path:
-        return checkpoint.save(engine, cfg, step, {"tokens": tokens, "sampler": sampler.state_dict(),
-                                                   "ppl_before": ppl_before}, d.rank, d.world_size, log)
+        client = {"tokens": tokens, "sampler": sampler.state_dict(), "before": before,
+                  "early_stopping": stopping.state_dict() if stopping else None}
+        return checkpoint.save(engine, cfg, step, client, d.rank, d.world_size, log,
+                               write_extra=lambda out: model_lib.save_hf_files(engine.module, tokenizer, out, d.is_main))
 
     if step == 0:
-        ppl_before = do_eval()["eval/ppl"]
-        log.info(f"held-out perplexity before training: {ppl_before:.2f}")
+        before = do_eval()[headline]
+        log.info(f"held-out {'perplexity' if headline == 'eval/ppl' else headline.split('/')[1]} before training: "
+                 f"{before:.4f}")
+    if stopping is not None and stopping.stopped:
+        log.info(f"{plan.resume_from} ended this run early (early stopping): nothing left to train")
+        return {"step": step, "tokens": tokens, "checkpoint": str(plan.resume_from), "early_stopped": True,
+                "best": stopping.best_tag}
 
     evals: dict[int, dict] = {}
     last_save, state_bytes = None, None
@@ -199,7 +265,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     while step < total_steps:
         lr = engine.get_lr()[0]
         t0 = time.perf_counter()
-        loss = train_step(engine, train_data, sampler.next_step(), d.device, layout, loss_scale)
+        loss = train_step(engine, train_data, sampler.next_step(), d.device, layout, loss_scale, adalora)
         step_time = time.perf_counter() - t0
         step += 1
         tokens += tokens_per_step
@@ -217,9 +283,29 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
                                "mem/peak_gib": metrics_lib.memory_gib(), **perf})
         if cfg.eval.interval and step % cfg.eval.interval == 0:
             evals[step] = do_eval()
-            log.info(f"step {step}: eval loss {evals[step]['eval/loss']:.4f} ppl {evals[step]['eval/ppl']:.2f}")
+            shown = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in evals[step].items())
+            log.info(f"step {step}: eval {shown}")
             report({"step": step, "train/loss": loss, **evals[step]})
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+            if stopping is not None:
+                verdict = stopping.update(step, evals[step])
+                if verdict == "improved":
+                    stopping.best_tag = f"step_{step}"  # before the save, so its client state names itself
+                    last_save = do_save() if last_save is None or last_save.name != f"step_{step}" else last_save
+                    if d.is_main:
+                        checkpoint.mark_best(cfg.checkpoint_dir, last_save.name, stopping.metric, stopping.best, step)
+                    log.info(f"best {stopping.metric} so far: {stopping.best:.4f} at step {step} ({last_save})")
+                elif verdict == "stop":
+                    bar.close()
+                    ckpt = last_save if last_save is not None and last_save.name == f"step_{step}" else do_save()
+                    metrics.close()
+                    log.warning(f"early stopping at step {step}: {stopping.metric} has not improved by more than "
+                                f"{cfg.eval.early_stopping.min_delta} for {stopping.bad} evaluations; best "
+                                f"{stopping.best:.4f} at {stopping.best_tag} (checkpoints/best.json)")
+                    report({"step": step, "early_stopped": 1})
+                    return {"step": step, "tokens": tokens, "checkpoint": str(ckpt), "early_stopped": True,
+                            "best": stopping.best_tag, "best_value": stopping.best}
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and (
+                last_save is None or last_save.name != f"step_{step}"):
             last_save = do_save()
         reason = stop.agreed(d.device)
         if reason is not None and step < total_steps:
@@ -249,12 +335,50 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
         ckpt = do_save()
     stop.clear()  # a request that came after the last step is void, not a reason to stop the next run
     metrics.close()
-    log.info(f"held-out perplexity: {ppl_before:.2f} before -> {final['eval/ppl']:.2f} after "
+    name, fmt = ("perplexity", ".2f") if headline == "eval/ppl" else (headline.split("/")[1], ".4f")
+    log.info(f"held-out {name}: {before:{fmt}} before -> {final[headline]:{fmt}} after "
              f"({step} steps, {tokens:,} tokens)")
     log.info(f"checkpoint: {ckpt}")
     log.info(f"tensorboard --logdir {cfg.tensorboard_dir}")
-    return {"step": step, "tokens": tokens, "ppl_before": ppl_before, "ppl_after": final["eval/ppl"],
-            "checkpoint": str(ckpt)}
+    out = {"step": step, "tokens": tokens, "before": before, "after": final[headline], "checkpoint": str(ckpt),
+           "metrics": final}
+    if headline == "eval/ppl":
+        out.update(ppl_before=before, ppl_after=final[headline])
+    return out
+
+
+class EarlyStopping:
+    """eval.early_stopping: patience counted in evaluations; its state rides in checkpoints."""
+
+    def __init__(self, cfg: Config):
+        es = cfg.eval.early_stopping
+        self.metric, self.patience, self.min_delta = es.metric, es.patience, es.min_delta
+        self.minimize = es.minimize()
+        self.best: float | None = None
+        self.best_tag: str | None = None
+        self.bad = 0
+        self.stopped = False
+
+    def update(self, step: int, result: dict) -> str:
+        """'improved', 'worse' or 'stop' after an evaluation."""
+        value = result[self.metric]
+        better = self.best is None or (value < self.best - self.min_delta if self.minimize
+                                       else value > self.best + self.min_delta)
+        if better:
+            self.best, self.bad = value, 0
+            return "improved"
+        self.bad += 1
+        if self.bad >= self.patience:
+            self.stopped = True
+            return "stop"
+        return "worse"
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_tag": self.best_tag, "bad": self.bad, "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_tag = state.get("best"), state.get("best_tag")
+        self.bad, self.stopped = int(state.get("bad", 0)), bool(state.get("stopped", False))
 
 
 def cli(argv: list[str] | None = None) -> int:

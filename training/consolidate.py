@@ -1,0 +1,168 @@
+"""Consolidate an lmforge checkpoint (ZeRO 1/2/3, any world size) into a Hugging Face model
+directory: safetensors weights, config and tokenizer; LoRA/QLoRA/AdaLoRA adapters merged.
+
+    lmforge export runs/debug --out /tmp/debug-hf         # the newest checkpoint of a run
+    python -m lmforge.training.consolidate runs/debug/checkpoints/step_30 /tmp/step30-hf
+
+Full weights come from DeepSpeed's own `zero_to_fp32` (the fp32 master weights, gathered from
+every rank's optimizer partition). An adapter run saves only its adapter (and task head) in the
+checkpoint, as peft writes it (`adapter/`), so its consolidation is: the base model the run
+started from (model.init_from) + the adapter, merged with peft's `merge_and_unload`.
+
+`model.init_from` may name an lmforge run or checkpoint: it is consolidated once into
+`step_N_hf/` beside the checkpoint (under a file lock, so every rank may ask; reused while the
+checkpoint is unchanged, pruned with it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from . import checkpoint, model as model_lib
+from .config import Config, ConfigError, yaml_load
+
+HF_SUFFIX = "_hf"
+
+
+def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
+    """A run directory, its checkpoints/ directory or a step_N directory → a verified step_N.
+    which: latest (newest complete) or best (the one early stopping marked)."""
+    p = Path(path).expanduser()
+    if (p / "manifest.json").is_file() or p.name.startswith("step_"):
+        problem = checkpoint.verify(p)
+        if problem:
+            raise ConfigError(f"{p} is not a complete lmforge checkpoint: {problem}")
+        return p
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    if which == "best":
+        best = checkpoint.read_best(root)
+        if best is None:
+            raise ConfigError(f"{root} has no best checkpoint (no eval.early_stopping.metric in that run)")
+        return root / best["tag"]
+
+    class _Quiet:
+        def warning(self, msg):
+            print(f"lmforge: {msg}", file=sys.stderr)
+
+    found = checkpoint.find_latest(root, _Quiet())
+    if found is None:
+        raise ConfigError(f"{p}: no complete lmforge checkpoint (expected a run directory, its checkpoints/ "
+                          "or a step_N directory)")
+    return found
+
+
+def saved_config(ckpt: Path) -> Config:
+    return Config.model_validate(yaml_load((ckpt / "config.yaml").read_text()))
+
+
+def _source_id(ckpt: Path) -> str:
+    return hashlib.sha256((ckpt / "manifest.json").read_bytes()).hexdigest()
+
+
+def source_meta(init_from: str | Path) -> Path:
+    """model.init_from → a directory with its HF config.json and tokenizer, without consolidating
+    any weights (preflight runs in launchers too): the HF directory itself, or a checkpoint's hf/."""
+    p = Path(init_from).expanduser()
+    if (p / "config.json").is_file():
+        return p
+    if not p.exists():
+        raise ConfigError(f"model.init_from: {p} does not exist")
+    meta = find_checkpoint(p) / "hf"
+    if not (meta / "config.json").is_file():
+        raise ConfigError(f"model.init_from: {meta.parent} has no hf/config.json (an lmforge checkpoint from before "
+                          "export support); resume that run for one more checkpoint")
+    return meta
+
+
+def resolve_source(init_from: str | Path) -> Path:
+    """model.init_from → a Hugging Face directory with weights (consolidating a checkpoint once)."""
+    p = Path(init_from).expanduser()
+    if (p / "config.json").is_file():
+        return p
+    if not p.exists():
+        raise ConfigError(f"model.init_from: {p} does not exist")
+    ckpt = find_checkpoint(p)
+    out = ckpt.with_name(ckpt.name + HF_SUFFIX)
+    with FileLock(str(out) + ".lock"):
+        stamp = out / "lmforge_source.json"
+        if not (stamp.is_file() and json.loads(stamp.read_text()).get("source") == _source_id(ckpt)):
+            tmp = out.with_name(".tmp_" + out.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+            to_hf(ckpt, tmp)
+            (tmp / "lmforge_source.json").write_text(json.dumps({"source": _source_id(ckpt), "checkpoint": str(ckpt)}))
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+    return out
+
+
+def load_merged(ckpt: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The checkpoint's model in memory (CPU, eval mode), adapters merged."""
+    from transformers import AutoConfig
+
+    cfg = saved_config(ckpt)
+    meta = ckpt / "hf"
+    if not (meta / "config.json").is_file():
+        raise ConfigError(f"{ckpt} has no hf/config.json (written by lmforge before export support); "
+                          "resume the run for one more checkpoint to export it")
+    conf = AutoConfig.from_pretrained(str(meta), local_files_only=True)
+    cls = model_lib.auto_class(cfg.task)
+    if (ckpt / "adapter").is_dir():
+        from peft import PeftModel
+
+        if not cfg.model.init_from and not cfg.model.path:
+            raise ConfigError(f"{ckpt} holds an adapter but its config names no base model")
+        base_dir = resolve_source(cfg.model.init_from) if cfg.model.init_from else Path(cfg.model.path).expanduser()
+        base = cls.from_pretrained(str(base_dir), config=conf, dtype=dtype, local_files_only=True)
+        model = PeftModel.from_pretrained(base, str(ckpt / "adapter")).merge_and_unload()
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        model = cls.from_config(conf, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(conf, "tie_word_embeddings", False)}
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"{ckpt}: consolidated weights do not fit the model (missing "
+                               f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        model.tie_weights()
+        model = model.to(dtype)
+    model.config.use_cache = True
+    return model.eval()
+
+
+def to_hf(ckpt: Path, out: Path, max_shard_size: str = "2GB", dtype: torch.dtype = torch.float32) -> Path:
+    """Write the checkpoint as a Hugging Face directory: save_pretrained (safetensors) + tokenizer."""
+    from transformers import AutoTokenizer
+
+    model = load_merged(ckpt, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+    AutoTokenizer.from_pretrained(str(ckpt / "hf"), local_files_only=True).save_pretrained(str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmforge.training.consolidate", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="run directory, checkpoints/ or step_N")
+    parser.add_argument("out", help="output Hugging Face directory")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = find_checkpoint(args.checkpoint)
+        print(to_hf(ckpt, Path(args.out)))
+    except ConfigError as e:
+        print(f"lmforge: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
