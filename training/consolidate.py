@@ -145,7 +145,7 @@ def to_hf(ckpt: Path, out: Path, max_shard_size: str = "2GB", dtype: torch.dtype
 
     model = load_merged(ckpt, dtype)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size, is_main_process=True)
     AutoTokenizer.from_pretrained(str(ckpt / "hf"), local_files_only=True).save_pretrained(str(out))
     return out
 

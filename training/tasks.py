@@ -8,8 +8,9 @@ batches, plus each task's evaluation metrics.
                   chat template (the tokenizer's, data.chat_template, or BUILTIN_CHAT_TEMPLATE); the
                   loss is on assistant tokens only. With data.packing several records share one row:
                   position_ids restart at every record, which transformers turns into a
-                  block-diagonal causal mask (attention never crosses a record), and the target that
-                  would predict the next record's first token is masked.
+                  block-diagonal causal mask (attention never crosses a record; it does so only
+                  without a KV cache, hence model.build's use_cache=False), and each record's
+                  targets are its own, so no loss predicts the next record's first token.
   classification  `text` + `label`; AutoModelForSequenceClassification (encoder or decoder models).
   ner             `tokens` (words) + `tags` (BIO per word); AutoModelForTokenClassification; each
                   word's label sits on its first sub-word token, the others are ignored (-100).
@@ -318,6 +319,8 @@ def render(tok, template: str, messages: list[dict]) -> tuple[str, list[tuple[in
         if not full.startswith(head) or not full[start:end].count(str(m["content"])):
             raise ConfigError("sft: the chat template does not render conversations prefix by prefix, so the "
                               "assistant tokens cannot be located; set data.chat_template")
+        while end > start and full[end - 1].isspace():
+            end -= 1  # the separator after a turn is the template's, not the answer's
         spans.append((start, end))
     return full, spans
 

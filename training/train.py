@@ -188,7 +188,12 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     if cfg.model.init_from:
         from .consolidate import resolve_source
 
-        source = resolve_source(cfg.model.init_from)  # an lmforge checkpoint is consolidated once (file lock)
+        # An lmforge checkpoint is consolidated once, by rank 0 (transformers' save_pretrained
+        # writes weights only on the main process of an initialised process group); then reused.
+        if d.is_main:
+            resolve_source(cfg.model.init_from)
+        torch.distributed.barrier()
+        source = resolve_source(cfg.model.init_from)
         log.info(f"initialising from {source}")
     model = model_lib.build(cfg.model, plan.hf_config, plan.ds_config, plan.runtime.attention, dtype,
                             cfg.train.activation_checkpointing, cfg.task, source, cfg.finetune, total_steps)

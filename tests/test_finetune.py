@@ -1,0 +1,281 @@
+"""Fine-tuning tasks on real DeepSpeed, peft and datasets: LoRA under ZeRO-3 on 2 gloo ranks
+(adapter reload and merge), QLoRA / AdaLoRA under ZeRO-2, classification and NER on the embedded
+stdlib tasks against their baselines, SFT loss masking and packing, early stopping, and the bad
+inputs that must fail before training."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEBUG, REPO, debug_overrides, lmforge, losses
+
+CONFIGS = REPO / "configs"
+LOG = logging.getLogger("test")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def evals(run_dir: Path) -> dict[int, dict]:
+    return {m["step"]: m for m in metrics(run_dir) if any(k.startswith("eval/") for k in m)}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, data_cache) -> Path:
+    """A pretrained base model to fine-tune: the debug recipe, 20 steps, 1 rank."""
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, "train.steps=20", "checkpoint.interval=0",
+                                             "eval.interval=0"), "--nproc", "1")
+    return run_dir
+
+
+def sft_args(run_dir: Path, cache: Path, base: Path, *extra: str) -> list:
+    return [CONFIGS / "sft.yaml", *debug_overrides(run_dir, cache, f"model.init_from={base}", "eval.generate=0",
+                                                   "data.seq_len=128", *extra)]
+
+
+def eval_loss_outside(run_dir: Path, model) -> float:
+    """The run's eval loss recomputed in this process on the run's own eval rows, with `model`."""
+    from lmforge.training import consolidate, tasks
+
+    cfg = consolidate.saved_config(consolidate.find_checkpoint(run_dir))
+    meta = consolidate.source_meta(cfg.model.init_from)
+    task = tasks.prepare(cfg, meta, LOG)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(task.eval), 8):
+            inputs, targets = task.eval.batch(list(range(i, min(i + 8, len(task.eval)))))
+            s, n = tasks.loss_sum(model(**inputs).logits, targets)
+            total, count = total + s.item(), count + n
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def lora_zero3(tmp_path_factory, data_cache, base) -> Path:
+    run_dir = tmp_path_factory.mktemp("lora") / "run"
+    lmforge("train", *sft_args(run_dir, data_cache, base, "finetune.method=lora", "parallel.zero_stage=3",
+                               "train.steps=16", "train.lr=1e-2", "eval.interval=0", "checkpoint.interval=0",
+                               "eval.early_stopping.metric=null"), "--nproc", "2")
+    return run_dir
+
+
+def test_lora_zero3_trains_only_adapters(lora_zero3):
+    ls = losses(lora_zero3)
+    assert np.mean([ls[s] for s in (14, 15, 16)]) < np.mean([ls[s] for s in (1, 2, 3)]) - 0.05, ls
+    ckpt = lora_zero3 / "checkpoints" / "step_16"
+    # The DeepSpeed files hold only what trains: adapter weights (the frozen base is init_from's).
+    states = torch.load(ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    names = [n for group in states["param_shapes"] for n in group] + list(states["module"] or {})
+    assert names and all("lora_" in n for n in names), names[:5]
+    from safetensors.torch import load_file
+
+    adapter = load_file(ckpt / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: every adapter moved
+
+
+def test_lora_adapter_reloads_and_merges(lora_zero3):
+    """peft reload of the saved adapter reproduces the run's own final eval loss (computed by the
+    training engine on 2 ZeRO-3 ranks); the merged export gives the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.training import consolidate
+
+    ckpt = consolidate.find_checkpoint(lora_zero3)
+    cfg = consolidate.saved_config(ckpt)
+    base_dir = consolidate.resolve_source(cfg.model.init_from)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), ckpt / "adapter").eval()
+    ran = evals(lora_zero3)[16]["eval/loss"]
+    assert abs(eval_loss_outside(lora_zero3, peft_model) - ran) < 1e-5
+    out = consolidate.to_hf(ckpt, lora_zero3.parent / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 500, (2, 32))
+    with torch.no_grad():
+        diff = (merged(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-4, diff
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["qlora", "adalora"])
+def test_qlora_and_adalora_zero2(tmp_path, data_cache, base, method):
+    run_dir = tmp_path / "run"
+    lmforge("train", *sft_args(run_dir, data_cache, base, f"finetune.method={method}", "parallel.zero_stage=2",
+                               "train.steps=20", "train.lr=1e-2", "eval.interval=0", "checkpoint.interval=0",
+                               "eval.early_stopping.metric=null"), "--nproc", "2")
+    ev = evals(run_dir)  # held-out loss of the responses, before and after (batch losses are noisy)
+    assert ev[20]["eval/loss"] < ev[0]["eval/loss"] - 0.005, ev  # adapters start as a no-op: any fall is learning
+    adapter = run_dir / "checkpoints" / "step_20" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if method == "adalora":  # ranks were pruned: peft saves only the kept singular values (rank_pattern)
+        from safetensors.torch import load_file
+
+        e = [v for k, v in load_file(adapter / "adapter_model.safetensors").items() if "lora_E" in k]
+        kept = sum(int(v.shape[0]) for v in e)
+        assert config["rank_pattern"] and 0 < kept < config["init_r"] * len(e), (kept, len(e))
+    from lmforge.training import consolidate
+
+    assert type(consolidate.load_merged(run_dir / "checkpoints" / "step_20")).__name__ == "LlamaForCausalLM"
+
+
+def test_classification_beats_majority_baseline(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    proc = lmforge("train", CONFIGS / "classification.yaml",
+                   *debug_overrides(run_dir, data_cache, "train.steps=80", "eval.interval=40",
+                                    "checkpoint.interval=40"), "--nproc", "2")
+    final = evals(run_dir)[80]
+    assert final["eval/accuracy"] > final["eval/majority_baseline"] + 0.3, final
+    assert final["eval/macro_f1"] > 0.4, final
+    assert "held-out accuracy:" in proc.stderr
+
+
+def test_ner_beats_all_outside_baseline(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    lmforge("train", CONFIGS / "ner.yaml", *debug_overrides(run_dir, data_cache, "train.steps=40", "eval.interval=40",
+                                                            "checkpoint.interval=40"), "--nproc", "1")
+    final = evals(run_dir)[40]
+    # tagging everything O (the majority tag) scores entity F1 0
+    assert final["eval/entity_f1"] > 0.6 and final["eval/token_accuracy"] > 0.8, final
+
+
+def test_early_stopping_stops_and_keeps_the_best(tmp_path, data_cache):
+    """lr ~0: the metric plateaus, so the first evaluation is the best and `patience` evaluations
+    later the run stops; the best checkpoint survives checkpoint.keep=1 and a rerun does nothing."""
+    run_dir = tmp_path / "run"
+    args = [CONFIGS / "classification.yaml",
+            *debug_overrides(run_dir, data_cache, "train.steps=100", "train.lr=1e-12", "train.warmup=0",
+                             "eval.interval=5", "checkpoint.interval=0", "checkpoint.keep=1",
+                             "eval.early_stopping.metric=eval/accuracy", "eval.early_stopping.patience=2",
+                             "eval.early_stopping.min_delta=0.01"), "--nproc", "1"]
+    proc = lmforge("train", *args)
+    assert max(losses(run_dir)) == 15, "stops at the 2nd evaluation without improvement: step 15"
+    assert "early stopping at step 15" in proc.stderr
+    ckpts = run_dir / "checkpoints"
+    assert json.loads((ckpts / "best.json").read_text())["tag"] == "step_5"
+    assert (ckpts / "step_5" / "manifest.json").is_file() and (ckpts / "step_15" / "manifest.json").is_file()
+    again = lmforge("train", *args)
+    assert "nothing left to train" in again.stderr and max(losses(run_dir)) == 15
+
+
+# --------------------------------------------------------------------------- SFT data, no ranks
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    import datasets
+
+    from lmforge.training.data import _train_tokenizer
+
+    text = [p.read_text() for p in sorted((Path(json.__file__).parent).glob("*.py"))]
+    return _train_tokenizer(datasets.Dataset.from_dict({"text": text}), 400, tmp_path_factory.mktemp("tok"))
+
+
+def test_sft_loss_only_on_response_tokens(tokenizer):
+    from lmforge.training.tasks import BUILTIN_CHAT_TEMPLATE, sft_tokens
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is json?"},
+            {"role": "assistant", "content": "A data format."}, {"role": "user", "content": "And yaml?"},
+            {"role": "assistant", "content": "Another one."}]
+    ids, trainable = sft_tokens(tokenizer, BUILTIN_CHAT_TEMPLATE, msgs)
+    # the trained tokens are exactly the two answers, each with its EOS
+    runs, cur = [], []
+    for i, t in zip(ids, trainable):
+        if t:
+            cur.append(int(i))
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    eos = tokenizer.eos_token
+    assert [tokenizer.decode(r) for r in runs] == [f"A data format.{eos}", f"Another one.{eos}"]
+
+
+def test_sft_packing_keeps_records_apart(tokenizer):
+    """Two records packed in one row give the same logits as each record alone, and no target
+    crosses from one record into the next."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmforge.training import tasks
+    from lmforge.training.config import load_config
+
+    records = [{"prompt": "Summarise json.dumps.", "response": "Serialize obj to a JSON formatted str."},
+               {"prompt": "Summarise json.loads.", "response": "Deserialize s to a Python object."}]
+    cfg = load_config(CONFIGS / "sft.yaml", ["data.seq_len=128"])
+    packed = tasks._sft(cfg, tokenizer, records, LOG)
+    single = tasks._sft(cfg.model_copy(update={"data": cfg.data.model_copy(update={"packing": False})}),
+                        tokenizer, records, LOG)
+    assert len(packed) == 1 and len(single) == 2
+    torch.manual_seed(0)
+    conf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    # use_cache=False as in training (model.build): transformers only applies the packed-sequence
+    # mask when there is no KV cache
+    model = LlamaForCausalLM._from_config(conf, attn_implementation="sdpa").eval()
+    inputs, targets = packed.batch([0])
+    n0 = len(single.inputs[0])
+    assert inputs["position_ids"][0, n0].item() == 0  # positions restart at the second record
+    with torch.no_grad():
+        together = model(**inputs).logits[0]
+        for k, offset in ((0, 0), (1, n0)):
+            alone_in, _ = single.batch([k])
+            alone = model(**alone_in).logits[0]
+            assert (together[offset:offset + alone.shape[0]] - alone).abs().max() < 1e-5
+    assert torch.equal(targets[0, :n0], torch.from_numpy(single.targets[0]))
+
+
+# --------------------------------------------------------------------------- bad input, before training
+
+def _preflight(tmp_path: Path, cache: Path, config: Path, *overrides: str) -> str:
+    from lmforge.training.config import ConfigError, load_config
+    from lmforge.training.train import preflight
+
+    with pytest.raises(ConfigError) as err:
+        preflight(load_config(config, [f"run_dir={tmp_path / 'run'}", f"data.cache_dir={cache}", *overrides]), 1, LOG)
+    return str(err.value)
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_bad_task_inputs_fail_before_training(tmp_path, data_cache, base):
+    cls = CONFIGS / "classification.yaml"
+    train = _jsonl(tmp_path / "train.jsonl", [{"text": f"x = {i}", "label": "a" if i % 2 else "b"} for i in range(40)])
+    unseen = _jsonl(tmp_path / "eval.jsonl", [{"text": "y = 1", "label": "c"}])
+    assert "never has" in _preflight(tmp_path, data_cache, cls, f"data.paths=[{train}]", f"data.eval_paths=[{unseen}]")
+    no_label = _jsonl(tmp_path / "nolabel.jsonl", [{"text": "y = 1", "category": "a"}] * 10)
+    msg = _preflight(tmp_path, data_cache, cls, f"data.paths=[{no_label}]", "data.eval_paths=[]")
+    assert "'label'" in msg and "category" in msg
+    sft = CONFIGS / "sft.yaml"
+    no_response = _jsonl(tmp_path / "sft.jsonl", [{"prompt": "hi", "response": ""}] * 10)
+    assert "non-empty" in _preflight(tmp_path, data_cache, sft, f"model.init_from={base}",
+                                     f"data.paths=[{no_response}]", "data.eval_paths=[]")
+    good = _jsonl(tmp_path / "sft_ok.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(20)])
+    broken = tmp_path / "template.jinja"
+    broken.write_text("{% for m in messages %}{{ m['text'].upper() }}{% endfor %}")
+    assert "cannot render" in _preflight(tmp_path, data_cache, sft, f"model.init_from={base}", f"data.paths=[{good}]",
+                                         "data.eval_paths=[]", f"data.chat_template={broken}")
+    msg = _preflight(tmp_path, data_cache, sft, f"model.init_from={base}", f"data.paths=[{good}]",
+                     "data.eval_paths=[]", "finetune.method=lora", "finetune.target_modules=[query_key_value]")
+    assert "match no linear layer" in msg and "q_proj" in msg
+
+
+def test_bad_finetune_combinations_are_config_errors():
+    from lmforge.training.config import ConfigError, load_config
+
+    for overrides, words in ((["finetune.method=lora"], "model.init_from"),
+                             (["model.init_from=/x", "finetune.method=qlora", "parallel.zero_stage=3"], "ZeRO-3"),
+                             (["model.init_from=/x", "finetune.method=adalora", "parallel.zero_stage=3"], "zero_stage 1 or 2"),
+                             (["task=ner", "parallel.tensor=2"], "data-parallel only"),
+                             (["task=classification", "eval.early_stopping.metric=eval/bleu"], "eval/accuracy")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(DEBUG, overrides)
