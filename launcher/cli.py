@@ -7,6 +7,7 @@
     lmforge config configs/debug.yaml train.lr=1e-3 [--nproc N]    # resolved tree + DeepSpeed JSON
     lmforge prepare configs/demo.yaml                               # build the tokenizer + token cache
     lmforge plan configs/pretrain_7b.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB [--json]
+    lmforge export runs/debug --out exports/debug [--which latest|best] [--max-shard-size 2GB]
 
 Every command validates the whole config first; a bad key or value prints one line naming it and
 exits 2 before any rank starts. The driver never imports DeepSpeed: ranks do, in
@@ -76,6 +77,15 @@ def cmd_prepare(args) -> int:
     from lmforge.training.dist import get_logger
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.task != "pretrain":  # records → tokenized examples (checks labels, template, columns)
+        from lmforge.training import tasks
+        from lmforge.training.consolidate import source_meta
+
+        with _stdout_to_stderr():
+            task = tasks.prepare(cfg, source_meta(cfg.model.init_from) if cfg.model.init_from else None, get_logger(0))
+        print(json.dumps({"task": cfg.task, "train_rows": len(task.train), "eval_rows": len(task.eval),
+                          "labels": task.labels, "vocab_size": task.vocab_size}, indent=1))
+        return 0
     with _stdout_to_stderr():  # the tokenizer trainer prints progress on fd 1; stdout stays JSON
         prepared = data.prepare(cfg.data, get_logger(0))
     print(json.dumps({"tokenizer": str(prepared.tokenizer_dir), "train": str(prepared.train_tokens),
@@ -126,6 +136,15 @@ def cmd_plan(args) -> int:
         print(json.dumps(plan.plan_dict(est, rec), indent=1))
     else:
         print(plan.format_table(est, rec))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lmforge.tools.export import export
+
+    with _stdout_to_stderr():
+        out = export(args.path, args.out, args.which, args.max_shard_size, args.overwrite)
+    print(out)
     return 0
 
 
@@ -182,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default: data.tokenizer's, else data.vocab_size)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("export", help="a run or checkpoint -> a Hugging Face directory (safetensors, adapters merged)")
+    p.add_argument("path", help="run directory, its checkpoints/ or a step_N checkpoint")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--which", choices=["latest", "best"], default="latest",
+                   help="with a run directory: newest checkpoint, or the early-stopping best")
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (transformers' save_pretrained)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_export, overrides=[])
     return parser
 
 

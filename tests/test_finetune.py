@@ -135,6 +135,22 @@ def test_classification_beats_majority_baseline(tmp_path, data_cache):
     assert final["eval/accuracy"] > final["eval/majority_baseline"] + 0.3, final
     assert final["eval/macro_f1"] > 0.4, final
     assert "held-out accuracy:" in proc.stderr
+    # `lmforge export --which best` → a plain transformers classifier with the run's own accuracy
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    out = Path(lmforge("export", run_dir, "--out", tmp_path / "export", "--which", "best").stdout.strip())
+    assert "eval/accuracy" in (out / "README.md").read_text()
+    from transformers import AutoModelForSequenceClassification
+
+    from lmforge.training import consolidate, tasks
+
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    cfg = consolidate.saved_config(run_dir / "checkpoints" / best["tag"])
+    task = tasks.prepare(cfg, None, LOG)
+    with torch.no_grad():
+        preds = [model(**task.eval.batch([i])[0]).logits.argmax(-1).item() for i in range(len(task.eval))]
+    accuracy = float(np.mean(np.array(preds) == task.eval.labels))
+    assert model.config.id2label[0] == task.labels[0]
+    assert abs(accuracy - evals(run_dir)[best["step"]]["eval/accuracy"]) < 1e-9
 
 
 def test_ner_beats_all_outside_baseline(tmp_path, data_cache):
