@@ -345,11 +345,17 @@ def estimate(cfg: Config, world_size: int | None = None, nodes: int = 1, gpus_pe
         hw = hardware(cfg, nodes, gpus_per_node, gpu_memory, gpu, peak_tflops, mfu, runtime_overhead)
     lay = layout or layout_of(cfg)
     notes: list[str] = []
+    source = None
+    if cfg.model.init_from:
+        from .consolidate import source_meta  # reads config.json only: no weights, no DeepSpeed
+
+        source = source_meta(cfg.model.init_from)
+        vocab_size = vocab_size or 0  # the model's own embedding size counts
     if vocab_size is None:
         vocab_size, note = resolve_vocab(cfg)
         if note and not cfg.model.path:  # a model.path brings its own vocabulary
             notes.append(note)
-    conf = hf_config(cfg.model, vocab_size, 0)
+    conf = hf_config(cfg.model, vocab_size, 0, source)
     shape = model_shape(conf)
     seq = cfg.data.seq_len
     max_pos = max_positions(conf)
@@ -469,7 +475,7 @@ def recommend(cfg: Config, hw: Hardware, vocab_size: int | None = None) -> Estim
     """The first candidate layout whose per-rank total fits the capacity; None if none does."""
     if hw.capacity is None:
         return None
-    vocab = vocab_size or resolve_vocab(cfg)[0]
+    vocab = vocab_size or (0 if cfg.model.init_from else resolve_vocab(cfg)[0])  # init_from: the model's own
     for lay in candidate_layouts(cfg, hw):
         est = estimate(cfg, layout=lay, vocab_size=vocab, hw=hw)
         if est.fits:
