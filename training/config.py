@@ -332,11 +332,12 @@ PATH_KEYS = ("run_dir", "model.path", "data.tokenizer", "data.cache_dir", "paral
              "checkpoint.dir", "logging.dir", "slurm.template")
 
 # Keys whose change makes an existing checkpoint a different run (model shape, tokens it saw,
-# optimizer state layout). lr, steps, intervals and logging may change on resume.
+# optimizer state layout). lr, steps, intervals and logging may change on resume; so may the
+# parallel layout (ZeRO stage, TP/SP degree, like the world size), which checkpoint.layout_change
+# reports and universal.py resumes through DeepSpeed's universal format.
 COMPAT_KEYS = ("model", "data.paths", "data.format", "data.text_field", "data.tokenizer", "data.vocab_size",
                "data.seq_len", "data.holdout", "data.min_doc_chars", "train.global_batch_size",
-               "train.optimizer", "train.seed", "parallel.zero_stage", "parallel.tensor",
-               "parallel.sequence")
+               "train.optimizer", "train.seed")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -45,6 +45,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 from argparse import Namespace
 from pathlib import Path
@@ -226,6 +227,86 @@ def requantize_bnb_state(optimizer, zero_optimizer=None) -> int:
 
 # --------------------------------------------------------------------------- conversion
 
+_STATE_FILES = ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt")
+_ZERO3_MODEL_STATES = re.compile(r"^zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt$")
+_ZERO12_MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the same bytes under the name the other ZeRO stages look for
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _first_step(inner_state: dict):
+    for entry in inner_state.values():
+        entry = _bnb_state(entry) if is_bnb_state(entry) else entry
+        if isinstance(entry, dict) and "step" in entry:
+            return entry["step"]
+    raise ValueError("the optimizer state records no step")
+
+
+def make_stage_neutral(out: Path, ckpt: Path) -> None:
+    """Complete DeepSpeed's conversion `out` of `ckpt` so that every ZeRO stage loads it, not only
+    the one that wrote it. DeepSpeed's two universal loaders want different files:
+
+      ZeRO-1/2 (base_optimizer.load_hp_checkpoint_state_from_checkpoint_dir): mp_rank_XX_model_states.pt;
+        per parameter zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt as {"param": tensor} plus a step.pt;
+        zero/optimizer_state.pt with ds_version and param_groups at the top level.
+      ZeRO-3 (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3): zero_pp_rank_0_mp_rank_XX_model_states.pt;
+        the per-parameter states as a tensor or {"param": tensor}; the step and param groups from
+        zero/optimizer_state.pt's optimizer_state_dict.
+
+    A ZeRO-3 conversion writes bare flat tensors and no step.pt; a ZeRO-1/2 one has no
+    optimizer_state_dict. Both loaders take the weights from zero/ (never from the model-states
+    file, which only supplies the scheduler, the step counters and the source's mp degree), so the
+    missing model-states name is a hard link to the present one."""
+    from deepspeed import __version__ as ds_version
+    from deepspeed.checkpoint.constants import DS_VERSION, FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, PARAM, PARAM_SHAPES
+
+    names = [f.name for f in out.iterdir()]
+    zero3 = {m.group(1): n for n in names if (m := _ZERO3_MODEL_STATES.match(n))}
+    zero12 = {m.group(1): n for n in names if (m := _ZERO12_MODEL_STATES.match(n))}
+    for mp, name in zero3.items():
+        if mp not in zero12:
+            _link(out / name, out / f"mp_rank_{mp}_model_states.pt")
+    for mp, name in zero12.items():
+        if mp not in zero3:
+            _link(out / name, out / f"zero_pp_rank_0_mp_rank_{mp}_model_states.pt")
+
+    zero = out / "zero"
+    optim = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    if OPTIMIZER_STATE_DICT in optim:  # a ZeRO-3 source: its rank 0's whole optimizer state, keep only the step
+        inner = optim[OPTIMIZER_STATE_DICT]
+        step = _first_step(inner["state"])
+        inner["state"] = {0: {"step": step}}
+        optim.pop(FP32_FLAT_GROUPS, None)
+    else:  # a ZeRO-1/2 source
+        src = torch.load(next(iter(sorted(ckpt.glob("*_optim_states.pt")))), map_location="cpu", weights_only=False)
+        step = _first_step(_inner_optimizer_state(src)["state"])
+        optim[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": optim["param_groups"]}
+    optim.setdefault(DS_VERSION, ds_version)
+    torch.save(optim, zero / "optimizer_state.pt")
+
+    shapes: dict[str, torch.Size] = {}
+    if zero3:  # a ZeRO-3 source's flat states get their parameter's shape (an AutoTP target slices by it)
+        states = torch.load(out / zero3[min(zero3)], map_location="cpu", weights_only=False)
+        for group in states[PARAM_SHAPES]:
+            shapes.update(group)
+    for folder in sorted(d for d in zero.iterdir() if d.is_dir()):
+        for f in _STATE_FILES:
+            path = folder / f
+            if not path.is_file():
+                continue
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if torch.is_tensor(state):
+                shape = shapes.get(folder.name)
+                torch.save({PARAM: state.view(shape) if shape is not None else state}, path)
+        if (folder / "fp32.pt").is_file() and not (folder / "step.pt").is_file():
+            torch.save(step, folder / "step.pt")
+
+
 def convert(ckpt: Path, log) -> Path:
     """Convert lmforge checkpoint `ckpt` (step_N) to DeepSpeed's universal format in
     step_N_universal (reused if already converted from this very checkpoint). Single process."""
@@ -257,6 +338,7 @@ def convert(ckpt: Path, log) -> Path:
     finally:
         if scratch.exists():
             shutil.rmtree(scratch)
+    make_stage_neutral(tmp, ckpt)
     for name in ("client.json", "config.yaml"):
         shutil.copy2(ckpt / name, tmp / name)
     source = json.loads((ckpt / "client.json").read_text())
@@ -342,3 +424,9 @@ def load(engine, ckpt: Path, cfg: Config, rank: int, log) -> dict:
         log.info(f"re-quantized {n} bitsandbytes optimizer state(s) on this world size's partitions")
     reseed(cfg, int(client["step"]), rank)
     return client
+
+
+def unsupported(change: checkpoint.LayoutChange) -> str | None:
+    """Why DeepSpeed's universal load cannot resume across `change` (None: it can), with what the
+    user can do instead. Called in preflight, before any model is built."""
+    return None
