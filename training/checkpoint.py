@@ -15,8 +15,13 @@ zero_to_fp32.py works on the directory) moves last. A reader never sees half a c
 directory whose files do not match its manifest (truncated copy, crash mid-write) is skipped with a
 warning in favour of the previous one.
 
-A checkpoint written by another world size is resumed through DeepSpeed's universal format:
-training/universal.py converts `step_N` once into `step_N_universal` beside it (pruned with it).
+DeepSpeed loads these sharded files only on the layout that wrote them: the same world size, ZeRO
+stage, tensor-parallel and sequence-parallel degree (across ZeRO stages it fails with a bare
+AssertionError in check_ckpt_list). `layout_change` says how a checkpoint's layout (client.json's
+world size, config.yaml's parallel section) differs from this run's; such a checkpoint is resumed
+through DeepSpeed's universal format: training/universal.py converts `step_N` once into
+`step_N_universal` beside it (pruned with it), or refuses in preflight what DeepSpeed cannot load.
+The layout keys are therefore not config incompatibilities (config.COMPAT_KEYS).
 """
 
 from __future__ import annotations
