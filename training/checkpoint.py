@@ -150,8 +150,8 @@ def find_latest(root: Path, log) -> Path | None:
 
 
 def check_compatible(path: Path, cfg: Config, world_size: int) -> None:
-    """Refuse to resume a checkpoint written by an incompatible config, naming why. Another world
-    size is no reason (see layout_change)."""
+    """Refuse to resume a checkpoint written by an incompatible config, naming why. Another layout
+    (world size, ZeRO stage, TP or SP degree) is no reason: see layout_change."""
     saved = yaml_load((path / "config.yaml").read_text())
     diff = incompatible_keys(saved, cfg.to_dict())
     if diff and not cfg.checkpoint.allow_config_change:
