@@ -116,7 +116,7 @@ def test_incompatible_checkpoint_is_refused_with_the_keys(zero3, tmp_path, data_
     # another world size is not a reason to refuse: it resumes through a universal checkpoint
     # (tests/test_universal.py checks the losses)
     proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON, "train.steps=41"), "--nproc", "1")
-    assert "was written by 2 rank(s), this run has 1: resuming through a universal checkpoint" in proc.stderr
+    assert "was written by 2 rank(s), ZeRO-3; this run: 1 rank(s), ZeRO-3: resuming through a universal checkpoint" in proc.stderr
 
 
 def test_tensorboard_scalars_read_back(zero3):

@@ -21,8 +21,13 @@ zero_to_fp32.py works on the directory) moves last. A reader never sees half a c
 directory whose files do not match its manifest (truncated copy, crash mid-write) is skipped with a
 warning in favour of the previous one.
 
-A checkpoint written by another world size is resumed through DeepSpeed's universal format:
-training/universal.py converts `step_N` once into `step_N_universal` beside it (pruned with it).
+DeepSpeed loads these sharded files only on the layout that wrote them: the same world size, ZeRO
+stage, tensor-parallel and sequence-parallel degree (across ZeRO stages it fails with a bare
+AssertionError in check_ckpt_list). `layout_change` says how a checkpoint's layout (client.json's
+world size, config.yaml's parallel section) differs from this run's; such a checkpoint is resumed
+through DeepSpeed's universal format: training/universal.py converts `step_N` once into
+`step_N_universal` beside it (pruned with it), or refuses in preflight what DeepSpeed cannot load.
+The layout keys are therefore not config incompatibilities (config.COMPAT_KEYS).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -174,8 +180,8 @@ def find_latest(root: Path, log) -> Path | None:
 
 
 def check_compatible(path: Path, cfg: Config, world_size: int) -> None:
-    """Refuse to resume a checkpoint written by an incompatible config, naming why. Another world
-    size is no reason (see layout_change)."""
+    """Refuse to resume a checkpoint written by an incompatible config, naming why. Another layout
+    (world size, ZeRO stage, TP or SP degree) is no reason: see layout_change."""
     saved = yaml_load((path / "config.yaml").read_text())
     diff = incompatible_keys(saved, cfg.to_dict())
     if diff and not cfg.checkpoint.allow_config_change:
@@ -189,14 +195,53 @@ class IncompatibleCheckpoint(ValueError):
     pass
 
 
-def layout_change(path: Path, world_size: int) -> str | None:
-    """How the ranks that wrote `path` differ from this run's (None: the same). DeepSpeed loads its
-    sharded files only on the layout that wrote them; another one resumes through the universal
-    format (training/universal.py). TP/SP degrees join here once the config has them."""
-    written_by = json.loads((path / "client.json").read_text())["world_size"]
-    if written_by != world_size:
-        return f"{written_by} rank(s), this run has {world_size}"
-    return None
+@dataclass(frozen=True)
+class Layout:
+    """How a run's ranks hold the model and optimizer state: what DeepSpeed's sharded checkpoint
+    files depend on besides the config."""
+    world_size: int
+    zero_stage: int
+    tensor: int = 1
+    sequence: int = 1
+
+    @classmethod
+    def of(cls, cfg: Config, world_size: int) -> "Layout":
+        p = cfg.parallel
+        return cls(world_size, p.zero_stage, p.tensor, p.sequence)
+
+    @classmethod
+    def saved(cls, path: Path) -> "Layout":
+        """The layout that wrote checkpoint `path` (client.json: ranks; config.yaml: the rest)."""
+        p = yaml_load((path / "config.yaml").read_text()).get("parallel", {})
+        return cls(json.loads((path / "client.json").read_text())["world_size"], p.get("zero_stage", 3),
+                   p.get("tensor", 1), p.get("sequence", 1))
+
+    def __str__(self) -> str:
+        return (f"{self.world_size} rank(s), ZeRO-{self.zero_stage}"
+                + (f", TP={self.tensor}" if self.tensor > 1 else "") + (f", SP={self.sequence}" if self.sequence > 1 else ""))
+
+    def overrides(self) -> str:
+        return (f"--nproc {self.world_size} parallel.zero_stage={self.zero_stage} "
+                f"parallel.tensor={self.tensor} parallel.sequence={self.sequence}")
+
+
+@dataclass(frozen=True)
+class LayoutChange:
+    saved: Layout
+    now: Layout
+
+    def __str__(self) -> str:
+        return f"{self.saved}; this run: {self.now}"
+
+
+def layout_change(path: Path, cfg: Config, world_size: int) -> LayoutChange | None:
+    """How the layout (world size, ZeRO stage, TP and SP degree) that wrote `path` differs from this
+    run's; None: the same. DeepSpeed loads its sharded files only on the layout that wrote them
+    (across ZeRO stages it fails with a bare AssertionError in check_ckpt_list); another one
+    resumes through the universal format (training/universal.py), which refuses what DeepSpeed
+    cannot load (universal.unsupported)."""
+    saved, now = Layout.saved(path), Layout.of(cfg, world_size)
+    return None if saved == now else LayoutChange(saved, now)
 
 
 def load(engine, path: Path, rank: int) -> dict:

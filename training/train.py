@@ -42,6 +42,7 @@ class Plan:
     hf_config: object
     ds_config: dict
     resume_from: Path | None
+    layout_change: checkpoint.LayoutChange | None = None  # resume_from's layout differs: universal resume
     task: tasks_lib.TaskData | None = None  # sft / classification / ner: tokenized records
     tokenizer_dir: Path | None = None
 
@@ -85,7 +86,7 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
     if prepared is not None:
         for split in (prepared.train_tokens, prepared.val_tokens):
             data.PackedTokens(split, cfg.data.seq_len)  # enough tokens for one sequence of each split
-    resume = None
+    resume, change = None, None
     if cfg.checkpoint.resume == "auto":
         resume = checkpoint.find_latest(cfg.checkpoint_dir, log)
         if resume is not None:
@@ -93,18 +94,22 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
                 checkpoint.check_compatible(resume, cfg, world_size)
             except checkpoint.IncompatibleCheckpoint as e:
                 raise ConfigError(str(e)) from None
-            change = checkpoint.layout_change(resume, world_size)
-            if change is not None and cfg.parallel.tensor * cfg.parallel.sequence > 1:
-                raise ConfigError(f"{resume} was written by {change}; resuming on another world size with "
-                                  "parallel.tensor or parallel.sequence > 1 is not supported yet: use the same "
-                                  "number of ranks")
+            change = checkpoint.layout_change(resume, cfg, world_size)
             if change is not None:
+                from . import universal  # imports no DeepSpeed: the launcher's driver runs this too
+
+                problem = universal.unsupported(change)
+                if problem is None and cfg.finetune.method != "full":
+                    problem = (f"finetune.method={cfg.finetune.method} checkpoints hold only adapter weights, which "
+                               "the universal conversion does not cover: resume on the layout that wrote it")
+                if problem is not None:
+                    raise ConfigError(f"{resume} was written by {change.saved}; this run: {change.now}. {problem}")
                 # Resumed through DeepSpeed's universal format (universal.load converts it once).
                 # DeepSpeed reads this flag from the engine's config when it loads; a copy, so
                 # the run config's own DeepSpeed dict is untouched.
                 log.info(f"{resume} was written by {change}: resuming through a universal checkpoint")
                 ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    return Plan(runtime, prepared, conf, ds_config, resume, task, tokenizer_dir)
+    return Plan(runtime, prepared, conf, ds_config, resume, change, task, tokenizer_dir)
 
 
 def seed_everything(seed: int) -> None:
@@ -224,10 +229,10 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     stopping = EarlyStopping(cfg) if cfg.eval.early_stopping.metric else None
     step, tokens, before = 0, 0, None
     if plan.resume_from is not None:
-        if checkpoint.layout_change(plan.resume_from, d.world_size) is not None:
+        if plan.layout_change is not None:
             from . import universal  # only a resume on another layout needs it
 
-            client = universal.load(engine, plan.resume_from, cfg, d.rank, log)  # another world size
+            client = universal.load(engine, plan.resume_from, cfg, d.rank, log)
         else:
             client = checkpoint.load(engine, plan.resume_from, d.rank)
         step, tokens, before = client["step"], client["tokens"], client.get("before", client.get("ppl_before"))

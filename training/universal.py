@@ -1,16 +1,30 @@
-"""Resume on another layout: a checkpoint written by a different world size is converted once to
-DeepSpeed's universal format (per-parameter fp32 weights and Adam moments, independent of how
-ranks partitioned them) and loaded through DeepSpeed's universal load path.
+"""Resume on another layout: a checkpoint written by a different world size, ZeRO stage, AutoTP
+(tensor-parallel) degree or Ulysses SP (sequence-parallel) degree (checkpoint.layout_change) is
+converted once to DeepSpeed's universal format (per-parameter fp32 weights and Adam moments,
+independent of how ranks partitioned them) and loaded through DeepSpeed's universal load path.
 
     lmforge train configs/debug.yaml --nproc 2 train.steps=40     # kill it after step_20 …
     lmforge train configs/debug.yaml --nproc 1 train.steps=40     # … continues on 1 rank
+    lmforge train configs/debug.yaml --nproc 2 parallel.zero_stage=2 parallel.sequence=2   # or on another layout
+
+What resumes (measured on 2 gloo ranks, tests/test_universal.py; AdamW within 1e-6 of the
+uninterrupted run, AdamW8bit within its own 8-bit noise):
+  world size        2 → 1 → 2 ranks (ZeRO-3; AdamW8bit too)
+  ZeRO stage        3 → 2, 2 → 3 (AdamW8bit too), 2 → 1, 3 → 1, 1 → 3 (one stage_neutral
+                    conversion serves every target stage)
+  Ulysses SP        SP=2 ↔ SP=1 on ZeRO-3 (AdamW8bit too) and on ZeRO-2
+  AutoTP            TP=2 → TP=1 on ZeRO-1 (AdamW8bit too), TP=1 → TP=2 onto ZeRO-1 and ZeRO-3,
+                    TP=2 ZeRO-1 on 2 ranks → 1 rank ZeRO-3
+What is refused in preflight, before any model is built (`unsupported`): a ZeRO-3 x TP>1 source
+(DeepSpeed's converter misreads it, see there); it resumes only on the layout that wrote it.
 
 Layout on disk: `step_N/` stays as written; the conversion goes to `step_N_universal/` beside it
 (written to `.tmp_step_N_universal`, then renamed, like every checkpoint), with lmforge's
 client.json and config.yaml and a manifest.json that also records the source checkpoint's manifest
-hash: a later resume from the same `step_N` (e.g. after a second crash before the next save)
-reuses it, a re-saved `step_N` makes it stale and it is converted again. checkpoint.py prunes it
-together with its step.
+hash and this module's FORMAT: a later resume from the same `step_N` (e.g. after a second crash
+before the next save, or on yet another layout: one conversion serves every target layout) reuses
+it, a re-saved `step_N` makes it stale and it is converted again. checkpoint.py prunes it together
+with its step.
 
 Where: inside the ranks, after the process group is up: rank 0 converts, the others wait for its
 result (a broadcast, so a failed conversion fails every rank with rank 0's message instead of
@@ -19,22 +33,37 @@ through it and the Ray driver must not import DeepSpeed (or see the run's filesy
 ranks are where the checkpoint was written and where it is read.
 
 The conversion is DeepSpeed's own `deepspeed.checkpoint.ds_to_universal.main` (in-process, one
-worker, `inject_missing_state` so ZeRO-1/2 checkpoints convert too). It only knows Adam state
-(`exp_avg`, `exp_avg_sq`) and fails on bitsandbytes' (`KeyError: 'exp_avg'`), so for a bnb
-optimizer lmforge first writes a dequantized copy of the optimizer shards (state1/state2 →
-fp32 exp_avg/exp_avg_sq, blockwise 256 with their absmax and qmap; 32-bit bnb state, used for
-partitions under bnb's min_8bit_size, is copied) and converts that. On load, DeepSpeed puts fp32
-`exp_avg`/`exp_avg_sq` into the bnb optimizer's state; `requantize_bnb_state` turns them back into
-bnb's own state (its init_state, then blockwise quantization on the new partition's blocks).
-Blocks of 256 now fall on other element boundaries, so the moments are re-rounded once: the
-resumed run is within the 8-bit optimizer's own noise, not bitwise (the same world size, which
-never comes here, stays bitwise).
+worker, `inject_missing_state` so ZeRO-1/2 checkpoints convert too), completed by lmforge where
+DeepSpeed 0.19.8 falls short (measured; each point is where the code handles it):
+  - Its output loads only under the ZeRO stage that wrote the source: the ZeRO-1/2 loader wants
+    mp_rank_XX_model_states.pt, {"param": tensor} state files, a step.pt per parameter and
+    ds_version in zero/optimizer_state.pt, which a ZeRO-3 conversion lacks; the ZeRO-3 loader
+    wants zero_pp_rank_0_mp_rank_XX_model_states.pt and optimizer_state_dict's step, which a
+    ZeRO-1/2 conversion lacks. `make_stage_neutral` adds both sides.
+  - A Ulysses SP ZeRO-1/2 checkpoint records the SP degree as its tp_degree (DeepSpeed's SP mpu
+    aliases get_model_parallel_world_size to the SP size), and the converter then fails ("model-state
+    file count 1 does not match pp_degree=1 * tp_degree=2"): `_prepared_input` relabels a copy.
+  - DeepSpeed's ZeRO-1/2 universal LOAD under Ulysses SP asks the SP mpu for
+    get_tensor_model_parallel_world_size, which it lacks (AttributeError):
+    `_sequence_parallel_is_not_tensor_parallel` answers 1 for the duration of the load.
+  - ZeRO-3's universal load copies param group 0's hyperparameters onto every group and shares one
+    `step` tensor between sub-groups: `_repair_optimizer_state`.
+  - bitsandbytes state: the converter only knows Adam state (`exp_avg`, `exp_avg_sq`) and fails on
+    bitsandbytes' (`KeyError: 'exp_avg'`), so for a bnb optimizer lmforge first writes a
+    dequantized copy of the optimizer shards (state1/state2 → fp32 exp_avg/exp_avg_sq, blockwise
+    256 with their absmax and qmap; 32-bit bnb state, used for partitions under bnb's
+    min_8bit_size, is copied) and converts that. On load, DeepSpeed puts fp32
+    `exp_avg`/`exp_avg_sq` into the bnb optimizer's state; `requantize_bnb_state` turns them back
+    into bnb's own state (its init_state, then blockwise quantization on the new partition's
+    blocks). Blocks of 256 now fall on other element boundaries, so the moments are re-rounded
+    once: the resumed run is within the 8-bit optimizer's own noise, not bitwise (measured: ZeRO
+    stage change 5e-7, TP=2 → 1 1.4e-5; the same layout, which never comes here, stays bitwise).
 
-RNG: per-rank torch/numpy/python generator states cannot be mapped onto another number of ranks;
-every rank is reseeded deterministically from (train.seed, step, rank). The data order does not
-depend on them (the sampler's state is the global `consumed` count, re-sharded on the new world
-size), and nothing in the tiny recipes draws random numbers while training (no dropout), so
-losses continue; a model with dropout sees a different but reproducible mask stream.
+RNG: per-rank torch/numpy/python generator states cannot be mapped onto another layout; every
+rank is reseeded deterministically from (train.seed, step, rank). The data order does not depend
+on them (the sampler's state is the global `consumed` count, re-sharded on the new data-parallel
+size), and nothing in the tiny recipes draws random numbers while training (no dropout), so losses
+continue; a model with dropout sees a different but reproducible mask stream.
 """
 
 from __future__ import annotations
@@ -45,6 +74,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 from argparse import Namespace
 from pathlib import Path
@@ -56,6 +86,7 @@ from . import checkpoint
 from .config import Config
 
 SUFFIX = "_universal"
+FORMAT = 2  # 2: made loadable by every ZeRO stage (make_stage_neutral); a format-1 conversion is redone
 BNB_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers quantize their state in blocks of 256
 _BNB_WRAP = "__bnb_optimizer_quant_state__"  # bnb's state_dict() nests its quant state under this key
 
@@ -69,14 +100,15 @@ def _source_id(ckpt: Path) -> str:
 
 
 def is_converted(ckpt: Path) -> bool:
-    """A complete conversion of exactly this checkpoint (same manifest) exists beside it."""
+    """A complete conversion of exactly this checkpoint (same manifest), in this FORMAT, exists beside it."""
     out = universal_dir(ckpt)
     if checkpoint.verify(out) is not None:
         return False
     try:
-        return json.loads((out / "manifest.json").read_text()).get("source") == _source_id(ckpt)
+        manifest = json.loads((out / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    return manifest.get("source") == _source_id(ckpt) and manifest.get("format") == FORMAT
 
 
 # --------------------------------------------------------------------------- bitsandbytes state
@@ -125,23 +157,42 @@ def dequantize_bnb_entry(entry: dict) -> dict:
     return {"step": s.get("step", 0), "exp_avg": m1, "exp_avg_sq": m2 if m2 is not None else torch.zeros_like(m1)}
 
 
-def _dequantized_copy(src: Path, dst: Path) -> int:
-    """dst: src's DeepSpeed files, the optimizer shards with bnb state dequantized (model states
-    linked). Returns how many parameter states were dequantized (0: not a bnb checkpoint)."""
-    dst.mkdir(parents=True)
+def _prepared_input(ckpt: Path, scratch: Path) -> tuple[Path, int]:
+    """The folder ds_to_universal can read: `ckpt` itself, or `scratch` holding its DeepSpeed files
+    (linked) except those it cannot read as written:
+      - a bitsandbytes optimizer's shards, with their state dequantized;
+      - the model states of a Ulysses SP ZeRO-1/2 checkpoint: DeepSpeed records the SP degree as
+        checkpoint_parallel_dimensions.tp_degree there (its SP mpu answers the model-parallel
+        world size question with the SP degree) and the converter then looks for one model-states
+        file per "TP rank" ("model-state file count 1 does not match pp_degree=1 * tp_degree=2");
+        rewritten with the real tensor-parallel degree.
+    Returns the folder and how many parameter states were dequantized."""
+    from deepspeed.checkpoint.constants import CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_TP_DEGREE
+
+    layout = checkpoint.Layout.saved(ckpt)
+    bnb = _has_bnb_state(ckpt)
+    relabel = layout.sequence > 1 and layout.zero_stage < 3
+    if not (bnb or relabel):
+        return ckpt, 0
+    scratch.mkdir(parents=True)
     count = 0
-    for f in sorted(src.iterdir()):
-        if f.name.endswith("_optim_states.pt"):
+    for f in sorted(ckpt.iterdir()):
+        if bnb and f.name.endswith("_optim_states.pt"):
             sd = torch.load(f, map_location="cpu", weights_only=False)
             inner = _inner_optimizer_state(sd)
             for k, entry in list(inner["state"].items()):
                 if is_bnb_state(entry):
                     inner["state"][k] = dequantize_bnb_entry(entry)
                     count += 1
-            torch.save(sd, dst / f.name)
-        elif f.name.endswith("_model_states.pt"):
-            os.symlink(f.resolve(), dst / f.name)
-    return count
+            torch.save(sd, scratch / f.name)
+        elif relabel and f.name.endswith("_model_states.pt"):
+            sd = torch.load(f, map_location="cpu", weights_only=False)
+            if isinstance(sd.get(CHECKPOINT_PARALLEL_DIMS), dict):
+                sd[CHECKPOINT_PARALLEL_DIMS][CHECKPOINT_TP_DEGREE] = layout.tensor
+            torch.save(sd, scratch / f.name)
+        elif f.name.endswith(("_optim_states.pt", "_model_states.pt")):
+            os.symlink(f.resolve(), scratch / f.name)
+    return scratch, count
 
 
 def _has_bnb_state(ckpt: Path) -> bool:
@@ -226,6 +277,86 @@ def requantize_bnb_state(optimizer, zero_optimizer=None) -> int:
 
 # --------------------------------------------------------------------------- conversion
 
+_STATE_FILES = ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt")
+_ZERO3_MODEL_STATES = re.compile(r"^zero_pp_rank_0_mp_rank_(\d+)_model_states\.pt$")
+_ZERO12_MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the same bytes under the name the other ZeRO stages look for
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _first_step(inner_state: dict):
+    for entry in inner_state.values():
+        entry = _bnb_state(entry) if is_bnb_state(entry) else entry
+        if isinstance(entry, dict) and "step" in entry:
+            return entry["step"]
+    raise ValueError("the optimizer state records no step")
+
+
+def make_stage_neutral(out: Path, ckpt: Path) -> None:
+    """Complete DeepSpeed's conversion `out` of `ckpt` so that every ZeRO stage loads it, not only
+    the one that wrote it. DeepSpeed's two universal loaders want different files:
+
+      ZeRO-1/2 (base_optimizer.load_hp_checkpoint_state_from_checkpoint_dir): mp_rank_XX_model_states.pt;
+        per parameter zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt as {"param": tensor} plus a step.pt;
+        zero/optimizer_state.pt with ds_version and param_groups at the top level.
+      ZeRO-3 (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3): zero_pp_rank_0_mp_rank_XX_model_states.pt;
+        the per-parameter states as a tensor or {"param": tensor}; the step and param groups from
+        zero/optimizer_state.pt's optimizer_state_dict.
+
+    A ZeRO-3 conversion writes bare flat tensors and no step.pt; a ZeRO-1/2 one has no
+    optimizer_state_dict. Both loaders take the weights from zero/ (never from the model-states
+    file, which only supplies the scheduler, the step counters and the source's mp degree), so the
+    missing model-states name is a hard link to the present one."""
+    from deepspeed import __version__ as ds_version
+    from deepspeed.checkpoint.constants import DS_VERSION, FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, PARAM, PARAM_SHAPES
+
+    names = [f.name for f in out.iterdir()]
+    zero3 = {m.group(1): n for n in names if (m := _ZERO3_MODEL_STATES.match(n))}
+    zero12 = {m.group(1): n for n in names if (m := _ZERO12_MODEL_STATES.match(n))}
+    for mp, name in zero3.items():
+        if mp not in zero12:
+            _link(out / name, out / f"mp_rank_{mp}_model_states.pt")
+    for mp, name in zero12.items():
+        if mp not in zero3:
+            _link(out / name, out / f"zero_pp_rank_0_mp_rank_{mp}_model_states.pt")
+
+    zero = out / "zero"
+    optim = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    if OPTIMIZER_STATE_DICT in optim:  # a ZeRO-3 source: its rank 0's whole optimizer state, keep only the step
+        inner = optim[OPTIMIZER_STATE_DICT]
+        step = _first_step(inner["state"])
+        inner["state"] = {0: {"step": step}}
+        optim.pop(FP32_FLAT_GROUPS, None)
+    else:  # a ZeRO-1/2 source
+        src = torch.load(next(iter(sorted(ckpt.glob("*_optim_states.pt")))), map_location="cpu", weights_only=False)
+        step = _first_step(_inner_optimizer_state(src)["state"])
+        optim[OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}}, "param_groups": optim["param_groups"]}
+    optim.setdefault(DS_VERSION, ds_version)
+    torch.save(optim, zero / "optimizer_state.pt")
+
+    shapes: dict[str, torch.Size] = {}
+    if zero3:  # a ZeRO-3 source's flat states get their parameter's shape (an AutoTP target slices by it)
+        states = torch.load(out / zero3[min(zero3)], map_location="cpu", weights_only=False)
+        for group in states[PARAM_SHAPES]:
+            shapes.update(group)
+    for folder in sorted(d for d in zero.iterdir() if d.is_dir()):
+        for f in _STATE_FILES:
+            path = folder / f
+            if not path.is_file():
+                continue
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if torch.is_tensor(state):
+                shape = shapes.get(folder.name)
+                torch.save({PARAM: state.view(shape) if shape is not None else state}, path)
+        if (folder / "fp32.pt").is_file() and not (folder / "step.pt").is_file():
+            torch.save(step, folder / "step.pt")
+
+
 def convert(ckpt: Path, log) -> Path:
     """Convert lmforge checkpoint `ckpt` (step_N) to DeepSpeed's universal format in
     step_N_universal (reused if already converted from this very checkpoint). Single process."""
@@ -240,11 +371,8 @@ def convert(ckpt: Path, log) -> Path:
     for d in (tmp, scratch):
         if d.exists():
             shutil.rmtree(d)  # left by a crash mid-conversion
-    src, dequantized = ckpt, 0
     try:
-        if _has_bnb_state(ckpt):
-            dequantized = _dequantized_copy(ckpt, scratch)
-            src = scratch
+        src, dequantized = _prepared_input(ckpt, scratch)
         args = Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
                          num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         chatter = io.StringIO()  # the converter prints and draws progress bars
@@ -257,15 +385,17 @@ def convert(ckpt: Path, log) -> Path:
     finally:
         if scratch.exists():
             shutil.rmtree(scratch)
+    make_stage_neutral(tmp, ckpt)
     for name in ("client.json", "config.yaml"):
         shutil.copy2(ckpt / name, tmp / name)
     source = json.loads((ckpt / "client.json").read_text())
     (tmp / "universal.json").write_text(json.dumps(
         {"source": ckpt.name, "source_world_size": source.get("world_size"),
+         "source_layout": str(checkpoint.Layout.saved(ckpt)),
          "bnb_states_dequantized": dequantized}, indent=1))
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     checkpoint._write_atomic(tmp / "manifest.json", json.dumps(
-        {"step": source.get("step"), "source": _source_id(ckpt), "files": files}, indent=1))
+        {"step": source.get("step"), "source": _source_id(ckpt), "format": FORMAT, "files": files}, indent=1))
     checkpoint._fsync_dir(tmp)
     if out.exists():
         shutil.rmtree(out)  # a stale conversion of an earlier save of this step
@@ -316,6 +446,40 @@ def _repair_optimizer_state(optimizer, path: Path) -> None:
             state["step"] = state["step"].clone()
 
 
+class _NoTensorParallel:
+    """The Ulysses mpu (deepspeed.runtime.sequence_parallel.parallel_state_sp), answering the
+    tensor-parallel questions as what it is: no tensor parallelism."""
+
+    def __init__(self, mpu):
+        self._mpu = mpu
+
+    def __getattr__(self, name):
+        return getattr(self._mpu, name)
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return 1
+
+
+@contextlib.contextmanager
+def _sequence_parallel_is_not_tensor_parallel(zero_optimizer):
+    """DeepSpeed's ZeRO-1/2 universal loader asks its mpu for the tensor-parallel degree
+    (mpu.get_tensor_model_parallel_world_size); the Ulysses SP mpu has no such function and fails
+    with AttributeError (it even aliases get_model_parallel_rank to the SP rank). Under SP the
+    tensor-parallel degree is 1: say so for the duration of the load."""
+    mpu = getattr(zero_optimizer, "mpu", None)
+    if mpu is None or hasattr(mpu, "get_tensor_model_parallel_world_size") or hasattr(mpu, "get_slice_parallel_world_size"):
+        yield
+        return
+    zero_optimizer.mpu = _NoTensorParallel(mpu)
+    try:
+        yield
+    finally:
+        zero_optimizer.mpu = mpu
+
+
 def load(engine, ckpt: Path, cfg: Config, rank: int, log) -> dict:
     """Collective: convert `ckpt` (once) and load it through DeepSpeed's universal path. The
     engine must have been built with `checkpoint: {load_universal: true}` in its DeepSpeed config
@@ -325,8 +489,9 @@ def load(engine, ckpt: Path, cfg: Config, rank: int, log) -> dict:
         raise RuntimeError("universal resume needs the engine built with checkpoint.load_universal=true")
     path = convert_collective(ckpt, rank, log)
     client = json.loads((path / "client.json").read_text())
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    with _sequence_parallel_is_not_tensor_parallel(engine.optimizer):
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {path}")
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the client optimizer inside ZeRO
@@ -342,3 +507,23 @@ def load(engine, ckpt: Path, cfg: Config, rank: int, log) -> dict:
         log.info(f"re-quantized {n} bitsandbytes optimizer state(s) on this world size's partitions")
     reseed(cfg, int(client["step"]), rank)
     return client
+
+
+def unsupported(change: checkpoint.LayoutChange) -> str | None:
+    """Why a resume across `change` cannot go through DeepSpeed's universal format (None: it can),
+    with what the user can do instead. Called in preflight, before any model is built.
+
+    Measured on 2 gloo ranks (tests/test_universal.py): world size, ZeRO stage 1/2/3 in every
+    direction, Ulysses SP degree (ZeRO-2 and -3) and AutoTP degree (TP=2 -> 1 and 1 -> 2, ZeRO-1
+    and ZeRO-3 targets) all convert and load. What does not is a ZeRO-3 x AutoTP SOURCE: ZeRO-3
+    partitions the tensor-replicated parameters (embeddings, norms) over all ranks but records
+    partition_count = the data-parallel degree, so ds_to_universal slices them wrongly ("start (0)
+    + length (32768) exceeds dimension size (16384)" for the debug model's embedding)."""
+    saved = change.saved
+    if saved.tensor > 1 and saved.zero_stage == 3:
+        return (f"DeepSpeed's universal conversion (ds_to_universal) cannot read a ZeRO-3 x tensor-parallel "
+                f"checkpoint (it misreads how ZeRO-3 partitions the parameters that tensor parallelism "
+                f"replicates), so this checkpoint resumes only on the layout that wrote it: "
+                f"{saved.overrides()}. Checkpoints written with parallel.zero_stage 1 or 2 and "
+                f"parallel.tensor > 1 do convert to any layout.")
+    return None
