@@ -155,6 +155,30 @@ def test_classification_beats_majority_baseline(tmp_path, data_cache):
     assert abs(accuracy - evals(run_dir)[best["step"]]["eval/accuracy"]) < 1e-9
 
 
+def test_encoder_classifier_trains_and_exports(tmp_path, data_cache):
+    """An encoder (a BERT config given as model.path) goes through the same task path: trains a few
+    steps, exports, and plain transformers reproduces the run's eval accuracy. (Learning itself is
+    measured in BENCHMARKS.md: a post-LN BERT from scratch needs ~70 steps to leave the majority class.)"""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from lmforge.training import consolidate, tasks
+
+    BertConfig(vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+               max_position_embeddings=256).save_pretrained(tmp_path / "bert")
+    run_dir = tmp_path / "run"
+    lmforge("train", CONFIGS / "classification.yaml",
+            *debug_overrides(run_dir, data_cache, f"model.path={tmp_path / 'bert'}", "model.pretrained=false",
+                             "train.steps=6", "eval.interval=0", "checkpoint.interval=0",
+                             "eval.early_stopping.metric=null"), "--nproc", "1")
+    out = Path(lmforge("export", run_dir, "--out", tmp_path / "export").stdout.strip())
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(model).__name__ == "BertForSequenceClassification"
+    task = tasks.prepare(consolidate.saved_config(consolidate.find_checkpoint(run_dir)), None, LOG)
+    with torch.no_grad():
+        preds = [model(**task.eval.batch([i])[0]).logits.argmax(-1).item() for i in range(len(task.eval))]
+    assert abs(float(np.mean(np.array(preds) == task.eval.labels)) - evals(run_dir)[6]["eval/accuracy"]) < 1e-9
+
+
 def test_ner_beats_all_outside_baseline(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     lmforge("train", CONFIGS / "ner.yaml", *debug_overrides(run_dir, data_cache, "train.steps=40", "eval.interval=40",
