@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -48,12 +49,7 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
         if best is None:
             raise ConfigError(f"{root} has no best checkpoint (no eval.early_stopping.metric in that run)")
         return root / best["tag"]
-
-    class _Quiet:
-        def warning(self, msg):
-            print(f"lmforge: {msg}", file=sys.stderr)
-
-    found = checkpoint.find_latest(root, _Quiet())
+    found = checkpoint.find_latest(root, logging.getLogger("lmforge"))  # warns about skipped broken ones
     if found is None:
         raise ConfigError(f"{p}: no complete lmforge checkpoint (expected a run directory, its checkpoints/ "
                           "or a step_N directory)")
