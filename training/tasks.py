@@ -92,10 +92,13 @@ def _load_records(cfg: DataConfig, paths: list[str], cache: Path):
     return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", cache_dir=str(cache))
 
 
-def _require(ds, columns: list[str], key: str, where: str) -> None:
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise ConfigError(f"{key}: column {missing[0]!r} is not in the {where} data (columns: {ds.column_names})")
+def _require_columns(train: list[dict], held: list[dict], columns: dict[str, str]) -> None:
+    """columns: column name → the config key that names it; both splits must have them all."""
+    for where, records in (("training", train), ("eval", held)):
+        missing = [c for c in columns if c not in records[0]]
+        if missing:
+            need = " and ".join(f"{c!r} ({k})" for c, k in columns.items())
+            raise ConfigError(f"data: the {where} records need columns {need}; they have {sorted(records[0])}")
 
 
 def load_splits(cfg: Config, log) -> tuple[list[dict], list[dict]]:
@@ -390,10 +393,7 @@ def prepare(cfg: Config, init_dir: Path | None, log) -> TaskData:
         tok.pad_token = tok.eos_token
     if cfg.task == "classification":
         key = cfg.data.label_field or "label"
-        for where, recs in (("training", train), ("eval", held)):
-            if cfg.data.text_field not in recs[0] or key not in recs[0]:
-                raise ConfigError(f"data: the {where} records need columns {cfg.data.text_field!r} (data.text_field) "
-                                  f"and {key!r} (data.label_field); they have {sorted(recs[0])}")
+        _require_columns(train, held, {cfg.data.text_field: "data.text_field", key: "data.label_field"})
         names = _label_names(cfg, train, held, key, tagging=False)
         tr, ev = _classification(cfg, tok, train, names), _classification(cfg, tok, held, names)
         majority = int(np.bincount(tr.labels, minlength=len(names)).argmax())
@@ -402,10 +402,7 @@ def prepare(cfg: Config, init_dir: Path | None, log) -> TaskData:
         return TaskData(tok, tr, ev, names, majority_label=majority)
     if cfg.task == "ner":
         key = cfg.data.label_field or "tags"
-        for where, recs in (("training", train), ("eval", held)):
-            if cfg.data.words_field not in recs[0] or key not in recs[0]:
-                raise ConfigError(f"data: the {where} records need columns {cfg.data.words_field!r} (data.words_field) "
-                                  f"and {key!r} (data.label_field); they have {sorted(recs[0])}")
+        _require_columns(train, held, {cfg.data.words_field: "data.words_field", key: "data.label_field"})
         names = _label_names(cfg, train, held, key, tagging=True)
         tr, ev = _tagging(cfg, tok, train, names), _tagging(cfg, tok, held, names)
         log.info(f"ner: tags {names}, {len(tr)} training / {len(ev)} eval records")
