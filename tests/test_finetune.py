@@ -29,9 +29,9 @@ def evals(run_dir: Path) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, data_cache) -> Path:
-    """A pretrained base model to fine-tune: the debug recipe, 20 steps, 1 rank."""
+    """A pretrained base model to fine-tune: the debug recipe, 10 steps, 1 rank."""
     run_dir = tmp_path_factory.mktemp("base") / "run"
-    lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, "train.steps=20", "checkpoint.interval=0",
+    lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, "train.steps=10", "checkpoint.interval=0",
                                              "eval.interval=0"), "--nproc", "1")
     return run_dir
 
@@ -131,9 +131,9 @@ def test_qlora_and_adalora_zero2(tmp_path, data_cache, base, method):
 def test_classification_beats_majority_baseline(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     proc = lmforge("train", CONFIGS / "classification.yaml",
-                   *debug_overrides(run_dir, data_cache, "train.steps=80", "eval.interval=40",
-                                    "checkpoint.interval=40"), "--nproc", "2")
-    final = evals(run_dir)[80]
+                   *debug_overrides(run_dir, data_cache, "train.steps=60", "eval.interval=30",
+                                    "checkpoint.interval=30"), "--nproc", "2")
+    final = evals(run_dir)[60]
     assert final["eval/accuracy"] > final["eval/majority_baseline"] + 0.3, final
     assert final["eval/macro_f1"] > 0.4, final
     assert "held-out accuracy:" in proc.stderr
@@ -194,17 +194,17 @@ def test_early_stopping_stops_and_keeps_the_best(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     args = [CONFIGS / "classification.yaml",
             *debug_overrides(run_dir, data_cache, "train.steps=100", "train.lr=1e-12", "train.warmup=0",
-                             "eval.interval=5", "checkpoint.interval=0", "checkpoint.keep=1",
+                             "eval.interval=3", "checkpoint.interval=0", "checkpoint.keep=1",
                              "eval.early_stopping.metric=eval/accuracy", "eval.early_stopping.patience=2",
                              "eval.early_stopping.min_delta=0.01"), "--nproc", "1"]
     proc = lmforge("train", *args)
-    assert max(losses(run_dir)) == 15, "stops at the 2nd evaluation without improvement: step 15"
-    assert "early stopping at step 15" in proc.stderr
+    assert max(losses(run_dir)) == 9, "stops at the 2nd evaluation without improvement: step 9"
+    assert "early stopping at step 9" in proc.stderr
     ckpts = run_dir / "checkpoints"
-    assert json.loads((ckpts / "best.json").read_text())["tag"] == "step_5"
-    assert (ckpts / "step_5" / "manifest.json").is_file() and (ckpts / "step_15" / "manifest.json").is_file()
+    assert json.loads((ckpts / "best.json").read_text())["tag"] == "step_3"
+    assert (ckpts / "step_3" / "manifest.json").is_file() and (ckpts / "step_9" / "manifest.json").is_file()
     again = lmforge("train", *args)
-    assert "nothing left to train" in again.stderr and max(losses(run_dir)) == 15
+    assert "nothing left to train" in again.stderr and max(losses(run_dir)) == 9
 
 
 # --------------------------------------------------------------------------- SFT data, no ranks
