@@ -80,6 +80,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _has_frozen(engine) -> bool:
+    """An adapter run: its checkpoints hold only the trainable parameters (save and load agree)."""
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: int, log,
          write_extra=None) -> Path:
     """Collective: every rank calls it. Returns the published directory. `write_extra(tmp_dir)`
@@ -92,10 +97,9 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
         shutil.rmtree(tmp)  # left by a crash mid-save
     torch.distributed.barrier()
     client = dict(client, step=step, world_size=world_size, config_hash=config_hash(cfg))
-    frozen = any(not p.requires_grad for p in engine.module.parameters())
     # An adapter run saves only what trains; the frozen base is rebuilt from model.init_from.
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"lmforge": client}, save_latest=False,
-                           exclude_frozen_parameters=frozen)
+                           exclude_frozen_parameters=_has_frozen(engine))
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if write_extra is not None:
         write_extra(tmp)
@@ -247,9 +251,8 @@ def layout_change(path: Path, cfg: Config, world_size: int) -> LayoutChange | No
 def load(engine, path: Path, rank: int) -> dict:
     """Collective: restore engine (model, optimizer, scheduler) and this rank's RNG; returns client state."""
     client = json.loads((path / "client.json").read_text())
-    frozen = any(not p.requires_grad for p in engine.module.parameters())
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True, load_module_strict=not frozen)
+                                          load_lr_scheduler_states=True, load_module_strict=not _has_frozen(engine))
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {path}")
     set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=False))

@@ -131,7 +131,6 @@ def loss_scale(ds_config: dict, sequence: int) -> float:
     return 1.0 / sequence
 
 
-
 class AdaLoraStep:
     """AdaLoRA's rank allocation around DeepSpeed's optimizer step. peft's recipe is
     `optimizer.step(); model.base_model.update_and_allocate(step); zero_grad()`, but DeepSpeed's

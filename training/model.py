@@ -159,7 +159,7 @@ def apply_peft(model: torch.nn.Module, ft: FinetuneConfig, task: str, total_step
                                                      gradient_checkpointing_kwargs={"use_reentrant": False})
     if ft.method == "adalora":
         # Rank budget: full (init_r) for the first 10% of steps, pruned towards r until the last 20%,
-        # then fixed. update_and_allocate runs after every optimizer step (engine.adalora_step).
+        # then fixed. update_and_allocate runs after every optimizer step (engine.AdaLoraStep).
         tinit, tfinal = max(1, total_steps // 10), max(1, total_steps // 5)
         if total_steps - tinit - tfinal < 1:
             raise ConfigError(f"finetune.method=adalora needs more steps than {total_steps} to prune ranks")
@@ -226,7 +226,6 @@ def describe(conf, n_total: int) -> str:
             "num_key_value_heads", "vocab_size", "max_position_embeddings")
     shape = ", ".join(f"{k}={getattr(conf, k)}" for k in keys if hasattr(conf, k))
     return f"{conf.model_type} {n_total / 1e6:.2f}M params ({shape})"
-
 
 
 def save_hf_files(module: torch.nn.Module, tokenizer, out: Path, is_main: bool) -> None:

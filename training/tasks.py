@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from filelock import FileLock
 
 from .config import Config, ConfigError, DataConfig
@@ -172,6 +171,11 @@ class ClassificationExamples:
     labels: np.ndarray
     pad_id: int
 
+    @property
+    def tokens_per_row(self) -> float:
+        """Mean tokens of a row, padding excluded (throughput counts these)."""
+        return float(np.mean([len(x) for x in self.ids]))
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -188,6 +192,11 @@ class TaggingExamples:
     targets: list[np.ndarray]   # per token: tag index on a word's first sub-word, else -100
     words: list[int]            # words per record (truncation may drop some from `targets`)
     pad_id: int
+
+    @property
+    def tokens_per_row(self) -> float:
+        """Mean tokens of a row, padding excluded (throughput counts these)."""
+        return float(np.mean([len(x) for x in self.ids]))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -207,6 +216,11 @@ class CausalExamples:
     positions: list[np.ndarray]
     pad_id: int
     seq_len: int
+
+    @property
+    def tokens_per_row(self) -> float:
+        """Mean tokens of a row, padding excluded (throughput counts these)."""
+        return float(np.mean([len(x) for x in self.inputs]))
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -418,10 +432,11 @@ def prepare(cfg: Config, init_dir: Path | None, log) -> TaskData:
 # --------------------------------------------------------------------------- loss and evaluation
 
 def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(summed cross entropy over the targets that count, their number)."""
-    flat = targets.reshape(-1)
-    total = F.cross_entropy(logits.float().reshape(flat.numel(), -1), flat, ignore_index=IGNORE, reduction="sum")
-    return total, int((flat != IGNORE).sum())
+    """(summed cross entropy over the targets that count, their number): pretraining's token_loss,
+    whose cross entropy already skips -100 targets."""
+    from .evaluate import token_loss
+
+    return token_loss(logits, targets, reduction="sum"), int((targets != IGNORE).sum())
 
 
 def eval_batches(n: int, micro: int, dp_rank: int, dp_size: int) -> list[list[int]]:

@@ -183,9 +183,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
         tokens_per_step = cfg.train.global_batch_size * seq_len
     else:
         train_data, val_data = task.train, task.eval
-        # rows vary in length: throughput counts the mean row (padding excluded)
-        mean_row = float(np.mean([len(x) for x in getattr(train_data, "ids", None) or train_data.inputs]))
-        tokens_per_step = int(cfg.train.global_batch_size * mean_row)
+        tokens_per_step = int(cfg.train.global_batch_size * train_data.tokens_per_row)  # rows vary in length
 
     seed_everything(cfg.train.seed)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.runtime.precision]
