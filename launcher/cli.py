@@ -143,7 +143,8 @@ def cmd_export(args) -> int:
     from lmforge.tools.export import export
 
     with _stdout_to_stderr():
-        out = export(args.path, args.out, args.which, args.max_shard_size, args.overwrite)
+        out = export(args.path, args.out, args.which, args.max_shard_size, args.overwrite, args.format, args.quant,
+                     args.int8)
     print(out)
     return 0
 
@@ -208,7 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with a run directory: newest checkpoint, or the early-stopping best")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (transformers' save_pretrained)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--format", choices=["hf", "gguf", "onnx"], default="hf",
+                   help="hf: transformers/vLLM directory; gguf: one file for llama.cpp/Ollama; onnx: ONNX Runtime")
+    p.add_argument("--quant", default=None, help="with --format gguf: f32, f16 (default), q8_0 or q4_k_m")
+    p.add_argument("--int8", action="store_true", help="with --format onnx: int8 weights (onnxruntime quantize_dynamic)")
     p.set_defaults(func=cmd_export, overrides=[])
+    # After training: compression and the before/after report. Each tool adds its own subcommand;
+    # its heavy imports (torch, llm-compressor, onnxruntime) happen only when it runs.
+    import importlib.util
+
+    for name in ("compress", "prune", "report"):
+        if importlib.util.find_spec(f"lmforge.tools.{name}") is not None:  # TODO(integration): plain imports
+            importlib.import_module(f"lmforge.tools.{name}").register(sub)
     return parser
 
 

@@ -87,3 +87,29 @@ def kill_at_step(args: list, run_dir: Path, step: int, timeout: float = 300) -> 
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
     time.sleep(1)
     return max(losses(run_dir))
+
+
+# --------------------------------------------------------------------------- one trained model for the tools
+
+# The compression/format/report tests share one small Llama trained once per pytest run: 2 ranks,
+# ZeRO-2, long enough (150 steps) that quantization error shows in perplexity. Widths are multiples
+# of 128 so GPTQ's group size 128 divides every linear layer.
+LM_OVERRIDES = ("model.overrides.hidden_size=128", "model.overrides.intermediate_size=384",
+                "model.overrides.num_attention_heads=4", "model.overrides.num_key_value_heads=2",
+                "data.holdout=0.1", "train.steps=150", "train.warmup=10", "parallel.zero_stage=2",
+                "checkpoint.interval=150", "eval.interval=150")
+
+
+@pytest.fixture(scope="session")
+def lm_run(tmp_path_factory, data_cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("lm") / "run"
+    lmforge("train", DEBUG, "--nproc", "2", *debug_overrides(run_dir, data_cache, *LM_OVERRIDES))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def lm_hf(lm_run, tmp_path_factory) -> Path:
+    """`lmforge export` of lm_run: a Hugging Face directory carrying lmforge_run.yaml."""
+    out = tmp_path_factory.mktemp("lm-export") / "hf"
+    lmforge("export", lm_run, "--out", out)
+    return out

@@ -14,10 +14,10 @@ peft adapter, merged, for adapter runs), so any ZeRO stage and world size export
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
+from lmforge.tools import artifact
 from lmforge.training import consolidate
 from lmforge.training.config import ConfigError
 
@@ -67,18 +67,13 @@ Exported by lmforge from `{ckpt}`{adapter} on {time.strftime('%Y-%m-%d')}.
 
 
 def export(path: str | Path, out: str | Path, which: str = "latest", max_shard_size: str = "2GB",
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, fmt: str = "hf", quant: str | None = None, int8: bool = False) -> Path:
+    if fmt != "hf" or quant or int8:
+        raise ConfigError("--format gguf/onnx are not implemented yet")  # TODO(helper B)
     ckpt = consolidate.find_checkpoint(path, which)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
-        shutil.rmtree(out)
-    tmp = out.with_name(".tmp_" + out.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    consolidate.to_hf(ckpt, tmp, max_shard_size=max_shard_size)
-    (tmp / "README.md").write_text(model_card(ckpt, out))
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)  # a half-written export never carries the final name
+    with artifact.atomic_output(out, overwrite) as tmp:  # a half-written export never carries the final name
+        consolidate.to_hf(ckpt, tmp, max_shard_size=max_shard_size)
+        (tmp / "README.md").write_text(model_card(ckpt, out))
+        artifact.write_run_config(consolidate.saved_config(ckpt), tmp)
     return out
