@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet 'setuptools>=68' wheel ninja py-cpuinfo packaging setuptools_scm
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
-	$(PIP) install --quiet --no-build-isolation -e '.[dev,ray]'
+	$(PIP) install --quiet --no-build-isolation -e '.[dev,ray,compress]'
 	touch $(STAMP)
 
 # A fresh run directory each time, so `make demo` always trains end to end (rerunning on the same
