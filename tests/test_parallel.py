@@ -63,6 +63,26 @@ def test_autotp_tensor_parallel_matches_data_parallel(stage, tmp_path_factory, d
         assert stored == total // 2
     else:  # TP alone shards the attention/MLP matrices; embeddings and norms stay whole
         assert total // 2 < stored < total
+    assert_export_matches_twin(tp, twin(tmp_path_factory, data_cache, stage), stage, tmp_path_factory)
+
+
+def assert_export_matches_twin(tp: Path, dp: Path, stage: int, tmp_path_factory) -> None:
+    """`lmforge export` of an AutoTP checkpoint goes through DeepSpeed's universal format (zero_to_fp32
+    cannot read TP slices) and gives the data-parallel twin's weights; ZeRO-3 x TP is refused, saying why."""
+    out = tmp_path_factory.mktemp("tp-export")
+    if stage == 3:
+        proc = lmforge("export", tp, "--out", out / "tp", check=False)
+        assert proc.returncode == 2 and "ZeRO-3 x tensor-parallel checkpoint is not supported" in proc.stderr
+        assert not (out / "tp").exists()
+        return
+    from safetensors.torch import load_file
+
+    lmforge("export", tp, "--out", out / "tp")
+    lmforge("export", dp, "--out", out / "dp")
+    a, b = (load_file(str(out / d / "model.safetensors")) for d in ("tp", "dp"))
+    assert sorted(a) == sorted(b)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-4, f"TP export differs from the data-parallel twin's by {diff:.2e}"
 
 
 @pytest.mark.parametrize("overrides, expected", [

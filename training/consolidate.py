@@ -105,11 +105,7 @@ def load_merged(ckpt: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
     from transformers import AutoConfig
 
     cfg = saved_config(ckpt)
-    meta = ckpt / "hf"
-    if not (meta / "config.json").is_file():
-        raise ConfigError(f"{ckpt} has no hf/config.json (written by lmforge before export support); "
-                          "resume the run for one more checkpoint to export it")
-    conf = AutoConfig.from_pretrained(str(meta), local_files_only=True)
+    conf = AutoConfig.from_pretrained(str(_meta_dir(ckpt)), local_files_only=True)
     cls = model_lib.auto_class(cfg.task)
     if (ckpt / "adapter").is_dir():
         from peft import PeftModel
@@ -136,14 +132,91 @@ def load_merged(ckpt: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
 
 
 def to_hf(ckpt: Path, out: Path, max_shard_size: str = "2GB", dtype: torch.dtype = torch.float32) -> Path:
-    """Write the checkpoint as a Hugging Face directory: save_pretrained (safetensors) + tokenizer."""
-    from transformers import AutoTokenizer
+    """Write the checkpoint as a Hugging Face directory: safetensors weights, config, generation
+    config, tokenizer. Full-weight checkpoints stream one output shard at a time (DeepSpeed reads its
+    partition files memory-mapped), so peak memory stays near one shard, not the model, above the
+    process; adapter runs build the merged model in memory (base + adapter, the base dominates)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    model = load_merged(ckpt, dtype)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size, is_main_process=True)
+    if (ckpt / "adapter").is_dir():
+        model = load_merged(ckpt, dtype)
+        model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size, is_main_process=True)
+    else:
+        conf = AutoConfig.from_pretrained(str(_meta_dir(ckpt)), local_files_only=True)
+        _stream_weights(ckpt, out, max_shard_size, dtype)
+        conf.architectures = [_check_keys(ckpt, conf, out)]  # vLLM picks its implementation by this name
+        conf.dtype = dtype
+        conf.use_cache = True
+        conf.save_pretrained(str(out))
+        if saved_config(ckpt).task in ("pretrain", "sft"):
+            GenerationConfig.from_model_config(conf).save_pretrained(str(out))
     AutoTokenizer.from_pretrained(str(ckpt / "hf"), local_files_only=True).save_pretrained(str(out))
     return out
+
+
+def _meta_dir(ckpt: Path) -> Path:
+    meta = ckpt / "hf"
+    if not (meta / "config.json").is_file():
+        raise ConfigError(f"{ckpt} has no hf/config.json (written by lmforge before export support); "
+                          "resume the run for one more checkpoint to export it")
+    return meta
+
+
+def _stream_weights(ckpt: Path, out: Path, max_shard_size: str, dtype: torch.dtype) -> None:
+    cfg = saved_config(ckpt)
+    if cfg.parallel.tensor == 1:
+        from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
+
+        # DeepSpeed's own consolidation, shard by shard (lazy_mode + mmap inside).
+        convert_zero_checkpoint_to_state_dict(str(ckpt.parent), str(out), dtype=dtype, max_shard_size=max_shard_size,
+                                              safe_serialization=True, tag=ckpt.name)
+        return
+    # zero_to_fp32 cannot read AutoTP checkpoints (each rank holds slices of the same parameters).
+    # DeepSpeed's universal conversion merges the slices into whole fp32 parameters: read those.
+    if cfg.parallel.zero_stage == 3:
+        raise ConfigError(f"{ckpt}: exporting a ZeRO-3 x tensor-parallel checkpoint is not supported: DeepSpeed "
+                          "0.19's universal converter mis-sizes its replicated parameters (see training/universal.py)")
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from . import universal
+
+    zero = universal.convert(ckpt, logging.getLogger("lmforge.consolidate")) / "zero"
+    names = sorted(d.name for d in zero.iterdir() if (d / "fp32.pt").is_file())
+
+    def load(name: str) -> torch.Tensor:
+        t = torch.load(zero / name / "fp32.pt", map_location="cpu", weights_only=False)
+        return (t["param"] if isinstance(t, dict) else t).to(dtype).contiguous()
+
+    # Plan the shards from shapes on the meta device, then materialise one shard at a time.
+    shapes = {n: torch.empty_like(load(n), device="meta") for n in names}
+    split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    for file, tensors in split.filename_to_tensors.items():
+        save_file({n: load(n) for n in tensors}, str(out / file), metadata={"format": "pt"})
+    if split.is_sharded:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2, sort_keys=True))
+
+
+def _check_keys(ckpt: Path, conf, out: Path) -> str:
+    """The written tensor names must be exactly the model's parameters (tied ones once) and
+    persistent buffers: checked against the model built on the meta device, so nothing is allocated."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        model = model_lib.auto_class(saved_config(ckpt).task).from_config(conf)
+    written = set()
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            written |= set(st.keys())
+    required = {n for n, _ in model.named_parameters()}  # tied parameters appear once, as DeepSpeed names them
+    missing, unexpected = required - written, written - set(model.state_dict())
+    if missing or unexpected:
+        raise RuntimeError(f"{ckpt}: consolidated weights do not fit the model (missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]})")
+    return type(model).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
