@@ -34,6 +34,14 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 
+# llama.cpp for GGUF: its quantizer (`lmforge export --format gguf --quant q4_k_m`) and runtime (`lmforge
+# report` scores .gguf files in it when present). Optional and kept out of `make setup`/`make test`:
+# pip compiles llama.cpp from source, 20-30 min on 2 cores (pip caches the wheel for the next venv).
+LLAMA_CPP_VERSION := 0.3.36
+.PHONY: llama-cpp
+llama-cpp: setup
+	$(PIP) install llama-cpp-python==$(LLAMA_CPP_VERSION)
+
 bench: setup
 	$(PY) bench/bench_overhead.py
 	$(PY) bench/bench_dataloader.py

@@ -7,19 +7,31 @@ the final eval metrics. LoRA/QLoRA/AdaLoRA adapters are merged into the base.
     lmforge export runs/classification --out exports/cls --which best
     lmforge export runs/debug/checkpoints/step_20 --out exports/s20 --max-shard-size 500MB
 
+Causal LMs also export to a single GGUF file for llama.cpp / Ollama (tools/to_gguf.py) and to an
+ONNX Runtime directory (tools/to_onnx.py), from a run/checkpoint or from a dense Hugging Face
+directory lmforge wrote (export, dense compress recipes, prune), which carries lmforge_run.yaml:
+
+    lmforge export exports/debug --format gguf --quant q8_0 --out exports/debug-q8_0.gguf
+    lmforge export runs/debug --format gguf --out exports/debug-f16.gguf    # f16 is the default
+    lmforge export exports/debug --format onnx --int8 --out exports/debug-onnx-int8
+
 The weights come from training/consolidate.py (DeepSpeed's zero_to_fp32 for full runs; base +
 peft adapter, merged, for adapter runs), so any ZeRO stage and world size exports the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from lmforge.tools import artifact
 from lmforge.training import consolidate
-from lmforge.training.config import ConfigError
+from lmforge.training.config import Config, ConfigError
 
 
 def _final_metrics(run_dir: Path, step: int) -> dict:
@@ -68,12 +80,92 @@ Exported by lmforge from `{ckpt}`{adapter} on {time.strftime('%Y-%m-%d')}.
 
 def export(path: str | Path, out: str | Path, which: str = "latest", max_shard_size: str = "2GB",
            overwrite: bool = False, fmt: str = "hf", quant: str | None = None, int8: bool = False) -> Path:
-    if fmt != "hf" or quant or int8:
-        raise ConfigError("--format gguf/onnx are not implemented yet")  # TODO(helper B)
-    ckpt = consolidate.find_checkpoint(path, which)
+    _check_flags(fmt, quant, int8)
     out = Path(out)
+    if fmt == "hf":
+        return _export_hf(path, out, which, max_shard_size, overwrite)
+    src = _source(path, which)
+    artifact.require_causal(src.cfg, f"--format {fmt}")
+    if fmt == "gguf":
+        from lmforge.tools import to_gguf
+
+        q = to_gguf.check_quant(quant)
+        if out.suffix != ".gguf":
+            raise ConfigError(f"--out {out}: a GGUF export is one file named *.gguf")
+        to_gguf.check_model(src.meta, q)
+        with artifact.atomic_output(out, overwrite) as tmp, _hf_dir(src, out.parent) as hf:
+            to_gguf.write(hf, tmp, q, src.cfg.to_yaml(), name=out.stem)
+    else:
+        from lmforge.tools import to_onnx
+
+        with artifact.atomic_output(out, overwrite) as tmp, _hf_dir(src, out.parent) as hf:
+            to_onnx.write(hf, tmp, int8)
+            artifact.write_run_config(src.cfg, tmp)
+    return out
+
+
+def _export_hf(path: str | Path, out: Path, which: str, max_shard_size: str, overwrite: bool) -> Path:
+    if (Path(path) / "config.json").is_file():
+        raise ConfigError(f"{path} is already a Hugging Face directory; --format hf exports a run or checkpoint "
+                          "(--format gguf/onnx convert a Hugging Face directory)")
+    ckpt = consolidate.find_checkpoint(path, which)
     with artifact.atomic_output(out, overwrite) as tmp:  # a half-written export never carries the final name
         consolidate.to_hf(ckpt, tmp, max_shard_size=max_shard_size)
         (tmp / "README.md").write_text(model_card(ckpt, out))
         artifact.write_run_config(consolidate.saved_config(ckpt), tmp)
     return out
+
+
+def _check_flags(fmt: str, quant: str | None, int8: bool) -> None:
+    if fmt not in ("hf", "gguf", "onnx"):
+        raise ConfigError(f"--format {fmt}: allowed hf, gguf, onnx")
+    if quant is not None and fmt != "gguf":
+        hint = "; for int8 ONNX weights pass --int8" if fmt == "onnx" else ""
+        raise ConfigError(f"--quant is for --format gguf, not --format {fmt}{hint}")
+    if int8 and fmt != "onnx":
+        hint = "; for 8-bit GGUF weights pass --quant q8_0" if fmt == "gguf" else ""
+        raise ConfigError(f"--int8 is for --format onnx, not --format {fmt}{hint}")
+
+
+@dataclass
+class _Source:
+    """What to convert: `meta` holds config.json + tokenizer (readable before any weights are
+    consolidated); either `hf` (dense weights already there) or `ckpt` (to consolidate)."""
+    cfg: Config
+    meta: Path
+    hf: Path | None = None
+    ckpt: Path | None = None
+
+
+def _source(path: str | Path, which: str) -> _Source:
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file():
+        cfg = artifact.run_config(p)
+        _require_dense(p)
+        return _Source(cfg, p, hf=p)
+    ckpt = consolidate.find_checkpoint(p, which)
+    meta = ckpt / "hf"
+    if not (meta / "config.json").is_file():
+        raise ConfigError(f"{ckpt} has no hf/config.json (written by lmforge before export support); "
+                          "resume the run for one more checkpoint to export it")
+    return _Source(consolidate.saved_config(ckpt), meta, ckpt=ckpt)
+
+
+def _require_dense(hf_dir: Path) -> None:
+    """GGUF and ONNX start from dense weights; a quantized checkpoint would be re-quantized or not load."""
+    qc = json.loads((hf_dir / "config.json").read_text()).get("quantization_config")
+    # compressed-tensors with no quantization groups is a dense (possibly sparse) model saved as is
+    if qc and (qc.get("quant_method") != "compressed-tensors" or qc.get("config_groups")):
+        raise ConfigError(f"{hf_dir} holds quantized weights (quant_method {qc.get('quant_method')!r}); GGUF/ONNX "
+                          "export starts from a dense model: export the directory it was compressed from")
+
+
+@contextlib.contextmanager
+def _hf_dir(src: _Source, near: Path) -> Iterator[Path]:
+    """A dense HF directory for `src`: the input itself, or the checkpoint consolidated into a
+    temporary directory beside the output (same disk; removed afterwards)."""
+    if src.hf is not None:
+        yield src.hf
+        return
+    with tempfile.TemporaryDirectory(prefix=".lmforge-hf-", dir=near) as tmp:
+        yield consolidate.to_hf(src.ckpt, Path(tmp))
