@@ -296,6 +296,15 @@ class FinetuneConfig(_Section):
     init_r: int = Field(12, ge=1, description="AdaLoRA: initial rank before pruning down to r")
 
 
+class DistillConfig(_Section):
+    """Knowledge distillation from a frozen teacher (healing a pruned model: configs/heal.yaml)."""
+    teacher: str | None = Field(None, description="teacher: a local Hugging Face causal LM directory with the student's "
+                                                  "tokenizer (e.g. the unpruned model); unset: no distillation")
+    alpha: float = Field(0.5, ge=0, le=1, description="loss = (1 - alpha) * cross entropy + alpha * T^2 * "
+                                                      "KL(teacher || student) over the same target tokens")
+    temperature: float = Field(1.0, gt=0, description="T: both distributions are softmax(logits / T)")
+
+
 TASKS = ("pretrain", "sft", "classification", "ner")
 # What each task's evaluation reports (eval.early_stopping.metric picks one).
 TASK_METRICS = {"pretrain": ("eval/loss", "eval/ppl"),
@@ -311,6 +320,7 @@ class Config(_Section):
         "pretrain", description="pretrain: causal LM on packed documents; sft: chat/prompt-response with loss on "
                                 "responses; classification: a label per record; ner: BIO tags per word")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     train: TrainConfig
@@ -338,6 +348,13 @@ class Config(_Section):
                                  f"got {es.metric!r}")
             if not self.eval.interval:
                 raise ValueError("eval.early_stopping needs periodic evaluations: set eval.interval > 0")
+        if self.distill.teacher is not None:
+            if self.task not in ("pretrain", "sft"):
+                raise ValueError(f"distill.teacher: distillation matches next-token distributions, for task pretrain "
+                                 f"or sft; this run has task={self.task}")
+            if self.parallel.sequence * self.parallel.tensor > 1:
+                raise ValueError("distill.teacher is not combined with parallel.sequence/tensor > 1: the teacher runs "
+                                 "unsharded on the whole micro batch, while SP/TP ranks hold a chunk or a shard of it")
         method = self.finetune.method
         if method != "full":
             if not (self.model.init_from or (self.model.path and self.model.pretrained)):
@@ -417,8 +434,8 @@ class Config(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-PATH_KEYS = ("run_dir", "model.path", "model.init_from", "data.tokenizer", "data.cache_dir", "parallel.ds_config",
-             "checkpoint.dir", "logging.dir", "slurm.template")
+PATH_KEYS = ("run_dir", "model.path", "model.init_from", "distill.teacher", "data.tokenizer", "data.cache_dir",
+             "parallel.ds_config", "checkpoint.dir", "logging.dir", "slurm.template")
 
 # Keys whose change makes an existing checkpoint a different run (model shape, tokens it saw,
 # optimizer state layout). lr, steps, intervals and logging may change on resume; so may the

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, data, dist, engine as engine_lib, evaluate as evaluate_lib, metrics as metrics_lib, model as model_lib
-from . import tasks as tasks_lib
+from . import distill as distill_lib, tasks as tasks_lib
 from .config import Config, ConfigError, build_ds_config, dump_config, load_config
 
 
@@ -75,6 +75,9 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
                                    task.tokenizer.pad_token_id)
         tokenizer_dir = None
     model_lib.check_finetune(conf, cfg.task, cfg.finetune)
+    if cfg.distill.teacher:
+        distill_lib.check_teacher(cfg.distill, conf, task.tokenizer if task is not None
+                                  else data.load_tokenizer(tokenizer_dir))
     sp = cfg.parallel.sequence
     heads, kv_heads = getattr(conf, "num_attention_heads", None), getattr(conf, "num_key_value_heads", None)
     if sp > 1 and heads is not None and (heads % sp or (kv_heads and kv_heads % sp and sp % kv_heads)):
@@ -118,27 +121,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def model_inputs(inputs, targets: torch.Tensor, device, layout: dist.Layout | None = None) -> tuple[dict, torch.Tensor]:
+    """A micro batch as model keyword arguments and targets on the device. A fine-tuning task's
+    batch is already kwargs (targets -100 where nothing counts); packed tokens get this rank's
+    sequence-parallel chunk and its global position ids."""
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}, targets.to(device)
+    positions = None
+    if layout is not None:
+        inputs, targets, positions = layout.chunk(inputs, targets)
+    return ({"input_ids": inputs.to(device), "position_ids": positions.to(device) if positions is not None else None},
+            targets.to(device))
+
+
 def train_step(engine, train_data, micro_batches, device, layout: dist.Layout | None = None,
-               loss_scale: float = 1.0, adalora: engine_lib.AdaLoraStep | None = None) -> float:
-    """One optimizer step over this rank's micro batches; returns the loss averaged over all ranks
-    (SP chunks are equal-sized and TP peers compute the same loss, so this is the token-weighted
-    global mean in every layout). Task data (dict inputs) average over the targets that count."""
+               loss_scale: float = 1.0, adalora: engine_lib.AdaLoraStep | None = None,
+               distiller: distill_lib.Distiller | None = None) -> float:
+    """One optimizer step over this rank's micro batches; returns the cross entropy averaged over all
+    ranks (SP chunks are equal-sized and TP peers compute the same loss, so this is the token-weighted
+    global mean in every layout). Task data (dict inputs) average over the targets that count. With
+    a distiller the gradient is that of its blend of this cross entropy and the teacher's KL term;
+    the return value stays the cross entropy, comparable with eval/loss."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     for indices in micro_batches:
         inputs, targets = train_data.batch(indices)
-        if isinstance(inputs, dict):  # a fine-tuning task's batch: model kwargs, targets with -100
-            logits = engine(**{k: v.to(device) for k, v in inputs.items()}).logits
-            summed, count = tasks_lib.loss_sum(logits, targets.to(device))
+        kwargs, targets = model_inputs(inputs, targets, device, layout)
+        logits = engine(**kwargs).logits
+        if isinstance(inputs, dict):
+            summed, count = tasks_lib.loss_sum(logits, targets)
             loss = summed / max(count, 1)
         else:
-            positions = None
-            if layout is not None:
-                inputs, targets, positions = layout.chunk(inputs, targets)
-            logits = engine(input_ids=inputs.to(device),
-                            position_ids=positions.to(device) if positions is not None else None).logits
-            loss = evaluate_lib.token_loss(logits, targets.to(device))
+            loss = evaluate_lib.token_loss(logits, targets)
+        objective = loss if distiller is None else distiller.blend(loss, logits, targets, kwargs)
         # DeepSpeed scales by 1/accumulation and syncs at the boundary; loss_scale: engine.loss_scale
-        engine.backward(loss * loss_scale if loss_scale != 1.0 else loss)
+        engine.backward(objective * loss_scale if loss_scale != 1.0 else objective)
         if adalora is not None:
             adalora.before_step()
         engine.step()          # optimizer + scheduler step only at the accumulation boundary
@@ -198,6 +214,11 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
         torch.distributed.barrier()
         source = resolve_source(cfg.model.init_from)
         log.info(f"initialising from {source}")
+    distiller = None
+    if cfg.distill.teacher:
+        distiller = distill_lib.Distiller(cfg.distill, d.device, dtype, plan.runtime.attention)
+        log.info(f"distillation from {distiller.path}: loss = {1 - cfg.distill.alpha:g} x CE + {cfg.distill.alpha:g} "
+                 f"x T^2 KL (T={cfg.distill.temperature:g})")
     model = model_lib.build(cfg.model, plan.hf_config, plan.ds_config, plan.runtime.attention, dtype,
                             cfg.train.activation_checkpointing, cfg.task, source, cfg.finetune, total_steps)
     n_total, n_matmul = model_lib.count_params(model)
@@ -273,8 +294,9 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     while step < total_steps:
         lr = engine.get_lr()[0]
         t0 = time.perf_counter()
-        loss = train_step(engine, train_data, sampler.next_step(), d.device, layout, loss_scale, adalora)
+        loss = train_step(engine, train_data, sampler.next_step(), d.device, layout, loss_scale, adalora, distiller)
         step_time = time.perf_counter() - t0
+        kd = {"train/kd_loss": distiller.pop_mean()} if distiller is not None else {}
         step += 1
         tokens += tokens_per_step
         perf = throughput(step_time)
@@ -288,7 +310,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
             grad_norm = engine.get_global_grad_norm()
             metrics.log(step, {"train/loss": loss, "train/lr": lr, "train/tokens": tokens,
                                "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                               "mem/peak_gib": metrics_lib.memory_gib(), **perf})
+                               "mem/peak_gib": metrics_lib.memory_gib(), **kd, **perf})
         if cfg.eval.interval and step % cfg.eval.interval == 0:
             evals[step] = do_eval()
             shown = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in evals[step].items())
