@@ -8,8 +8,13 @@ STAMP := $(VENV)/.lmforge-setup
 TORCH_VERSION := 2.13.0
 DEEPSPEED_VERSION := 0.19.8
 PYTEST_ARGS ?=
+# llm-compressor pins an older transformers/compressed-tensors than the main environment, so it gets
+# an environment of its own; `lmforge compress` runs tools/_oneshot.py with its python.
+COMPRESS_VENV ?= .venv-compress
+LLMCOMPRESSOR_VERSION := 0.14.0.1
+COMPRESS_STAMP := $(COMPRESS_VENV)/.lmforge-compress-setup
 
-.PHONY: setup demo test bench clean
+.PHONY: setup compress-env demo test bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +28,17 @@ $(STAMP): pyproject.toml
 	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
 	$(PIP) install --quiet --no-build-isolation -e '.[dev,ray,compress]'
 	touch $(STAMP)
+
+compress-env: $(COMPRESS_STAMP)
+
+# torch first (the pinned CPU wheel) so llm-compressor's `torch<=2.14` is already met and pip keeps it;
+# llm-compressor then brings its own transformers and compressed-tensors. Nothing of lmforge goes in:
+# tools/_oneshot.py imports only torch, numpy, transformers and llmcompressor.
+$(COMPRESS_STAMP):
+	test -x $(COMPRESS_VENV)/bin/python || $(PYTHON) -m venv $(COMPRESS_VENV)
+	$(COMPRESS_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(COMPRESS_VENV)/bin/python -m pip install --quiet llmcompressor==$(LLMCOMPRESSOR_VERSION) numpy
+	touch $(COMPRESS_STAMP)
 
 # A fresh run directory each time, so `make demo` always trains end to end (rerunning on the same
 # run_dir would resume its finished checkpoint instead).
