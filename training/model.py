@@ -44,11 +44,22 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int, source: Path | Non
     else:
         kwargs: dict[str, Any] = dict(MODEL_PRESETS[cfg.preset])
         kwargs.setdefault("vocab_size", pad_vocab(vocab_size))
+        # Overrides go into the constructor, so derived sizes follow them (head_dim = hidden_size /
+        # num_attention_heads unless head_dim itself is overridden); set afterwards they would not.
+        unknown = sorted(set(cfg.overrides) - set(LlamaConfig().to_dict()) - {"head_dim"})
+        if unknown:
+            raise ConfigError(f"model.overrides.{unknown[0]}: LlamaConfig has no such key")
+        kwargs.update(cfg.overrides)
         conf = LlamaConfig(**kwargs, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+        return _with_labels(conf, labels, pad_id)
     for key, value in cfg.overrides.items():
         if not hasattr(conf, key):
             raise ConfigError(f"model.overrides.{key}: {type(conf).__name__} has no such key")
         setattr(conf, key, value)
+    return _with_labels(conf, labels, pad_id)
+
+
+def _with_labels(conf, labels: list[str] | None, pad_id: int | None):
     if labels is not None:
         conf.num_labels = len(labels)
         conf.id2label = dict(enumerate(labels))
