@@ -123,17 +123,17 @@ def _permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _state(hf_dir: Path) -> tuple[int, Iterator[tuple[str, "np.ndarray"]]]:
-    """(tensor count, iterator of (name, float32 array)): the safetensors shards read one tensor at a time."""
+def _state(hf_dir: Path) -> tuple[set[str], Iterator[tuple[str, "np.ndarray"]]]:
+    """(tensor names, iterator of (name, float32 array)): the safetensors shards read one tensor at a time."""
     from safetensors import safe_open
 
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{hf_dir}: no *.safetensors weights")
-    count = 0
+    keys: set[str] = set()
     for f in files:
         with safe_open(str(f), framework="pt") as st:
-            count += len(st.keys())
+            keys |= set(st.keys())
 
     def tensors():
         for f in files:
@@ -141,7 +141,7 @@ def _state(hf_dir: Path) -> tuple[int, Iterator[tuple[str, "np.ndarray"]]]:
                 for name in st.keys():
                     yield name, st.get_tensor(name).float().numpy()
 
-    return count, tensors()
+    return keys, tensors()
 
 
 def _add_hparams(w, conf: dict, vocab_size: int) -> None:
@@ -222,12 +222,16 @@ def _write_gguf(hf_dir: Path, out_file: Path, quant: str, run_config_yaml: str, 
     _add_hparams(w, conf, vocab_size)
     _add_tokenizer(w, hf_dir, vocab_size)
     w.add_string(RUN_CONFIG_KEY, run_config_yaml)
-    count, tensors = _state(hf_dir)
-    for hf_name, data in tqdm(tensors, total=count, desc=f"gguf {quant}", unit="tensor"):
+    keys, tensors = _state(hf_dir)
+    for hf_name, data in tqdm(tensors, total=len(keys), desc=f"gguf {quant}", unit="tensor"):
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue  # recomputed by llama.cpp from rope.freq_base
         if hf_name == "lm_head.weight" and conf.get("tie_word_embeddings"):
-            continue  # tied: llama.cpp reuses token_embd when output.weight is absent
+            # tied: llama.cpp reuses token_embd when output.weight is absent; a checkpoint may hold the
+            # shared tensor under either name
+            if "model.embed_tokens.weight" in keys:
+                continue
+            hf_name = "model.embed_tokens.weight"
         gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise ConfigError(f"--format gguf: tensor {hf_name} has no llama.cpp name (not a plain Llama checkpoint)")
