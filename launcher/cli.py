@@ -8,6 +8,10 @@
     lmforge prepare configs/demo.yaml                               # build the tokenizer + token cache
     lmforge plan configs/pretrain_7b.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB [--json]
     lmforge export runs/debug --out exports/debug [--which latest|best] [--max-shard-size 2GB]
+    lmforge export exports/debug --format gguf --quant q8_0 --out exports/debug-q8_0.gguf  # or --format onnx [--int8]
+    lmforge compress exports/debug --recipe w4a16 --out exports/debug-w4a16       # make compress-env once
+    lmforge prune exports/debug --mlp 0.5 --out exports/debug-mlp50                 # then heal: configs/heal.yaml
+    lmforge report exports/debug-w4a16 exports/debug-q8_0.gguf --baseline exports/debug --gate 'ppl<=+5%'
 
 Every command validates the whole config first; a bad key or value prints one line naming it and
 exits 2 before any rank starts. The driver never imports DeepSpeed: ranks do, in
@@ -202,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default: data.tokenizer's, else data.vocab_size)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("export", help="a run or checkpoint -> a Hugging Face directory (safetensors, adapters merged)")
-    p.add_argument("path", help="run directory, its checkpoints/ or a step_N checkpoint")
+    p = sub.add_parser("export", help="a run or checkpoint -> a Hugging Face directory (adapters merged), GGUF or ONNX")
+    p.add_argument("path", help="run directory, its checkpoints/, a step_N checkpoint, or (with --format gguf/onnx) "
+                                "a Hugging Face directory lmforge wrote")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--which", choices=["latest", "best"], default="latest",
                    help="with a run directory: newest checkpoint, or the early-stopping best")
@@ -214,13 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, help="with --format gguf: f32, f16 (default), q8_0 or q4_k_m")
     p.add_argument("--int8", action="store_true", help="with --format onnx: int8 weights (onnxruntime quantize_dynamic)")
     p.set_defaults(func=cmd_export, overrides=[])
-    # After training: compression and the before/after report. Each tool adds its own subcommand;
-    # its heavy imports (torch, llm-compressor, onnxruntime) happen only when it runs.
-    import importlib.util
+    # After training: compression, pruning and the before/after report. Each tool adds its own
+    # subcommand; its heavy imports (torch, llm-compressor, onnxruntime) happen only when it runs.
+    from lmforge.tools import compress, prune, report
 
-    for name in ("compress", "prune", "report"):
-        if importlib.util.find_spec(f"lmforge.tools.{name}") is not None:  # TODO(integration): plain imports
-            importlib.import_module(f"lmforge.tools.{name}").register(sub)
+    for tool in (compress, prune, report):
+        tool.register(sub)
     return parser
 
 

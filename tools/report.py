@@ -137,7 +137,7 @@ def _llama_cpp(path: Path, threads: int, t0: float) -> Loaded:
     def fn(ids):
         llm.reset()  # each row is scored from an empty context, as in the other runtimes
         llm.eval(ids[0].tolist())
-        return np.asarray(llm.scores[: ids.shape[1]], dtype=np.float32)
+        return np.array(llm.scores[: ids.shape[1]], dtype=np.float32)  # a copy: llama.cpp reuses the buffer
 
     return Loaded("llama.cpp", fn, time.perf_counter() - t0)
 
