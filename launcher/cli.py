@@ -12,6 +12,7 @@
     lmforge compress exports/debug --recipe w4a16 --out exports/debug-w4a16       # make compress-env once
     lmforge prune exports/debug --mlp 0.5 --out exports/debug-mlp50                 # then heal: configs/heal.yaml
     lmforge report exports/debug-w4a16 exports/debug-q8_0.gguf --baseline exports/debug --gate 'ppl<=+5%'
+    lmforge serve exports/debug-w8a8 [--check]            # vLLM's OpenAI server on 127.0.0.1 (make vllm-env once)
 
 Every command validates the whole config first; a bad key or value prints one line naming it and
 exits 2 before any rank starts. The driver never imports DeepSpeed: ranks do, in
@@ -221,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export, overrides=[])
     # After training: compression, pruning and the before/after report. Each tool adds its own
     # subcommand; its heavy imports (torch, llm-compressor, onnxruntime) happen only when it runs.
-    from lmforge.tools import compress, prune, report
+    from lmforge.tools import compress, prune, report, serve
 
-    for tool in (compress, prune, report):
+    for tool in (compress, prune, report, serve):
         tool.register(sub)
     return parser
 

@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
-    # Serving through vLLM needs its own 2.5 GB environment: only `make test-serve` (-m serve) runs it.
+    # Serving through vLLM needs its own 3.4 GB environment: only `make test-serve` (-m serve) runs it.
     if "serve" not in (config.option.markexpr or ""):
         skip = pytest.mark.skip(reason="vLLM serving: run `make test-serve`")
         for item in items:
