@@ -46,7 +46,8 @@ demo: setup
 	$(VENV)/bin/lmforge train configs/demo.yaml --nproc 2 run_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # pytest exits 5 when it collects no tests (e.g. a -k filter matching nothing): report it, pass.
-test: setup
+# compress-env: tests/test_compress.py runs llm-compressor for real, in its own venv.
+test: setup compress-env
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 
