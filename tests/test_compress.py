@@ -152,11 +152,12 @@ def test_int8_torchao(lm_hf, tmp_path, heldout, base_ppl):
     assert ppl <= 1.01 * base_ppl
 
 
-def test_w8a16(lm_hf, tmp_path, heldout, base_ppl):
+def test_w8a16_with_another_group_size(lm_hf, tmp_path, heldout, base_ppl):
     out = tmp_path / "w8a16"
-    record = compress(lm_hf, out, "w8a16")
+    record = compress(lm_hf, out, "w8a16", "--group-size", "64")  # for models whose widths 128 does not divide
     check_common(lm_hf, out, record)
-    assert record["quantization"]["groups"][0]["weight_bits"] == 8 and record["file_shrank"]
+    group = record["quantization"]["groups"][0]
+    assert (group["weight_bits"], group["group_size"]) == (8, 64) and record["file_shrank"]
     ppl = perplexity(load(out), heldout)
     print(f"w8a16: ppl {base_ppl:.3f} -> {ppl:.3f}")
     assert ppl <= 1.01 * base_ppl
@@ -210,6 +211,7 @@ def test_bad_input(lm_hf, tmp_path, monkeypatch):
     cases.append((narrow, "w4a16", {"data": lm_hf / artifact.RUN_CONFIG}, r"group size 128 does not divide the "
                   r"in_features of 7 of 7 Linear layer\(s\): model.layers.0.self_attn.q_proj \(64\)"))
     cases.append((narrow, "w8a8", {}, "has no lmforge_run.yaml .* pass --data"))  # no data named anywhere
+    cases.append((lm_hf, "w8a8", {"group_size": 64}, "--group-size is for the group-wise recipes"))
     cases.append((lm_hf, "w8a8", {"calibration_samples": 100_000}, "calibration data: .*--calibration-samples"))
     cases.append((lm_hf, "w8a8", {"seq_len": 4096}, "longer than the model's max_position_embeddings"))
     # A classifier's run config: compression is for causal LMs.

@@ -30,15 +30,20 @@ import torch
 IGNORE = ["lm_head"]
 
 
-def build_recipe(name: str) -> list:
+def build_recipe(name: str, group_size: int | None = None) -> list:
     from llmcompressor.modifiers.pruning import WandaPruningModifier
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
-    if name in ("w4a16", "w8a16"):  # group-128 symmetric int weights, GPTQ error correction
-        return [GPTQModifier(targets="Linear", scheme=name.upper(), ignore=IGNORE)]
+    if name in ("w4a16", "w8a16"):  # group-wise (default 128) symmetric int weights, GPTQ error correction
+        from compressed_tensors.quantization import preset_name_to_scheme
+
+        scheme = preset_name_to_scheme(name.upper(), ["Linear"])
+        if group_size:
+            scheme.weights.group_size = group_size
+        return [GPTQModifier(config_groups={"group_0": scheme}, ignore=IGNORE)]
     if name == "w8a8":  # SmoothQuant moves activation outliers into weights, then GPTQ int8 per channel
         return [SmoothQuantModifier(smoothing_strength=0.8),
                 GPTQModifier(targets="Linear", scheme="W8A8", ignore=IGNORE)]
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", required=True)
     p.add_argument("--tokens", default=None, help=".npy of int64 [N, L] calibration token ids (data-free recipes: none)")
     p.add_argument("--tokenizer", default=None, help="the tokenizer that made --tokens (default: --model's)")
+    p.add_argument("--group-size", type=int, default=None, help="w4a16/w8a16: inputs per weight scale (default 128)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration rows per forward (rows are equal length: no padding)")
     p.add_argument("--out", required=True, help="directory to save the compressed model into")
     p.add_argument("--report", default=None, help="JSON file for the versions used and the time taken")
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     # oneshot insists on a tokenizer when given data, though these rows are already token ids; it is
     # never saved (the caller copies the input's own files).
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model) if args.tokens else None
-    oneshot(model=model, tokenizer=tokenizer, recipe=build_recipe(args.recipe), **data)
+    oneshot(model=model, tokenizer=tokenizer, recipe=build_recipe(args.recipe, args.group_size), **data)
     model.save_pretrained(args.out, save_compressed=True)
     seconds = time.perf_counter() - start
     print(f"_oneshot.py: {args.recipe} done in {seconds:.1f} s", flush=True)

@@ -26,6 +26,7 @@ of the data that calibrated it; with --data, that training YAML becomes the outp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -152,7 +153,8 @@ def check_shapes(recipe: Recipe, layers: dict[str, int]) -> None:
     if bad:
         shown = ", ".join(f"{name} ({n})" for name, n in list(bad.items())[:4]) + (" …" if len(bad) > 4 else "")
         what = f"group size {step}" if recipe.group_size else "a 2:4 mask (groups of 4)"
-        alt = " (w8a8 quantizes per channel and has no such constraint)" if recipe.group_size else ""
+        alt = (" (pass a --group-size that divides them all, or use w8a8, which quantizes per channel)"
+               if recipe.group_size else "")
         raise ConfigError(f"--recipe {recipe.name}: {what} does not divide the in_features of {len(bad)} of "
                           f"{len(layers)} Linear layer(s): {shown}{alt}")
 
@@ -194,6 +196,8 @@ def run_oneshot(python: Path, src: Path, recipe: Recipe, calib: Calibration | No
     with tempfile.TemporaryDirectory(prefix="lmforge-compress-") as work:
         cmd = [str(python), str(ONESHOT), "--model", str(src), "--recipe", recipe.name, "--out", str(out),
                "--report", f"{work}/oneshot.json", "--batch-size", str(batch_size)]
+        if recipe.group_size:
+            cmd += ["--group-size", str(recipe.group_size)]
         if calib is not None:
             np.save(f"{work}/calibration.npy", calib.tokens.numpy())
             cmd += ["--tokens", f"{work}/calibration.npy", "--tokenizer", str(calib.tokenizer_dir)]
@@ -296,11 +300,17 @@ def copy_side_files(src: Path, out: Path, recipe: Recipe, calib: Calibration | N
 
 def compress(src: str | Path, out: str | Path, recipe: str, calibration_samples: int = 128,
              seq_len: int | None = None, data: str | None = None, overwrite: bool = False,
-             batch_size: int = 8) -> Path:
+             batch_size: int = 8, group_size: int | None = None) -> Path:
     src, out = Path(src), Path(out)
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe {recipe!r}: one of {', '.join(RECIPES)}")
     r = RECIPES[recipe]
+    if group_size is not None:
+        if r.group_size is None:
+            raise ConfigError(f"--group-size is for the group-wise recipes (w4a16, w8a16), not {r.name}")
+        if group_size < 1:
+            raise ConfigError(f"--group-size {group_size}: at least 1")
+        r = dataclasses.replace(r, group_size=group_size, method=r.method.replace("group 128", f"group {group_size}"))
     if r.cuda_only:
         import torch
 
@@ -372,6 +382,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8,
                    help="calibration rows per forward pass (speed and memory: the statistics sum over all rows either "
                         "way; rows are equal length, unpadded)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="w4a16/w8a16: inputs per weight scale (default 128; must divide every layer's in_features, "
+                        "e.g. 64 for an MLP of 704)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_cmd, overrides=[])
 
@@ -379,7 +392,7 @@ def register(sub) -> None:
 def _cmd(args) -> int:
     try:
         out = compress(args.path, args.out, args.recipe, args.calibration_samples, args.seq_len, args.data,
-                       args.overwrite, args.batch_size)
+                       args.overwrite, args.batch_size, args.group_size)
     except OneshotFailed as e:
         print(f"lmforge compress: {e}", file=sys.stderr)
         return 1
