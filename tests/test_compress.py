@@ -95,7 +95,7 @@ def test_w4a16(lm_hf, tmp_path, heldout, base_ppl):
     # A quantized directory is not compressed a second time.
     from lmforge.tools.compress import compress as run
 
-    with pytest.raises(ConfigError, match="already quantized"):
+    with pytest.raises(ConfigError, match="quantized weights; lmforge compress starts from dense weights"):
         run(out, tmp_path / "again", "w8a8")
     assert no_output(tmp_path / "again")
 

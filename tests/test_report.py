@@ -80,11 +80,20 @@ def test_report_measures_and_gates(lm_hf, tmp_path):
     (["--gate", "perplexity<=5%"], "expected METRIC OP VALUE"),
     (["--gate", "ppl=+5%"], "expected METRIC OP VALUE"),
     (["/nonexistent/model"], "does not exist"),
-    (["pyproject.toml"], "not an artifact"),
+    (["pyproject.toml"], "not a model artifact"),
+    (["--eval-seqs", "0"], "--eval-seqs 0: at least 1"),
+    (["--seq-len", "1"], "--seq-len 1: at least 2"),
 ])
 def test_report_refuses_bad_input_before_loading(args, expected, lm_hf, tmp_path):
-    artifacts = [a for a in args if not a.startswith("-") and "%" not in a] or [str(lm_hf)]
+    artifacts = [a for a in args if not a.startswith("-") and "%" not in a and not a.isdigit()] or [str(lm_hf)]
     flags = [a for a in args if a not in artifacts]
     proc = lmforge("report", *artifacts, "--baseline", lm_hf, "--out", tmp_path / "r", *flags, check=False)
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "r").exists()
+
+
+def test_report_never_replaces_other_files(lm_hf, tmp_path):
+    (tmp_path / "mine.txt").write_text("keep")
+    proc = lmforge("report", lm_hf, "--baseline", lm_hf, "--out", tmp_path, check=False)
+    assert proc.returncode == 2 and "holds other files" in proc.stderr
+    assert (tmp_path / "mine.txt").read_text() == "keep"

@@ -12,14 +12,17 @@ the report's held-out tokens come from the same data pipeline, tokenizer and spl
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from lmforge.training.config import Config, ConfigError, validate, yaml_load
+
+if TYPE_CHECKING:  # numpy and torch load only when tokens are needed: `lmforge --help` imports this module
+    import numpy as np
+    import torch
 
 RUN_CONFIG = "lmforge_run.yaml"  # the training config, inside every artifact directory
 CAUSAL_TASKS = ("pretrain", "sft")  # compression, GGUF/ONNX and the perplexity report are for causal LMs
@@ -29,7 +32,8 @@ def write_run_config(cfg: Config, out_dir: Path) -> None:
     (Path(out_dir) / RUN_CONFIG).write_text(cfg.to_yaml())
 
 
-def run_config(path: str | Path) -> Config:
+def run_config(path: str | Path, hint: str = "pass --data CONFIG to name the training config whose data to use"
+               ) -> Config:
     """The training config an artifact carries (a directory's lmforge_run.yaml, or a GGUF's metadata)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
@@ -37,13 +41,60 @@ def run_config(path: str | Path) -> Config:
 
         field = GGUFReader(str(path)).get_field("lmforge.run_config")
         if field is None:
-            raise ConfigError(f"{path} carries no lmforge.run_config (not written by lmforge export); pass --data CONFIG")
+            raise ConfigError(f"{path} carries no lmforge.run_config (not written by lmforge export); {hint}")
         return validate(yaml_load(field.contents()))
     found = path / RUN_CONFIG
     if not found.is_file():
-        raise ConfigError(f"{path} has no {RUN_CONFIG} (not written by lmforge export/compress); pass --data CONFIG "
-                          "to name the training config whose data to use")
+        raise ConfigError(f"{path} has no {RUN_CONFIG} (not written by an lmforge tool); {hint}")
     return validate(yaml_load(found.read_text()))
+
+
+# --------------------------------------------------------------------------- what an artifact is
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".data")
+
+
+def kind(path: str | Path) -> str:
+    """"gguf" (one file), "onnx" (model.onnx + tokenizer) or "hf" (a Hugging Face model directory)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return "onnx"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf"
+    raise ConfigError(f"{path}: not a model artifact (a Hugging Face directory with config.json, an ONNX directory "
+                      "with model.onnx, or a .gguf file)")
+
+
+def quantization(hf_dir: str | Path) -> str:
+    """How a Hugging Face directory stores its weights: "dense", "compressed-tensors" (quantized by
+    llm-compressor), "torchao", or another quant_method. A compressed-tensors file with no
+    quantization groups (a sparsity recipe) holds plain dense weights."""
+    qc = json.loads((Path(hf_dir) / "config.json").read_text()).get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if not method or (method == "compressed-tensors" and not qc.get("config_groups")):
+        return "dense"
+    return method
+
+
+def require_dense_hf(path: str | Path, what: str) -> None:
+    """`what` starts from dense Hugging Face weights: refuse GGUF, ONNX and quantized inputs clearly."""
+    k = kind(path)
+    if k != "hf":
+        raise ConfigError(f"{what} takes a Hugging Face model directory; {path} is {'an ONNX' if k == 'onnx' else 'a GGUF'}"
+                          " artifact: pass the directory it was exported from")
+    q = quantization(path)
+    if q != "dense":
+        raise ConfigError(f"{path} holds {q}-quantized weights; {what} starts from dense weights: pass the "
+                          "directory it was compressed from")
+
+
+def weight_bytes(path: str | Path) -> int:
+    """Bytes of weight files only (no tokenizer or metadata), the same count for every tool."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+    return sum(p.stat().st_size for p in files)
 
 
 def carry(src_dir: str | Path, dst_dir: str | Path) -> None:
@@ -59,17 +110,25 @@ def require_causal(cfg: Config, what: str) -> None:
                           f"this artifact was trained with task={cfg.task}")
 
 
+def check_out(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an existing --out before any work starts (atomic_output checks again at the end)."""
+    out = Path(out)
+    if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"--out {out} exists (pass --overwrite to replace it)")
+    if out.resolve() == Path.cwd().resolve() or out.name in ("", ".", ".."):
+        raise ConfigError(f"--out {out}: name a new file or directory, not the current one")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `out` (a file or a directory); rename it to `out` only when the
     block finishes, so a crash or a refused input never leaves a half-written artifact under the
-    final name."""
-    out = Path(out)
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        if not overwrite:
-            raise ConfigError(f"--out {out} exists (pass --overwrite to replace it)")
+    final name. The temporary name is unique to this process: two runs aimed at the same --out do
+    not delete each other's work."""
+    out = check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(".tmp_" + out.name)
+    tmp = out.with_name(f".tmp_{out.name}.{os.getpid()}")
     _remove(tmp)
     try:
         yield tmp
@@ -78,6 +137,11 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
     if not tmp.exists():
         raise RuntimeError(f"nothing was written to {tmp}")
+    try:
+        check_out(out, overwrite)  # another process may have published it meanwhile
+    except ConfigError:
+        _remove(tmp)
+        raise
     _remove(out)
     tmp.rename(out)
 
@@ -89,7 +153,9 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
-def _tokens(cfg: Config, split: str) -> np.ndarray:
+def _tokens(cfg: Config, split: str) -> "np.ndarray":
+    import numpy as np
+
     from lmforge.training import data
 
     # SFT runs hold chat records; their data.paths still tokenize as a plain text stream through the
@@ -99,7 +165,10 @@ def _tokens(cfg: Config, split: str) -> np.ndarray:
     return np.load(prepared.train_tokens if split == "train" else prepared.val_tokens, mmap_mode="r")
 
 
-def _rows(stream: np.ndarray, n: int | None, seq_len: int, what: str, flag: str) -> torch.Tensor:
+def _rows(stream: "np.ndarray", n: int | None, seq_len: int, what: str, flag: str) -> "torch.Tensor":
+    import numpy as np
+    import torch
+
     have = (len(stream) - 1) // seq_len
     if have < 1 or (n is not None and have < n):
         raise ConfigError(f"{what}: the data holds {len(stream)} tokens, {have} sequence(s) of {seq_len}; "
@@ -108,16 +177,33 @@ def _rows(stream: np.ndarray, n: int | None, seq_len: int, what: str, flag: str)
     return torch.from_numpy(np.asarray(stream[:n * seq_len + 1], dtype=np.int64)[:n * seq_len].reshape(n, seq_len).copy())
 
 
-def heldout_tokens(cfg: Config, max_seqs: int | None = 64, seq_len: int | None = None) -> torch.Tensor:
+def _check_rows(n: int | None, seq_len: int, flags: str, max_positions: int | None) -> None:
+    if n is not None and n < 1:
+        raise ConfigError(f"{flags.split('/')[0]} {n}: at least 1")
+    if seq_len < 2:
+        raise ConfigError(f"--seq-len {seq_len}: at least 2 (perplexity and calibration need a next token)")
+    if max_positions and seq_len > max_positions:
+        raise ConfigError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings {max_positions}")
+
+
+def heldout_tokens(cfg: Config, max_seqs: int | None = 64, seq_len: int | None = None,
+                   max_positions: int | None = None) -> "torch.Tensor":
     """[N, L] token ids from the run's held-out split, in order (the same rows for every artifact).
     Perplexity is over next-token predictions inside each row."""
     seq_len = seq_len or cfg.data.seq_len
+    _check_rows(max_seqs, seq_len, "--eval-seqs/--seq-len", max_positions)
     stream = _tokens(cfg, "val")
     have = (len(stream) - 1) // seq_len
     return _rows(stream, min(max_seqs, have) if max_seqs else None, seq_len, "held-out tokens", "--eval-seqs/--seq-len")
 
 
-def calibration_tokens(cfg: Config, n_samples: int, seq_len: int | None = None) -> torch.Tensor:
+def calibration_tokens(cfg: Config, n_samples: int, seq_len: int | None = None, max_positions: int | None = None,
+                       vocab_size: int | None = None) -> "torch.Tensor":
     """[n_samples, L] token ids from the run's training split: calibration never sees held-out data."""
     seq_len = seq_len or cfg.data.seq_len
-    return _rows(_tokens(cfg, "train"), n_samples, seq_len, "calibration data", "--calibration-samples/--seq-len")
+    _check_rows(n_samples, seq_len, "--calibration-samples/--seq-len", max_positions)
+    tokens = _rows(_tokens(cfg, "train"), n_samples, seq_len, "calibration data", "--calibration-samples/--seq-len")
+    if vocab_size is not None and int(tokens.max()) >= vocab_size:
+        raise ConfigError(f"the calibration data's tokenizer emits ids up to {int(tokens.max())}, beyond the model's "
+                          f"vocab_size {vocab_size}: --data names a config with another tokenizer")
+    return tokens

@@ -128,10 +128,7 @@ def target_layers(src: Path) -> dict[str, int]:
         conf = AutoConfig.from_pretrained(str(src), local_files_only=True)
     except (ValueError, OSError) as e:
         raise ConfigError(f"{src}/config.json is not a transformers config: {e}") from None
-    qc = getattr(conf, "quantization_config", None)
-    if qc:
-        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-        raise ConfigError(f"{src} is already quantized ({method}); compress the unquantized export instead")
+    artifact.require_dense_hf(src, "lmforge compress")
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(conf)
@@ -168,19 +165,9 @@ class Calibration:
 
 def calibration(src: Path, data: str | None, n: int, seq_len: int | None, max_positions: int | None,
                 vocab_size: int) -> Calibration:
-    if n < 1:
-        raise ConfigError(f"--calibration-samples {n}: at least 1")
-    if seq_len is not None and seq_len < 2:
-        raise ConfigError(f"--seq-len {seq_len}: at least 2")
     cfg = load_config(data) if data else artifact.run_config(src)
     artifact.require_causal(cfg, "lmforge compress")
-    L = seq_len or cfg.data.seq_len
-    if max_positions and L > max_positions:
-        raise ConfigError(f"--seq-len {L} is longer than the model's max_position_embeddings {max_positions}")
-    tokens = artifact.calibration_tokens(cfg, n, L)
-    if int(tokens.max()) >= vocab_size:
-        raise ConfigError(f"the calibration data's tokenizer emits ids up to {int(tokens.max())}, beyond the model's "
-                          f"vocab_size {vocab_size}: --data names a config with another tokenizer")
+    tokens = artifact.calibration_tokens(cfg, n, seq_len, max_positions, vocab_size)
     from lmforge.training import data as pipeline
 
     return Calibration(cfg, tokens, pipeline.prepare(cfg.data).tokenizer_dir)  # cached: no second tokenization
@@ -221,10 +208,6 @@ def torchao_int8(src: Path, out: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(str(src), quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
     model.save_pretrained(str(out))
     return {"versions": {"torchao": torchao.__version__, "transformers": transformers.__version__}}
-
-
-def weight_bytes(d: Path) -> int:
-    return sum(p.stat().st_size for p in d.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
 
 
 def measured_sparsity(d: Path, layers: dict[str, int]) -> dict:
@@ -319,6 +302,7 @@ def compress(src: str | Path, out: str | Path, recipe: str, calibration_samples:
                               "fp8 serving both assume one); on CPU use w8a8 or w4a16")
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: at least 1")
+    artifact.check_out(out, overwrite)
     python = compress_python() if r.engine == "llm-compressor" else None
     layers = target_layers(src)
     check_shapes(r, layers)
@@ -345,7 +329,7 @@ def compress(src: str | Path, out: str | Path, recipe: str, calibration_samples:
             artifact.write_run_config(cfg, tmp)
         else:
             artifact.carry(src, tmp)
-        before, after = weight_bytes(src), weight_bytes(tmp)
+        before, after = artifact.weight_bytes(src), artifact.weight_bytes(tmp)
         record = {
             "recipe": r.name, "method": r.method, "engine": r.engine, "source": str(src.resolve()),
             "versions": worker.get("versions"),

@@ -80,7 +80,7 @@ Exported by lmforge from `{ckpt}`{adapter} on {time.strftime('%Y-%m-%d')}.
 
 def export(path: str | Path, out: str | Path, which: str = "latest", max_shard_size: str = "2GB",
            overwrite: bool = False, fmt: str = "hf", quant: str | None = None, int8: bool = False) -> Path:
-    _check_flags(fmt, quant, int8)
+    _check_flags(fmt, quant, int8, max_shard_size)
     out = Path(out)
     if fmt == "hf":
         return _export_hf(path, out, which, max_shard_size, overwrite)
@@ -116,9 +116,11 @@ def _export_hf(path: str | Path, out: Path, which: str, max_shard_size: str, ove
     return out
 
 
-def _check_flags(fmt: str, quant: str | None, int8: bool) -> None:
+def _check_flags(fmt: str, quant: str | None, int8: bool, max_shard_size: str) -> None:
     if fmt not in ("hf", "gguf", "onnx"):
         raise ConfigError(f"--format {fmt}: allowed hf, gguf, onnx")
+    if max_shard_size != "2GB" and fmt != "hf":
+        raise ConfigError(f"--max-shard-size is for --format hf (safetensors shards), not --format {fmt}")
     if quant is not None and fmt != "gguf":
         hint = "; for int8 ONNX weights pass --int8" if fmt == "onnx" else ""
         raise ConfigError(f"--quant is for --format gguf, not --format {fmt}{hint}")
@@ -139,25 +141,14 @@ class _Source:
 
 def _source(path: str | Path, which: str) -> _Source:
     p = Path(path).expanduser()
-    if (p / "config.json").is_file():
-        cfg = artifact.run_config(p)
-        _require_dense(p)
+    if (p / "config.json").is_file() or p.suffix == ".gguf":
+        if which != "latest":
+            raise ConfigError(f"--which {which} picks a checkpoint of a run; {p} is a model directory")
+        artifact.require_dense_hf(p, "GGUF/ONNX export")
+        cfg = artifact.run_config(p, hint="export from the lmforge run (or `lmforge export` directory) it came from")
         return _Source(cfg, p, hf=p)
     ckpt = consolidate.find_checkpoint(p, which)
-    meta = ckpt / "hf"
-    if not (meta / "config.json").is_file():
-        raise ConfigError(f"{ckpt} has no hf/config.json (written by lmforge before export support); "
-                          "resume the run for one more checkpoint to export it")
-    return _Source(consolidate.saved_config(ckpt), meta, ckpt=ckpt)
-
-
-def _require_dense(hf_dir: Path) -> None:
-    """GGUF and ONNX start from dense weights; a quantized checkpoint would be re-quantized or not load."""
-    qc = json.loads((hf_dir / "config.json").read_text()).get("quantization_config")
-    # compressed-tensors with no quantization groups is a dense (possibly sparse) model saved as is
-    if qc and (qc.get("quant_method") != "compressed-tensors" or qc.get("config_groups")):
-        raise ConfigError(f"{hf_dir} holds quantized weights (quant_method {qc.get('quant_method')!r}); GGUF/ONNX "
-                          "export starts from a dense model: export the directory it was compressed from")
+    return _Source(consolidate.saved_config(ckpt), consolidate.meta_dir(ckpt), ckpt=ckpt)
 
 
 @contextlib.contextmanager

@@ -95,6 +95,7 @@ def check_model(src: Path):
 
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src} is not a Hugging Face model directory (no config.json); `lmforge export` makes one")
+    artifact.require_dense_hf(src, "lmforge prune")
     conf = AutoConfig.from_pretrained(str(src), local_files_only=True)
     archs = getattr(conf, "architectures", None) or []
     if conf.model_type != "llama":
@@ -248,10 +249,6 @@ def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights once
 
 
-def weight_bytes(d: Path) -> int:
-    return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
-
-
 # --------------------------------------------------------------------------- the command
 
 def prune(src: str | Path, out: str | Path, keep: Keep, score: str = "activation", calibration_samples: int = 128,
@@ -264,6 +261,7 @@ def prune(src: str | Path, out: str | Path, keep: Keep, score: str = "activation
     if calibration_samples < 1:
         raise ConfigError(f"--calibration-samples {calibration_samples}: at least 1")
     src = Path(src)
+    artifact.check_out(out, overwrite)
     conf = check_model(src)
     p = plan(conf, keep, score)
     run_cfg: Config | None = load_config(data) if data else (artifact.run_config(src) if p.needs_calibration
@@ -275,7 +273,9 @@ def prune(src: str | Path, out: str | Path, keep: Keep, score: str = "activation
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokens = artifact.calibration_tokens(run_cfg, calibration_samples, seq_len) if p.needs_calibration else None
+        tokens = (artifact.calibration_tokens(run_cfg, calibration_samples, seq_len,
+                                              getattr(conf, "max_position_embeddings", None), conf.vocab_size)
+                  if p.needs_calibration else None)
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", local_files_only=True).eval()
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -328,7 +328,7 @@ def _record(src, tmp, conf, new_conf, model, small, p: Plan, score, kept_layers,
         "config_before": {k: getattr(conf, k) for k in shape},
         "config_after": {k: getattr(new_conf, k) for k in shape},
         "params_before": param_count(model), "params_after": param_count(small),
-        "bytes_before": weight_bytes(src), "bytes_after": weight_bytes(tmp),
+        "bytes_before": artifact.weight_bytes(src), "bytes_after": artifact.weight_bytes(tmp),
         "removed": {
             "layers": sorted(set(range(p.of_layers)) - set(kept_layers)),
             "mlp_channels": removed(channels, p.of_channels),   # per source layer index

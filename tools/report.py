@@ -2,7 +2,9 @@
 on the same held-out tokens (the run's own held-out split, from the lmforge_run.yaml the artifacts
 carry): perplexity and its change against the baseline, file size and ratio, load time and CPU
 forward throughput. Writes report.md, report.json and report.png (size vs perplexity, one point per
-artifact); `--gate` turns it into a CI step that exits 1 when an artifact fails.
+artifact); `--gate` turns it into a CI step: exit 0 when every artifact passes, 1 when one fails a
+gate, 2 for bad input (before any model loads), 3 when a runtime fails while measuring. `--out`
+names a directory that holds only the report's own files: nothing else there is ever replaced.
 
     lmforge report exports/w4a16 exports/model-q8_0.gguf exports/onnx-int8 --baseline exports/hf --out reports/debug
     lmforge report exports/w4a16 --baseline exports/hf --gate 'ppl<=+5%' --gate 'size<=-50%'
@@ -20,6 +22,7 @@ gated.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -33,7 +36,6 @@ from lmforge.tools import artifact
 from lmforge.training.config import ConfigError, load_config
 
 METRICS = {"ppl": "perplexity", "size": "weight bytes", "load_s": "load seconds", "tokens_per_s": "forward tokens/s"}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".onnx", ".data")
 
 
 # --------------------------------------------------------------------------- gates
@@ -69,56 +71,31 @@ class Loaded:
     load_s: float
 
 
-def kind(path: Path) -> str:
-    if path.is_file() and path.suffix == ".gguf":
-        return "gguf"
-    if path.is_dir() and (path / "model.onnx").is_file():
-        return "onnx"
-    if path.is_dir() and (path / "config.json").is_file():
-        return "hf"
-    raise ConfigError(f"{path}: not an artifact (a Hugging Face directory with config.json, an ONNX directory "
-                      "with model.onnx, or a .gguf file)")
-
-
-def weight_bytes(path: Path) -> int:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES]
-    return sum(p.stat().st_size for p in files)
-
-
-def _hf_flavour(path: Path) -> str:
-    q = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    return {"compressed-tensors": "compressed-tensors", "torchao": "torchao"}.get(q.get("quant_method"), "dense")
-
-
-def load(path: Path, gguf_runtime: str, threads: int) -> Loaded:
-    import onnxruntime as ort  # imported before the clock starts: load time is the artifact's, not Python's
+def load(path: Path, gguf_runtime: str, threads: int, seq_len: int) -> Loaded:
     import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.models.llama import modeling_llama  # noqa: F401
+    from transformers import AutoModelForCausalLM  # imported before the clock starts: load time is the
+    from transformers.models.llama import modeling_llama  # noqa: F401  artifact's, not Python's
 
-    k = kind(path)
-    t0 = time.perf_counter()
+    k = artifact.kind(path)
     if k == "onnx":
+        import onnxruntime as ort
+
+        t0 = time.perf_counter()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         sess = ort.InferenceSession(str(path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
         fn = lambda ids: sess.run(["logits"], {"input_ids": ids.numpy()})[0][0]  # noqa: E731
         return Loaded("onnxruntime", fn, time.perf_counter() - t0)
-    if k == "gguf" and gguf_runtime in ("auto", "llama.cpp"):
-        try:
-            from llama_cpp import Llama
-        except ImportError:
-            if gguf_runtime == "llama.cpp":
-                raise ConfigError("--gguf-runtime llama.cpp needs llama-cpp-python (make llama-cpp)") from None
-        else:
-            return _llama_cpp(path, threads, t0)
+    t0 = time.perf_counter()
+    if k == "gguf" and gguf_runtime in ("auto", "llama.cpp") and _has_llama_cpp():
+        return _llama_cpp(path, threads, seq_len, t0)
 
     if k == "gguf":
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         runtime = "transformers (GGUF dequantized)"
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
-        runtime = f"transformers ({_hf_flavour(path)})"
+        runtime = f"transformers ({artifact.quantization(path)})"
     model.eval()
 
     @torch.inference_mode()
@@ -128,11 +105,18 @@ def load(path: Path, gguf_runtime: str, threads: int) -> Loaded:
     return Loaded(runtime, fn, time.perf_counter() - t0)
 
 
-def _llama_cpp(path: Path, threads: int, t0: float) -> Loaded:
+def _has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _llama_cpp(path: Path, threads: int, seq_len: int, t0: float) -> Loaded:
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=4096, logits_all=True, n_threads=threads, n_batch=512, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=max(seq_len, 512), logits_all=True, n_threads=threads, n_batch=512,
+                verbose=False)
 
     def fn(ids):
         llm.reset()  # each row is scored from an empty context, as in the other runtimes
@@ -168,20 +152,23 @@ def score(loaded: Loaded, tokens, speed_rows: int = 8, passes: int = 3) -> tuple
 
 
 def _notes(path: Path) -> str:
-    """What the tool that made the artifact says it changed (and whether that saves anything)."""
-    for name in ("compression.json", "pruning.json", "export.json"):
-        f = (path if path.is_dir() else path.parent) / name
-        if f.is_file():
-            info = json.loads(f.read_text())
-            return str(info.get("saves") or info.get("summary") or "")
+    """What the tool that made the artifact says it saves (compression.json) or removed (pruning.json)."""
+    if not path.is_dir():
+        return ""
+    if (path / "compression.json").is_file():
+        return str(json.loads((path / "compression.json").read_text()).get("saves", ""))
+    if (path / "pruning.json").is_file():
+        info = json.loads((path / "pruning.json").read_text())
+        if info.get("params_before") and info.get("params_after"):
+            return f"structured pruning: {info['params_after'] / info['params_before']:.0%} of the parameters kept"
     return ""
 
 
 def measure(path: Path, tokens, gguf_runtime: str, threads: int) -> dict:
-    loaded = load(path, gguf_runtime, threads)
+    loaded = load(path, gguf_runtime, threads, tokens.shape[1])
     ppl, tps = score(loaded, tokens)
-    return dict(artifact=str(path), name=path.name, kind=kind(path), runtime=loaded.runtime, size=weight_bytes(path),
-                ppl=ppl, load_s=loaded.load_s, tokens_per_s=tps, notes=_notes(path))
+    return dict(artifact=str(path), name=path.name, kind=artifact.kind(path), runtime=loaded.runtime,
+                size=artifact.weight_bytes(path), ppl=ppl, load_s=loaded.load_s, tokens_per_s=tps, notes=_notes(path))
 
 
 # --------------------------------------------------------------------------- writing
@@ -244,19 +231,32 @@ def plot(rep: Report, out: Path) -> None:
     plt.close(fig)
 
 
+REPORT_FILES = ("report.md", "report.json", "report.png")
+
+
 def report(artifacts: list[str], baseline: str, out: str, gates: list[str] = (), data: str | None = None,
            eval_seqs: int = 64, seq_len: int | None = None, gguf_runtime: str = "auto",
            threads: int | None = None, log=print) -> Report:
     parsed = [Gate.parse(g) for g in gates]  # a bad gate fails before any model loads
     paths = [Path(a) for a in artifacts]
     base = Path(baseline)
+    out = Path(out)
+    if out.is_file() or (out.is_dir() and any(p.name not in REPORT_FILES for p in out.iterdir())):
+        raise ConfigError(f"--out {out} holds other files; name a new directory (a report only replaces its own "
+                          f"{', '.join(REPORT_FILES)})")
     for p in [base, *paths]:
         if not p.exists():
             raise ConfigError(f"{p} does not exist")
-        kind(p)
+        artifact.kind(p)
+    if gguf_runtime == "llama.cpp" and not _has_llama_cpp():
+        raise ConfigError("--gguf-runtime llama.cpp needs llama-cpp-python (make llama-cpp)")
+    if any(artifact.kind(p) == "onnx" for p in paths) and importlib.util.find_spec("onnxruntime") is None:
+        raise ConfigError("ONNX artifacts need onnxruntime: pip install 'lmforge[compress]'")
     cfg = load_config(data) if data else artifact.run_config(base)
     artifact.require_causal(cfg, "lmforge report")
-    tokens = artifact.heldout_tokens(cfg, eval_seqs, seq_len)
+    max_positions = json.loads((base / "config.json").read_text()).get("max_position_embeddings") \
+        if artifact.kind(base) != "gguf" else None
+    tokens = artifact.heldout_tokens(cfg, eval_seqs, seq_len, max_positions)
     threads = threads or os.cpu_count() or 1
     import torch
 
@@ -275,12 +275,21 @@ def report(artifacts: list[str], baseline: str, out: str, gates: list[str] = (),
         r["ppl_change"] = r["ppl"] / base_row["ppl"] - 1
         r["size_ratio"] = r["size"] / base_row["size"]
     rep = Report(base_row, rows, [g.text for g in parsed], tokens.numel(), tokens.shape[0], tokens.shape[1], threads)
-    with artifact.atomic_output(out, overwrite=True) as tmp:
-        tmp.mkdir()
-        (tmp / "report.json").write_text(json.dumps(asdict(rep) | {"passed": rep.passed}, indent=1))
-        (tmp / "report.md").write_text(to_markdown(rep))
-        plot(rep, tmp / "report.png")
+    out.mkdir(parents=True, exist_ok=True)
+    # Each file is written under a temporary name and renamed: a reader never sees half a report.
+    _write(out / "report.json", lambda f: f.write_text(json.dumps(asdict(rep) | {"passed": rep.passed}, indent=1)))
+    _write(out / "report.md", lambda f: f.write_text(to_markdown(rep)))
+    _write(out / "report.png", lambda f: plot(rep, f))
     return rep
+
+
+def _write(path: Path, write) -> None:
+    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -305,8 +314,17 @@ def register(sub) -> None:
 def _cmd(args) -> int:
     import sys
 
-    rep = report(args.artifacts, args.baseline, args.out, args.gate, args.data, args.eval_seqs, args.seq_len,
-                 args.gguf_runtime, args.threads, log=lambda m: print(m, file=sys.stderr))
+    try:
+        rep = report(args.artifacts, args.baseline, args.out, args.gate, args.data, args.eval_seqs, args.seq_len,
+                     args.gguf_runtime, args.threads, log=lambda m: print(m, file=sys.stderr))
+    except ConfigError:
+        raise
+    except Exception as e:  # a runtime failed: exit 3, so CI tells a crash from a failed gate (1)
+        import traceback
+
+        traceback.print_exc()
+        print(f"lmforge report: measuring failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 3
     print(to_markdown(rep))
     print(f"written: {Path(args.out) / 'report.md'}, report.json, report.png", file=sys.stderr)
     return 0 if rep.passed else 1

@@ -96,10 +96,23 @@ def check_runnable(model_dir: Path, dtype: str) -> None:
 
 def check_artifact(path: str | Path) -> Path:
     path = Path(path)
-    if not (path.is_dir() and (path / "config.json").is_file()):
+    if not path.exists() or artifact.kind(path) != "hf":
         raise ConfigError(f"{path}: vLLM serves a Hugging Face directory with config.json (lmforge export or "
                           "lmforge compress); GGUF and ONNX artifacts have runtimes of their own")
+    if artifact.quantization(path) not in ("dense", "compressed-tensors"):
+        raise ConfigError(f"{path} holds {artifact.quantization(path)} weights, which vLLM does not serve; serve the "
+                          "dense export or an llm-compressor (compressed-tensors) artifact")
     return path.resolve()
+
+
+def check_port_free(port: int) -> None:
+    """An occupied port would let /health be answered by some other server (an earlier `lmforge serve`)
+    and its model be scored as this one."""
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            raise ConfigError(f"--port {port}: {HOST}:{port} is in use; pick another port") from None
 
 
 def free_port() -> int:
@@ -191,19 +204,20 @@ def vllm_server(model_dir: str | Path, port: int | None = None, dtype: str | Non
     check_runnable(model_dir, dtype)
     py = vllm_python(python)
     port = port or free_port()
+    check_port_free(port)
     url = f"http://{HOST}:{port}/v1"
-    out = open(log, "w") if log else None  # noqa: SIM115 (closed below); None: the server logs to our stderr
-    proc = subprocess.Popen(server_command(py, model_dir, port, dtype, max_model_len, eager),
-                            env=server_env(threads, kv_cache_gib), stdout=out or sys.stderr, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own process group, so stop() reaches every child
-    try:
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(log, "w")) if log else None  # None: the server logs to our stderr
+        proc = subprocess.Popen(server_command(py, model_dir, port, dtype, max_model_len, eager),
+                                env=server_env(threads, kv_cache_gib), stdout=out or sys.stderr,
+                                stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group, so stop() reaches every child
+        stack.callback(stop, proc)
         wait_healthy(url, proc, timeout, Path(log) if log else None)
+        if served_model(url) != model_dir.name:  # somebody else's server answered on this port
+            raise RuntimeError(f"{url} serves {served_model(url)!r}, not {model_dir.name!r}")
         warm_up(url, Path(log) if log else None)
         yield url
-    finally:
-        stop(proc)
-        if log:
-            out.close()
 
 
 # --------------------------------------------------------------------------- talking to a server

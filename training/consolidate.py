@@ -105,7 +105,7 @@ def load_merged(ckpt: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
     from transformers import AutoConfig
 
     cfg = saved_config(ckpt)
-    conf = AutoConfig.from_pretrained(str(_meta_dir(ckpt)), local_files_only=True)
+    conf = AutoConfig.from_pretrained(str(meta_dir(ckpt)), local_files_only=True)
     cls = model_lib.auto_class(cfg.task)
     if (ckpt / "adapter").is_dir():
         from peft import PeftModel
@@ -143,7 +143,7 @@ def to_hf(ckpt: Path, out: Path, max_shard_size: str = "2GB", dtype: torch.dtype
         model = load_merged(ckpt, dtype)
         model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size, is_main_process=True)
     else:
-        conf = AutoConfig.from_pretrained(str(_meta_dir(ckpt)), local_files_only=True)
+        conf = AutoConfig.from_pretrained(str(meta_dir(ckpt)), local_files_only=True)
         _stream_weights(ckpt, out, max_shard_size, dtype)
         conf.architectures = [_check_keys(ckpt, conf, out)]  # vLLM picks its implementation by this name
         conf.dtype = dtype
@@ -155,7 +155,7 @@ def to_hf(ckpt: Path, out: Path, max_shard_size: str = "2GB", dtype: torch.dtype
     return out
 
 
-def _meta_dir(ckpt: Path) -> Path:
+def meta_dir(ckpt: Path) -> Path:
     meta = ckpt / "hf"
     if not (meta / "config.json").is_file():
         raise ConfigError(f"{ckpt} has no hf/config.json (written by lmforge before export support); "
@@ -185,16 +185,16 @@ def _stream_weights(ckpt: Path, out: Path, max_shard_size: str, dtype: torch.dty
     zero = universal.convert(ckpt, logging.getLogger("lmforge.consolidate")) / "zero"
     names = sorted(d.name for d in zero.iterdir() if (d / "fp32.pt").is_file())
 
-    def load(name: str) -> torch.Tensor:
-        t = torch.load(zero / name / "fp32.pt", map_location="cpu", weights_only=False)
-        return (t["param"] if isinstance(t, dict) else t).to(dtype).contiguous()
+    def load(name: str) -> torch.Tensor:  # memory-mapped: reading a shape costs no copy
+        t = torch.load(zero / name / "fp32.pt", map_location="cpu", weights_only=False, mmap=True)
+        return t["param"] if isinstance(t, dict) else t
 
     # Plan the shards from shapes on the meta device, then materialise one shard at a time.
-    shapes = {n: torch.empty_like(load(n), device="meta") for n in names}
+    shapes = {n: torch.empty(load(n).shape, dtype=dtype, device="meta") for n in names}
     split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
     for file, tensors in split.filename_to_tensors.items():
-        save_file({n: load(n) for n in tensors}, str(out / file), metadata={"format": "pt"})
+        save_file({n: load(n).to(dtype).contiguous() for n in tensors}, str(out / file), metadata={"format": "pt"})
     if split.is_sharded:
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2, sort_keys=True))

@@ -49,8 +49,9 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int, source: Path | Non
         unknown = sorted(set(cfg.overrides) - set(LlamaConfig().to_dict()) - {"head_dim"})
         if unknown:
             raise ConfigError(f"model.overrides.{unknown[0]}: LlamaConfig has no such key")
+        kwargs.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
         kwargs.update(cfg.overrides)
-        conf = LlamaConfig(**kwargs, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+        conf = LlamaConfig(**kwargs)
         return _with_labels(conf, labels, pad_id)
     for key, value in cfg.overrides.items():
         if not hasattr(conf, key):
