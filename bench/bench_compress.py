@@ -43,6 +43,9 @@ GROUP = {"demo": 64, "large": 128}
 #         artifact path suffix)
 STEPS = {
     "hf": (["export", "{run}", "--out", "{out}"], ""),
+    # the same export in 100 MB shards: DeepSpeed's consolidation streams shard by shard, so the peak
+    # memory of the export follows the shard size, not the model size
+    "hf-shards-100MB": (["export", "{run}", "--out", "{out}", "--max-shard-size", "100MB"], ""),
     "w4a16": (["compress", "{hf}", "--recipe", "w4a16", "--group-size", "{group}", "--out", "{out}"], ""),
     "w8a8": (["compress", "{hf}", "--recipe", "w8a8", "--out", "{out}"], ""),
     "w8a16": (["compress", "{hf}", "--recipe", "w8a16", "--group-size", "{group}", "--out", "{out}"], ""),
