@@ -82,11 +82,12 @@ $(VLLM_STAMP):
 test-serve: setup vllm-env
 	$(PY) -m pytest -m serve tests/test_serve.py $(PYTEST_ARGS)
 
-bench: setup
+bench: setup compress-env
 	$(PY) bench/bench_overhead.py
 	$(PY) bench/bench_dataloader.py
 	$(PY) bench/bench_layouts.py --config configs/demo.yaml --steps 20 --nproc 2
 	$(PY) bench/bench_mfu.py
+	$(PY) bench/bench_compress.py --model demo
 
 clean:
 	rm -rf runs .pytest_cache
