@@ -214,7 +214,8 @@ def _write_gguf(hf_dir: Path, out_file: Path, quant: str, run_config_yaml: str, 
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, conf["num_hidden_layers"])
 
-    # use_temp_file: tensors spool to disk as they are added, so memory holds about one tensor, not the model
+    # use_temp_file: gguf-py spools tensors into a SpooledTemporaryFile (RAM up to 256 MiB, then $TMPDIR) as they
+    # are added, so memory holds about one tensor plus 256 MiB, not the model
     w = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], use_temp_file=True)
     w.add_name(name)
     w.add_file_type(ftype)
