@@ -158,6 +158,7 @@ def test_w8a16_with_another_group_size(lm_hf, tmp_path, heldout, base_ppl):
     check_common(lm_hf, out, record)
     group = record["quantization"]["groups"][0]
     assert (group["weight_bits"], group["group_size"]) == (8, 64) and record["file_shrank"]
+    assert "group 64" in record["method"] and "per 64 inputs" in record["saves"]
     ppl = perplexity(load(out), heldout)
     print(f"w8a16: ppl {base_ppl:.3f} -> {ppl:.3f}")
     assert ppl <= 1.01 * base_ppl

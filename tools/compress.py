@@ -293,7 +293,8 @@ def compress(src: str | Path, out: str | Path, recipe: str, calibration_samples:
             raise ConfigError(f"--group-size is for the group-wise recipes (w4a16, w8a16), not {r.name}")
         if group_size < 1:
             raise ConfigError(f"--group-size {group_size}: at least 1")
-        r = dataclasses.replace(r, group_size=group_size, method=r.method.replace("group 128", f"group {group_size}"))
+        r = dataclasses.replace(r, group_size=group_size, method=r.method.replace("group 128", f"group {group_size}"),
+                                saves=r.saves.replace("per 128 inputs", f"per {group_size} inputs"))
     if r.cuda_only:
         import torch
 
