@@ -59,8 +59,10 @@ def base_ppl(lm_hf, heldout) -> float:
 
 
 def compress(src: Path, out: Path, recipe: str, *extra) -> dict:
-    lmforge("compress", src, "--recipe", recipe, "--out", out, "--calibration-samples", CALIBRATION, *extra,
-            timeout=900)
+    from lmforge.tools.compress import RECIPES
+
+    calibration = ["--calibration-samples", CALIBRATION] if RECIPES[recipe].calibrated else []
+    lmforge("compress", src, "--recipe", recipe, "--out", out, *calibration, *extra, timeout=900)
     return json.loads((out / "compression.json").read_text())
 
 
@@ -213,6 +215,7 @@ def test_bad_input(lm_hf, tmp_path, monkeypatch):
                   r"in_features of 7 of 7 Linear layer\(s\): model.layers.0.self_attn.q_proj \(64\)"))
     cases.append((narrow, "w8a8", {}, "has no lmforge_run.yaml .* pass --data"))  # no data named anywhere
     cases.append((lm_hf, "w8a8", {"group_size": 64}, "--group-size is for the group-wise recipes"))
+    cases.append((lm_hf, "int8-torchao", {"calibration_samples": 32}, "is data-free: --calibration-samples would be"))
     cases.append((lm_hf, "w8a8", {"calibration_samples": 100_000}, "calibration data: .*--calibration-samples"))
     cases.append((lm_hf, "w8a8", {"seq_len": 4096}, "longer than the model's max_position_embeddings"))
     # A classifier's run config: compression is for causal LMs.

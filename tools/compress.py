@@ -281,13 +281,21 @@ def copy_side_files(src: Path, out: Path, recipe: Recipe, calib: Calibration | N
                     "above are the uncompressed model's; compression.json records what this recipe changed.\n")
 
 
-def compress(src: str | Path, out: str | Path, recipe: str, calibration_samples: int = 128,
+def compress(src: str | Path, out: str | Path, recipe: str, calibration_samples: int | None = None,
              seq_len: int | None = None, data: str | None = None, overwrite: bool = False,
-             batch_size: int = 8, group_size: int | None = None) -> Path:
+             batch_size: int | None = None, group_size: int | None = None) -> Path:
     src, out = Path(src), Path(out)
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe {recipe!r}: one of {', '.join(RECIPES)}")
     r = RECIPES[recipe]
+    if not r.calibrated:
+        given = [flag for flag, v in (("--calibration-samples", calibration_samples), ("--seq-len", seq_len),
+                                      ("--batch-size", batch_size)) if v is not None]
+        if given:
+            raise ConfigError(f"--recipe {r.name} is data-free: {', '.join(given)} would be ignored")
+    # 128 rows is llm-compressor's and GPTQ's usual calibration size; a few dozen suffice for tiny models.
+    calibration_samples = 128 if calibration_samples is None else calibration_samples
+    batch_size = 8 if batch_size is None else batch_size
     if group_size is not None:
         if r.group_size is None:
             raise ConfigError(f"--group-size is for the group-wise recipes (w4a16, w8a16), not {r.name}")
@@ -358,15 +366,14 @@ def register(sub) -> None:
     p.add_argument("--recipe", required=True, choices=list(RECIPES),
                    help="; ".join(f"{r.name}: {r.method}" for r in RECIPES.values()).replace("%", "%%"))
     p.add_argument("--out", required=True, help="output directory")
-    # 128 rows is llm-compressor's and GPTQ's usual calibration size; a few dozen suffice for tiny models.
-    p.add_argument("--calibration-samples", type=int, default=128,
+    p.add_argument("--calibration-samples", type=int, default=None,
                    help="calibration rows from the run's training split (default 128)")
     p.add_argument("--seq-len", type=int, default=None, help="calibration row length (default: the run's data.seq_len)")
     p.add_argument("--data", default=None, help="training YAML whose data to calibrate on (default: the directory's "
                                                 "lmforge_run.yaml); written into the output as its run config")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="calibration rows per forward pass (speed and memory: the statistics sum over all rows either "
-                        "way; rows are equal length, unpadded)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="calibration rows per forward pass, default 8 (speed and memory: the statistics sum over all "
+                        "rows either way; rows are equal length, unpadded)")
     p.add_argument("--group-size", type=int, default=None,
                    help="w4a16/w8a16: inputs per weight scale (default 128; must divide every layer's in_features, "
                         "e.g. 64 for an MLP of 704)")
