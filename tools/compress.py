@@ -110,7 +110,7 @@ def compress_python() -> Path:
         where = f"${COMPRESS_PYTHON_ENV}={given}" if given else str(python)
         raise ConfigError(f"llm-compressor's environment is missing ({where} is not an executable python): run "
                           f"`make compress-env` once (it builds .venv-compress), or set ${COMPRESS_PYTHON_ENV} to a "
-                          "python that has llmcompressor==0.14.0.1")
+                          "python that has llmcompressor at the version the Makefile's compress-env installs")
     return python
 
 

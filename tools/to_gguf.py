@@ -36,7 +36,6 @@ from lmforge.training.config import ConfigError
 QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
 DEFAULT_QUANT = "f16"
 RUN_CONFIG_KEY = "lmforge.run_config"
-LLAMA_CPP_PIN = "llama-cpp-python==0.3.36"
 Q8_BLOCK = 32  # elements per Q8_0 block (gguf.GGML_QUANT_SIZES); a row must be a whole number of blocks
 
 
@@ -47,7 +46,8 @@ def check_quant(quant: str | None) -> str:
         raise ConfigError(f"--quant {quant}: unknown GGUF quant type; allowed: {', '.join(QUANTS)}")
     if q == "q4_k_m" and not llama_cpp_available():
         raise ConfigError("--quant q4_k_m needs llama.cpp's quantizer (k-quants are not in gguf-py): run "
-                          f"`make llama-cpp` ({LLAMA_CPP_PIN}, compiles llama.cpp, 20-30 min), or use --quant q8_0/f16")
+                          "`make llama-cpp` (llama-cpp-python at the Makefile's pinned version; compiles llama.cpp, "
+                          "20-30 min), or use --quant q8_0/f16")
     return q
 
 
