@@ -14,7 +14,9 @@ under one directory; stop() kills exactly the daemons start() started and remove
 Settings that matter here (measured, see ../shared/reference/slurm): MinJobAge=5 keeps `sbatch
 --wait` polling every 2 s and lets finished jobs leave squeue quickly (their records stay
 readable in jobcomp.txt); EnforcePartLimits=ALL makes impossible requests fail at submission;
-KillWait=15 is the grace between SIGTERM and SIGKILL at a time limit (the ranks save within it).
+KillWait=15 is the grace between SIGTERM and SIGKILL at a time limit (the ranks save within it);
+cred_expire=10 lets a requeued job start again after 10 s instead of 120 s, and bf_interval=5 /
+sched_interval=5 start it within 5 s of that.
 """
 
 from __future__ import annotations
@@ -85,7 +87,11 @@ class LocalSlurm:
         lines = [
             "ClusterName=lmforge-test",
             f"SlurmctldHost={host}(127.0.0.1)",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.munge_dir}/munge.sock",
+            "AuthType=auth/munge", "CredType=cred/munge", \
+            # cred_expire is also how long Slurm holds a requeued job before it may start again
+            # (default 120 s); starting it sooner (`scontrol update StartTime=now`) races the
+            # revocation of its old credential ("Job credential revoked"), so shorten it instead.
+            f"AuthInfo=socket={self.munge_dir}/munge.sock,cred_expire=10",
             "SlurmUser=root", "SlurmdUser=root",
             f"SlurmctldPort={port}",
             f"StateSaveLocation={r}/state/ctld", f"SlurmdSpoolDir={r}/state/slurmd-%n",
@@ -94,7 +100,10 @@ class LocalSlurm:
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/filetxt", f"JobCompLoc={r}/log/jobcomp.txt",
-            "SchedulerType=sched/backfill", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
+            "SchedulerType=sched/backfill",
+            # a requeued job becomes startable when its begin time passes, which no event
+            # announces: look every 5 s instead of the backfill default of 30
+            "SchedulerParameters=bf_interval=5,sched_interval=5", "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU",
             "MpiDefault=none", "ReturnToService=2", "EnforcePartLimits=ALL", "InactiveLimit=0",
             "KillWait=15", "MinJobAge=5", "SlurmdParameters=config_overrides",
         ]
