@@ -122,19 +122,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def model_inputs(inputs, targets: torch.Tensor, device, layout: dist.Layout | None = None) -> tuple[dict, torch.Tensor]:
-    """A micro batch as model keyword arguments and targets on the device. A fine-tuning task's
-    batch is already kwargs (targets -100 where nothing counts); packed tokens get this rank's
-    sequence-parallel chunk and its global position ids."""
-    if isinstance(inputs, dict):
-        return {k: v.to(device) for k, v in inputs.items()}, targets.to(device)
-    positions = None
-    if layout is not None:
-        inputs, targets, positions = layout.chunk(inputs, targets)
-    return ({"input_ids": inputs.to(device), "position_ids": positions.to(device) if positions is not None else None},
-            targets.to(device))
-
-
 def train_step(engine, train_data, micro_batches, device, layout: dist.Layout | None = None,
                loss_scale: float = 1.0, adalora: engine_lib.AdaLoraStep | None = None,
                distiller: distill_lib.Distiller | None = None) -> float:
@@ -146,7 +133,7 @@ def train_step(engine, train_data, micro_batches, device, layout: dist.Layout | 
     total = torch.zeros((), dtype=torch.float64, device=device)
     for indices in micro_batches:
         inputs, targets = train_data.batch(indices)
-        kwargs, targets = model_inputs(inputs, targets, device, layout)
+        kwargs, targets = evaluate_lib.model_inputs(inputs, targets, device, layout)
         logits = engine(**kwargs).logits
         if isinstance(inputs, dict):
             summed, count = tasks_lib.loss_sum(logits, targets)
