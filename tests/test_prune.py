@@ -173,7 +173,7 @@ def test_prune_heads_and_layers(lm_hf, heldout, teacher, tmp_path):
 
 
 def test_bad_prune_input_is_refused_before_any_output(lm_hf, tmp_path):
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForSequenceClassification
 
     from lmforge.tools.prune import Keep, prune
     from lmforge.training.config import ConfigError
@@ -182,18 +182,23 @@ def test_bad_prune_input_is_refused_before_any_output(lm_hf, tmp_path):
     proc = lmforge("prune", lm_hf, "--out", out, "--mlp", "0", check=False)  # the CLI: exit 2, one line
     assert proc.returncode == 2 and "--mlp 0.0: the fraction to keep must be in (0, 1]" in proc.stderr, proc.stderr
     classifier = tmp_path / "classifier"
-    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                architectures=["LlamaForSequenceClassification"]).save_pretrained(classifier)
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2)).save_pretrained(classifier)
     gpt2 = tmp_path / "gpt2"
-    GPT2Config(n_embd=32, n_layer=1, n_head=2).save_pretrained(gpt2)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    weightless = tmp_path / "weightless"
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2).save_pretrained(weightless)
     for src, keep, message in ((lm_hf, Keep(layers=1.5), "--layers 1.5: the fraction to keep must be in (0, 1]"),
                                (lm_hf, Keep(heads=0.2), "at least one must stay"),  # 0.2 x 2 groups rounds to 0
                                (lm_hf, Keep(), "nothing to prune"),
                                (classifier, Keep(mlp=0.5), "causal language models (LlamaForCausalLM)"),
                                (gpt2, Keep(mlp=0.5), "supports Llama models"),
-                               (tmp_path, Keep(mlp=0.5), "not a Hugging Face model directory")):
+                               (tmp_path, Keep(mlp=0.5), "not a Hugging Face model directory"),
+                               (weightless, Keep(mlp=0.5), "holds no weights")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             prune(src, out, keep)
+    with pytest.raises(ConfigError, match="--score magnitude reads no calibration data: --seq-len would be ignored"):
+        prune(lm_hf, out, Keep(mlp=0.5), score="magnitude", seq_len=32)
     assert not out.exists() and not (tmp_path / ".tmp_never").exists()
 
 

@@ -25,12 +25,9 @@ from importlib.metadata import version
 import numpy as np
 import torch
 
-# Everything but the output head: lm_head stays at the input precision, as vLLM's and llm-compressor's
-# examples do (quantizing it costs the most quality for the least memory on small vocabularies too).
-IGNORE = ["lm_head"]
 
-
-def build_recipe(name: str, group_size: int | None = None) -> list:
+def build_recipe(name: str, group_size: int | None = None, ignore: list[str] = ()) -> list:
+    """`ignore`: the layers every recipe leaves at the input precision (compress.py's IGNORED)."""
     from llmcompressor.modifiers.pruning import WandaPruningModifier
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
@@ -43,16 +40,16 @@ def build_recipe(name: str, group_size: int | None = None) -> list:
         scheme = preset_name_to_scheme(name.upper(), ["Linear"])
         if group_size:
             scheme.weights.group_size = group_size
-        return [GPTQModifier(config_groups={"group_0": scheme}, ignore=IGNORE)]
+        return [GPTQModifier(config_groups={"group_0": scheme}, ignore=list(ignore))]
     if name == "w8a8":  # SmoothQuant moves activation outliers into weights, then GPTQ int8 per channel
         return [SmoothQuantModifier(smoothing_strength=0.8),
-                GPTQModifier(targets="Linear", scheme="W8A8", ignore=IGNORE)]
+                GPTQModifier(targets="Linear", scheme="W8A8", ignore=list(ignore))]
     if name == "fp8":  # per-channel fp8 weights, dynamic per-token fp8 activations: data-free
-        return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=IGNORE)]
+        return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=list(ignore))]
     if name == "sparse-2of4":
-        return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=IGNORE)]
+        return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=list(ignore))]
     if name == "wanda":  # unstructured 50% by |weight| x input activation norm
-        return [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=IGNORE)]
+        return [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=["Linear"], ignore=list(ignore))]
     raise SystemExit(f"_oneshot.py: unknown recipe {name!r}")
 
 
@@ -72,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="the tokenizer that made --tokens (default: --model's)")
     p.add_argument("--group-size", type=int, default=None, help="w4a16/w8a16: inputs per weight scale (default 128)")
     p.add_argument("--batch-size", type=int, default=1, help="calibration rows per forward (rows are equal length: no padding)")
+    p.add_argument("--ignore", nargs="*", default=[], help="layers left at the input precision (e.g. lm_head)")
     p.add_argument("--out", required=True, help="directory to save the compressed model into")
     p.add_argument("--report", default=None, help="JSON file for the versions used and the time taken")
     args = p.parse_args(argv)
@@ -89,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     # oneshot insists on a tokenizer when given data, though these rows are already token ids; it is
     # never saved (the caller copies the input's own files).
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model) if args.tokens else None
-    oneshot(model=model, tokenizer=tokenizer, recipe=build_recipe(args.recipe, args.group_size), **data)
+    oneshot(model=model, tokenizer=tokenizer, recipe=build_recipe(args.recipe, args.group_size, args.ignore), **data)
     model.save_pretrained(args.out, save_compressed=True)
     seconds = time.perf_counter() - start
     print(f"_oneshot.py: {args.recipe} done in {seconds:.1f} s", flush=True)

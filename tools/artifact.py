@@ -51,7 +51,8 @@ def run_config(path: str | Path, hint: str = "pass --data CONFIG to name the tra
 
 # --------------------------------------------------------------------------- what an artifact is
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".data")
+DENSE_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = DENSE_WEIGHT_SUFFIXES + (".gguf", ".onnx", ".data")
 
 
 def kind(path: str | Path) -> str:
@@ -80,6 +81,9 @@ def quantization(hf_dir: str | Path) -> str:
 
 def require_dense_hf(path: str | Path, what: str) -> None:
     """`what` starts from dense Hugging Face weights: refuse GGUF, ONNX and quantized inputs clearly."""
+    path = Path(path)
+    if not (path.suffix == ".gguf" or (path / "model.onnx").is_file() or (path / "config.json").is_file()):
+        raise ConfigError(f"{path} is not a Hugging Face model directory (no config.json); `lmforge export` makes one")
     k = kind(path)
     if k != "hf":
         raise ConfigError(f"{what} takes a Hugging Face model directory; {path} is {'an ONNX' if k == 'onnx' else 'a GGUF'}"
@@ -88,6 +92,21 @@ def require_dense_hf(path: str | Path, what: str) -> None:
     if q != "dense":
         raise ConfigError(f"{path} holds {q}-quantized weights; {what} starts from dense weights: pass the "
                           "directory it was compressed from")
+
+
+def dense_hf_config(path: str | Path, what: str):
+    """The transformers config of the dense Hugging Face directory `what` starts from (checked by
+    require_dense_hf, and holding weight files)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    require_dense_hf(path, what)
+    if not any(p.name.endswith(DENSE_WEIGHT_SUFFIXES) for p in path.iterdir()):
+        raise ConfigError(f"{path} holds no weights (*.safetensors / *.bin)")
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path}/config.json is not a transformers config: {e}") from None
 
 
 def weight_bytes(path: str | Path) -> int:

@@ -44,8 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 ONESHOT = Path(__file__).with_name("_oneshot.py")
 COMPRESS_PYTHON_ENV = "LMFORGE_COMPRESS_PYTHON"
 DEFAULT_COMPRESS_PYTHON = REPO / ".venv-compress" / "bin" / "python"
-IGNORED = ("lm_head",)  # kept at full precision by every recipe (see _oneshot.IGNORE)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Everything but the output head: lm_head stays at the input precision, as vLLM's and llm-compressor's
+# examples do (quantizing it costs the most quality for the least memory on small vocabularies too).
+IGNORED = ("lm_head",)
 WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json")
 
 _DENSE_ON_CPU = ("transformers on CPU decompresses the weights to dense floats at load, so the saving there "
@@ -114,21 +115,12 @@ def compress_python() -> Path:
     return python
 
 
-def target_layers(src: Path) -> dict[str, int]:
+def target_layers(src: Path, conf) -> dict[str, int]:
     """Name → in_features of every Linear layer a recipe touches (all but lm_head), read from a
     meta-device copy of the model: checks that `src` is a causal LM directory without loading weights."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if not (src.is_dir() and (src / "config.json").is_file()):
-        raise ConfigError(f"{src} is not a Hugging Face model directory (no config.json); `lmforge export` makes one")
-    if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in src.iterdir()):
-        raise ConfigError(f"{src} holds no weights (*.safetensors / *.bin)")
-    try:
-        conf = AutoConfig.from_pretrained(str(src), local_files_only=True)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"{src}/config.json is not a transformers config: {e}") from None
-    artifact.require_dense_hf(src, "lmforge compress")
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(conf)
@@ -182,7 +174,7 @@ def run_oneshot(python: Path, src: Path, recipe: Recipe, calib: Calibration | No
 
     with tempfile.TemporaryDirectory(prefix="lmforge-compress-") as work:
         cmd = [str(python), str(ONESHOT), "--model", str(src), "--recipe", recipe.name, "--out", str(out),
-               "--report", f"{work}/oneshot.json", "--batch-size", str(batch_size)]
+               "--report", f"{work}/oneshot.json", "--batch-size", str(batch_size), "--ignore", *IGNORED]
         if recipe.group_size:
             cmd += ["--group-size", str(recipe.group_size)]
         if calib is not None:
@@ -268,7 +260,7 @@ def copy_side_files(src: Path, out: Path, recipe: Recipe, calib: Calibration | N
     on, max_length 256, which a deployed tokenizer must not do); an input without one gets the tokenizer
     of the data that calibrated it."""
     for p in src.iterdir():
-        if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES + WEIGHT_INDEXES) and not (out / p.name).exists():
+        if p.is_file() and not p.name.endswith(artifact.DENSE_WEIGHT_SUFFIXES + WEIGHT_INDEXES) and not (out / p.name).exists():
             shutil.copy2(p, out / p.name)
     if not has_tokenizer(src) and calib is not None:
         for p in calib.tokenizer_dir.iterdir():
@@ -313,13 +305,11 @@ def compress(src: str | Path, out: str | Path, recipe: str, calibration_samples:
         raise ConfigError(f"--batch-size {batch_size}: at least 1")
     artifact.check_out(out, overwrite)
     python = compress_python() if r.engine == "llm-compressor" else None
-    layers = target_layers(src)
+    conf = artifact.dense_hf_config(src, "lmforge compress")
+    layers = target_layers(src, conf)
     check_shapes(r, layers)
     cfg, calib = None, None
     if r.calibrated:
-        from transformers import AutoConfig
-
-        conf = AutoConfig.from_pretrained(str(src), local_files_only=True)
         calib = calibration(src, data, calibration_samples, seq_len, getattr(conf, "max_position_embeddings", None),
                             conf.vocab_size)
         cfg = calib.cfg

@@ -91,12 +91,7 @@ def plan(conf, keep: Keep, score: str) -> Plan:
 
 def check_model(src: Path):
     """The source's transformers config, if it is a causal Llama this tool can rebuild smaller."""
-    from transformers import AutoConfig
-
-    if not (src / "config.json").is_file():
-        raise ConfigError(f"{src} is not a Hugging Face model directory (no config.json); `lmforge export` makes one")
-    artifact.require_dense_hf(src, "lmforge prune")
-    conf = AutoConfig.from_pretrained(str(src), local_files_only=True)
+    conf = artifact.dense_hf_config(src, "lmforge prune")
     archs = getattr(conf, "architectures", None) or []
     if conf.model_type != "llama":
         raise ConfigError(f"{src}: lmforge prune supports Llama models (model_type llama); this one is "
@@ -251,19 +246,26 @@ def param_count(model) -> int:
 
 # --------------------------------------------------------------------------- the command
 
-def prune(src: str | Path, out: str | Path, keep: Keep, score: str = "activation", calibration_samples: int = 128,
+def prune(src: str | Path, out: str | Path, keep: Keep, score: str = "activation", calibration_samples: int | None = None,
           seq_len: int | None = None, data: str | None = None, overwrite: bool = False, batch_size: int = 8,
           log=print) -> dict:
     """Prune `src` into `out`; returns what pruning.json records."""
     keep.check()
     if score not in SCORES:
         raise ConfigError(f"--score {score!r}: one of {', '.join(SCORES)}")
-    if calibration_samples < 1:
+    if calibration_samples is not None and calibration_samples < 1:
         raise ConfigError(f"--calibration-samples {calibration_samples}: at least 1")
     src = Path(src)
     artifact.check_out(out, overwrite)
     conf = check_model(src)
     p = plan(conf, keep, score)
+    if not p.needs_calibration:
+        given = [flag for flag, v in (("--calibration-samples", calibration_samples), ("--seq-len", seq_len))
+                 if v is not None]
+        if given:
+            raise ConfigError(f"width pruning with --score magnitude reads no calibration data: {', '.join(given)} "
+                              "would be ignored")
+    calibration_samples = 128 if calibration_samples is None else calibration_samples
     run_cfg: Config | None = load_config(data) if data else (artifact.run_config(src) if p.needs_calibration
                                                              or (src / artifact.RUN_CONFIG).is_file() else None)
     if run_cfg is not None:
@@ -357,7 +359,7 @@ def register(sub) -> None:
     p.add_argument("--score", choices=SCORES, default="activation",
                    help="width importance: activation on calibration tokens (Minitron) or weight magnitude; "
                         "layers are always scored by block importance on calibration tokens")
-    p.add_argument("--calibration-samples", type=int, default=128, help="calibration rows (default 128)")
+    p.add_argument("--calibration-samples", type=int, default=None, help="calibration rows (default 128)")
     p.add_argument("--seq-len", type=int, default=None, help="calibration row length (default: the run's data.seq_len)")
     p.add_argument("--data", default=None, help="training YAML whose data to calibrate on (default: the directory's "
                                                 "lmforge_run.yaml)")
