@@ -95,6 +95,31 @@ def kill_at_step(args: list, run_dir: Path, step: int, timeout: float = 300) -> 
     return max(losses(run_dir))
 
 
+# --------------------------------------------------------------------------- shared reference runs
+
+# The standard debug schedule: 40 steps, checkpoints at 10/20/30/40 (keep 2), eval every 20; ~15 s a
+# run on 2 cores, most of it process start-up.
+STANDARD = ("train.steps=40", "checkpoint.interval=10", "eval.interval=20")
+
+
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory, data_cache):
+    """Uninterrupted STANDARD runs of configs/debug.yaml, made on first use and shared by every test
+    file that compares against one (train, universal, optim): get(optimizer, ZeRO stage, ranks) ->
+    (run_dir, stderr). Shared read-only: a test that changes a run works on a copy."""
+    runs: dict[tuple[str, int, int], tuple[Path, str]] = {}
+
+    def get(optimizer: str = "adamw", stage: int = 3, nproc: int = 2) -> tuple[Path, str]:
+        if (optimizer, stage, nproc) not in runs:
+            run_dir = tmp_path_factory.mktemp(f"debug-{optimizer}-z{stage}-n{nproc}") / "run"
+            proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *STANDARD, f"train.optimizer={optimizer}",
+                                                            f"parallel.zero_stage={stage}"), "--nproc", str(nproc))
+            runs[optimizer, stage, nproc] = run_dir, proc.stderr
+        return runs[optimizer, stage, nproc]
+
+    return get
+
+
 # --------------------------------------------------------------------------- one trained model for the tools
 
 # The compression/format/report tests share one small Llama trained once per pytest run: 2 ranks,

@@ -8,30 +8,19 @@ import re
 
 import pytest
 
-from conftest import DEBUG, debug_overrides, kill_at_step, lmforge, losses
+from conftest import DEBUG, STANDARD as COMMON, debug_overrides, kill_at_step, lmforge, losses
 
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.slow
 
-COMMON = ["train.steps=40", "checkpoint.interval=10", "eval.interval=20"]
-# every optimizer and every ZeRO stage once (each run is ~20 s, mostly process start-up)
+# every optimizer and every ZeRO stage once (each run is ~15 s, mostly process start-up); the
+# runs are conftest's shared debug_run ones (test_universal compares against adamw_8bit on ZeRO-3)
 LAYOUTS = [("adamw_8bit", 3), ("lion_8bit", 1), ("paged_adamw_8bit", 2)]
-_runs: dict = {}
-
-
-def train(tmp_path_factory, data_cache, optimizer: str, stage: int):
-    """One full 40-step run per layout, shared by the tests below."""
-    if (optimizer, stage) not in _runs:
-        run_dir = tmp_path_factory.mktemp(f"{optimizer}-z{stage}") / "run"
-        proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON, f"train.optimizer={optimizer}",
-                                                        f"parallel.zero_stage={stage}"), "--nproc", "2")
-        _runs[optimizer, stage] = run_dir, proc.stderr
-    return _runs[optimizer, stage]
 
 
 @pytest.mark.parametrize("optimizer, stage", LAYOUTS, ids=[f"{o}-zero{s}" for o, s in LAYOUTS])
-def test_8bit_optimizer_trains_with_8bit_state(optimizer, stage, tmp_path_factory, data_cache):
-    run_dir, log = train(tmp_path_factory, data_cache, optimizer, stage)
+def test_8bit_optimizer_trains_with_8bit_state(optimizer, stage, debug_run):
+    run_dir, log = debug_run(optimizer, stage)
     ls = losses(run_dir)
     assert sorted(ls) == list(range(1, 41))
     first, last = sum(ls[s] for s in (1, 2, 3)) / 3, sum(ls[s] for s in (38, 39, 40)) / 3
@@ -45,8 +34,8 @@ def test_8bit_optimizer_trains_with_8bit_state(optimizer, stage, tmp_path_factor
 
 
 @pytest.mark.parametrize("optimizer, stage", [("adamw_8bit", 3)], ids=["adamw_8bit"])
-def test_8bit_kill_then_resume_is_bitwise_equal(optimizer, stage, tmp_path, tmp_path_factory, data_cache):
-    reference, _ = train(tmp_path_factory, data_cache, optimizer, stage)
+def test_8bit_kill_then_resume_is_bitwise_equal(optimizer, stage, debug_run, tmp_path, data_cache):
+    reference, _ = debug_run(optimizer, stage)
     run_dir = tmp_path / "run"
     args = debug_overrides(run_dir, data_cache, *COMMON, f"train.optimizer={optimizer}", f"parallel.zero_stage={stage}")
     kill_at_step([DEBUG, *args, "--nproc", "2"], run_dir, 15)
@@ -57,8 +46,8 @@ def test_8bit_kill_then_resume_is_bitwise_equal(optimizer, stage, tmp_path, tmp_
     assert {s: got[s] for s in range(resumed_from + 1, 41)} == {s: ref[s] for s in range(resumed_from + 1, 41)}
 
 
-def test_activation_checkpointing_gives_the_same_losses(tmp_path, tmp_path_factory, data_cache):
-    plain, _ = train(tmp_path_factory, data_cache, "adamw_8bit", 3)
+def test_activation_checkpointing_gives_the_same_losses(debug_run, tmp_path, data_cache):
+    plain, _ = debug_run("adamw_8bit", 3)
     ckpt = tmp_path / "ckpt"
     proc = lmforge("train", DEBUG, *debug_overrides(ckpt, data_cache, *COMMON, "train.optimizer=adamw_8bit",
                                                     "parallel.zero_stage=3", "train.activation_checkpointing=true"),

@@ -13,10 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, DEBUG, REPO, debug_overrides, env, kill_at_step, lmforge, losses, run
-
-# 40 steps, checkpoints at 10/20/30/40 (keep 2), eval every 20: ~20 s a run on 2 cores.
-COMMON = ["train.steps=40", "checkpoint.interval=10", "eval.interval=20"]
+from conftest import BIN, DEBUG, REPO, STANDARD as COMMON, debug_overrides, env, kill_at_step, lmforge, losses, run
 
 
 def falls(run_dir: Path) -> None:
@@ -27,11 +24,10 @@ def falls(run_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def zero3(tmp_path_factory, data_cache) -> Path:
-    """The reference run: `lmforge train` with 2 ranks, ZeRO-3."""
-    run_dir = tmp_path_factory.mktemp("zero3") / "run"
-    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2")
-    assert "held-out perplexity" in proc.stderr and "tensorboard --logdir" in proc.stderr
+def zero3(debug_run) -> Path:
+    """The reference run: `lmforge train` with 2 ranks, ZeRO-3 (shared with the other files)."""
+    run_dir, stderr = debug_run()
+    assert "held-out perplexity" in stderr and "tensorboard --logdir" in stderr
     return run_dir
 
 

@@ -22,10 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEBUG, debug_overrides, kill_at_step, lmforge, losses
-
-# 40 steps, checkpoints at 10/20/30/40 (keep 2), eval every 20: ~20 s a run on 2 cores.
-COMMON = ["train.steps=40", "checkpoint.interval=10", "eval.interval=20"]
+from conftest import DEBUG, STANDARD as COMMON, debug_overrides, kill_at_step, lmforge, losses
 
 
 def _has_8bit() -> bool:
@@ -48,18 +45,9 @@ def _args(run_dir: Path, cache: Path, optimizer: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_cache):
-    """Uninterrupted runs, made on first use: (optimizer, nproc) → run_dir."""
-    runs: dict[tuple[str, int], Path] = {}
-
-    def get(optimizer: str, nproc: int) -> Path:
-        if (optimizer, nproc) not in runs:
-            run_dir = tmp_path_factory.mktemp(f"ref-{optimizer}-{nproc}") / "run"
-            lmforge("train", *_args(run_dir, data_cache, optimizer), "--nproc", str(nproc))
-            runs[optimizer, nproc] = run_dir
-        return runs[optimizer, nproc]
-
-    return get
+def reference(debug_run):
+    """Uninterrupted ZeRO-3 runs (conftest's shared ones): (optimizer, nproc) → run_dir."""
+    return lambda optimizer, nproc: debug_run(optimizer, 3, nproc)[0]
 
 
 def _interrupted_copy(source: Path, dest: Path) -> Path:
