@@ -8,6 +8,8 @@ STAMP := $(VENV)/.lmforge-setup
 TORCH_VERSION := 2.13.0
 DEEPSPEED_VERSION := 0.19.8
 PYTEST_ARGS ?=
+# pytest workers for `make test` (tests/conftest.py groups the files that must share one); 0: serial
+TEST_WORKERS ?= 2
 # llm-compressor pins an older transformers/compressed-tensors than the main environment, so it gets
 # an environment of its own; `lmforge compress` runs tools/_oneshot.py with its python.
 COMPRESS_VENV ?= .venv-compress
@@ -48,7 +50,7 @@ demo: setup
 # pytest exits 5 when it collects no tests (e.g. a -k filter matching nothing): report it, pass.
 # compress-env: tests/test_compress.py runs llm-compressor for real, in its own venv.
 test: setup compress-env
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 
 # llama.cpp for GGUF: its quantizer (`lmforge export --format gguf --quant q4_k_m`) and runtime (`lmforge
