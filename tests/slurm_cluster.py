@@ -87,7 +87,7 @@ class LocalSlurm:
         lines = [
             "ClusterName=lmforge-test",
             f"SlurmctldHost={host}(127.0.0.1)",
-            "AuthType=auth/munge", "CredType=cred/munge", \
+            "AuthType=auth/munge", "CredType=cred/munge",
             # cred_expire is also how long Slurm holds a requeued job before it may start again
             # (default 120 s); starting it sooner (`scontrol update StartTime=now`) races the
             # revocation of its old credential ("Job credential revoked"), so shorten it instead.

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 
-def build_recipe(name: str, group_size: int | None = None, ignore: list[str] = ()) -> list:
+def build_recipe(name: str, group_size: int | None = None, ignore: list[str] | tuple[str, ...] = ()) -> list:
     """`ignore`: the layers every recipe leaves at the input precision (compress.py's IGNORED)."""
     from llmcompressor.modifiers.pruning import WandaPruningModifier
     from llmcompressor.modifiers.gptq import GPTQModifier

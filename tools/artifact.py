@@ -81,10 +81,10 @@ def quantization(hf_dir: str | Path) -> str:
 
 def require_dense_hf(path: str | Path, what: str) -> None:
     """`what` starts from dense Hugging Face weights: refuse GGUF, ONNX and quantized inputs clearly."""
-    path = Path(path)
-    if not (path.suffix == ".gguf" or (path / "model.onnx").is_file() or (path / "config.json").is_file()):
-        raise ConfigError(f"{path} is not a Hugging Face model directory (no config.json); `lmforge export` makes one")
-    k = kind(path)
+    try:
+        k = kind(path)
+    except ConfigError:
+        raise ConfigError(f"{path} is not a Hugging Face model directory (no config.json); `lmforge export` makes one") from None
     if k != "hf":
         raise ConfigError(f"{what} takes a Hugging Face model directory; {path} is {'an ONNX' if k == 'onnx' else 'a GGUF'}"
                           " artifact: pass the directory it was exported from")
