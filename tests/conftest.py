@@ -38,6 +38,10 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    if not hasattr(LoadScopeScheduling, "_split_scope"):  # loud, rather than Ray and Slurm split apart
+        raise pytest.UsageError("this pytest-xdist has no LoadScopeScheduling._split_scope to group the test "
+                                "files by; run serially (TEST_WORKERS=0) or use the xdist that pyproject.toml allows")
+
     class FileGroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
