@@ -109,6 +109,14 @@ def dense_hf_config(path: str | Path, what: str):
         raise ConfigError(f"{path}/config.json is not a transformers config: {e}") from None
 
 
+def refuse_unused(reason: str, **flags) -> None:
+    """Calibration flags a run will not read are an error, not silently ignored: `flags` maps the
+    option name (underscores for dashes) to its value, None when not given."""
+    given = [f"--{name.replace('_', '-')}" for name, v in flags.items() if v is not None]
+    if given:
+        raise ConfigError(f"{reason}: {', '.join(given)} would be ignored")
+
+
 def weight_bytes(path: str | Path) -> int:
     """Bytes of weight files only (no tokenizer or metadata), the same count for every tool."""
     path = Path(path)

@@ -281,10 +281,8 @@ def compress(src: str | Path, out: str | Path, recipe: str, calibration_samples:
         raise ConfigError(f"--recipe {recipe!r}: one of {', '.join(RECIPES)}")
     r = RECIPES[recipe]
     if not r.calibrated:
-        given = [flag for flag, v in (("--calibration-samples", calibration_samples), ("--seq-len", seq_len),
-                                      ("--batch-size", batch_size)) if v is not None]
-        if given:
-            raise ConfigError(f"--recipe {r.name} is data-free: {', '.join(given)} would be ignored")
+        artifact.refuse_unused(f"--recipe {r.name} is data-free", calibration_samples=calibration_samples,
+                               seq_len=seq_len, batch_size=batch_size)
     # 128 rows is llm-compressor's and GPTQ's usual calibration size; a few dozen suffice for tiny models.
     calibration_samples = 128 if calibration_samples is None else calibration_samples
     batch_size = 8 if batch_size is None else batch_size

@@ -260,11 +260,8 @@ def prune(src: str | Path, out: str | Path, keep: Keep, score: str = "activation
     conf = check_model(src)
     p = plan(conf, keep, score)
     if not p.needs_calibration:
-        given = [flag for flag, v in (("--calibration-samples", calibration_samples), ("--seq-len", seq_len))
-                 if v is not None]
-        if given:
-            raise ConfigError(f"width pruning with --score magnitude reads no calibration data: {', '.join(given)} "
-                              "would be ignored")
+        artifact.refuse_unused("width pruning with --score magnitude reads no calibration data",
+                               calibration_samples=calibration_samples, seq_len=seq_len)
     calibration_samples = 128 if calibration_samples is None else calibration_samples
     run_cfg: Config | None = load_config(data) if data else (artifact.run_config(src) if p.needs_calibration
                                                              or (src / artifact.RUN_CONFIG).is_file() else None)
