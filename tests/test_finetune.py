@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,15 +105,35 @@ def test_lora_adapter_reloads_and_merges(lora_zero3):
     assert not any("lora" in k for k in merged.state_dict())
 
 
+# Every dimension a multiple of 64, as real models have (bitsandbytes' packed AVX512-BF16 path would
+# take these layers; the debug model's 176-wide MLP is one it refuses).
+REAL_SHAPES = ("model.overrides.hidden_size=128", "model.overrides.intermediate_size=256",
+               "model.overrides.num_attention_heads=2", "model.overrides.num_key_value_heads=1")
+
+
+@pytest.fixture(scope="module")
+def base_real_shapes(tmp_path_factory, data_cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("base64") / "run"
+    lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, "train.steps=10", "checkpoint.interval=0",
+                                             "eval.interval=0", *REAL_SHAPES), "--nproc", "1")
+    return run_dir
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["qlora", "adalora"])
-def test_qlora_and_adalora_zero2(tmp_path, data_cache, base, method):
+@pytest.mark.parametrize("method", ["qlora", "qlora-real-shapes", "adalora"])
+def test_qlora_and_adalora_zero2(tmp_path, data_cache, request, method):
     run_dir = tmp_path / "run"
+    base = request.getfixturevalue("base_real_shapes" if method == "qlora-real-shapes" else "base")
+    method = method.removesuffix("-real-shapes")
     # QLoRA on one rank (the 4-bit base is what is new); AdaLoRA on two (its full gradients are
     # gathered from ZeRO-2's partitions and its masks written back into every rank's master copy)
-    lmforge("train", *sft_args(run_dir, data_cache, base, f"finetune.method={method}", "parallel.zero_stage=2",
-                               "train.steps=20", "train.lr=1e-2", "eval.interval=0", "checkpoint.interval=0",
-                               "eval.early_stopping.metric=null"), "--nproc", "1" if method == "qlora" else "2")
+    proc = lmforge("train", *sft_args(run_dir, data_cache, base, f"finetune.method={method}", "parallel.zero_stage=2",
+                                      "train.steps=20", "train.lr=1e-2", "eval.interval=0", "checkpoint.interval=0",
+                                      "eval.early_stopping.metric=null"), "--nproc", "1" if method == "qlora" else "2")
+    if method == "qlora":  # the log says which bitsandbytes path ran (tests/test_cpu_paths.py covers both)
+        path = re.search(r"qlora: 4-bit base layers run (.*)", proc.stderr).group(1)
+        print(f"{request.node.name}: {path}")
+        assert path.startswith("bitsandbytes CPU dequantize + fp32 matmul"), path
     ev = evals(run_dir)  # held-out loss of the responses, before and after (batch losses are noisy)
     assert ev[20]["eval/loss"] < ev[0]["eval/loss"] - 0.005, ev  # adapters start as a no-op: any fall is learning
     adapter = run_dir / "checkpoints" / "step_20" / "adapter"

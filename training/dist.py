@@ -94,7 +94,9 @@ def select_runtime(precision: str = "auto", attention: str = "auto") -> Runtime:
     if attention == "flash_attention_2" and not (cuda and importlib.util.find_spec("flash_attn")):
         raise ValueError("model.attention=flash_attention_2 needs CUDA and the flash-attn package "
                          "(pip install 'lmforge[gpu]'); use auto or sdpa")
-    name = torch.cuda.get_device_name() if cuda else (os.uname().machine + " CPU")
+    # On CPU, which ATen kernels run (DEFAULT / AVX2 / AVX512) follows the instruction set: say it.
+    name = torch.cuda.get_device_name() if cuda else (
+        f"{os.uname().machine} CPU, {torch.backends.cpu.get_cpu_capability()} kernels")
     return Runtime("cuda" if cuda else "cpu", "nccl" if cuda else "gloo", precision, attention, name)
 
 
@@ -123,7 +125,21 @@ def default_extensions_dir() -> str:
     include paths, and sharing one directory would make each rebuild the other's ops)."""
     root = Path(os.environ.get("LMFORGE_CACHE", "~/.cache/lmforge")).expanduser()
     env = hashlib.sha256(sys.prefix.encode()).hexdigest()[:8]
-    return str(root / "torch_extensions" / f"torch-{torch.__version__}-{env}")
+    # ...and by the CPU: the ops are compiled with -march=native, so an AVX-512 node's build would
+    # die of SIGILL on an AVX2 node sharing the cache (a home directory on NFS).
+    cpu = hashlib.sha256(_cpu_flags().encode()).hexdigest()[:8]
+    return str(root / "torch_extensions" / f"torch-{torch.__version__}-{env}-cpu{cpu}")
+
+
+def _cpu_flags() -> str:
+    """The instruction-set flags of this CPU (what -march=native compiles for)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return os.uname().machine
 
 
 def single_process_env() -> None:

@@ -102,17 +102,70 @@ def check_finetune(conf, task: str, ft: FinetuneConfig) -> None:
     if ft.method == "full":
         return
     with torch.device("meta"):
-        target_modules(auto_class(task).from_config(conf), ft)
+        model = auto_class(task).from_config(conf)
+        targets = target_modules(model, ft)
     if ft.method == "qlora":
-        try:
-            import bitsandbytes as bnb
+        check_4bit_training_path(model, targets)
 
-            layer = bnb.nn.Linear4bit(8, 8, compute_dtype=torch.float32, quant_type="nf4")
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            layer.to(device)(torch.zeros(1, 8, device=device))
-        except Exception as e:  # a bnb build without a 4-bit backend for this device
-            raise ConfigError(f"finetune.method=qlora needs bitsandbytes 4-bit support on this machine, which is "
-                              f"not usable here ({type(e).__name__}: {e}); use finetune.method=lora") from None
+
+# bitsandbytes (0.48+) repacks a Linear4bit's weights the first time it runs in eval mode without
+# grad on a CPU with AVX512-BF16, for a bf16 inference kernel (`support_avx512bf16_for_cpu`). That
+# layout is for inference only: it needs out_features % 32 == 0 (an AssertionError mid-run
+# otherwise), computes in bf16, and once packed, training runs through a kernel with no backward
+# pass, so no gradient reaches the adapters below that layer. Why: docs/cpu_paths.md.
+PACKED_4BIT_MULTIPLE = 32  # bnb's block_n in _convert_weight_packed_for_cpu
+
+
+def keep_4bit_training_path(model: torch.nn.Module) -> int:
+    """Switch bnb's packed CPU inference path off on every 4-bit layer, so evaluation and training
+    run the dequantize-and-matmul path that every other CPU runs. Returns the layers switched."""
+    import bitsandbytes as bnb
+
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
+def four_bit_path(device_type: str) -> str:
+    """Which bitsandbytes 4-bit kernel a QLoRA run uses here, for the start-up log and the tests."""
+    if device_type == "cuda":
+        return "bitsandbytes CUDA 4-bit kernels"
+    from bitsandbytes.functional import has_avx512bf16
+
+    packed = " (this CPU has AVX512-BF16: bnb's packed bf16 inference path is switched off)" if has_avx512bf16() else ""
+    return f"bitsandbytes CPU dequantize + fp32 matmul{packed}"
+
+
+def check_4bit_training_path(model: torch.nn.Module, targets: list[str]) -> None:
+    """Before any rank starts: a 4-bit layer must go through what a run does to it (evaluate, then
+    train) on this machine with its weights left in the layout training uses and the gradient
+    reaching its input. Refuses otherwise, naming the target layers whose shapes would fail."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4").to(device)
+        keep_4bit_training_path(layer)
+        x = torch.randn(2, 64, device=device, requires_grad=True)
+        with torch.no_grad():
+            layer.eval()(x.detach())  # as in evaluation: inputs that need no grad
+        layer.train()(x).sum().backward()
+    except Exception as e:  # a bnb build without a 4-bit backend for this device
+        raise ConfigError(f"finetune.method=qlora needs bitsandbytes 4-bit support on this machine, which is "
+                          f"not usable here ({type(e).__name__}: {e}); use finetune.method=lora") from None
+    if x.grad is None or getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        at_risk = sorted({f"{n} ({m.out_features})" for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets
+                          and m.out_features % PACKED_4BIT_MULTIPLE})
+        raise ConfigError(
+            f"finetune.method=qlora: this bitsandbytes ({bnb.__version__}) repacks 4-bit weights for its CPU "
+            f"inference kernel after an evaluation, and lmforge cannot switch that off: training through it loses "
+            f"the gradients of every adapter below, and it fails on layers whose out_features are not a multiple of "
+            f"{PACKED_4BIT_MULTIPLE}{': ' + ', '.join(at_risk) if at_risk else ''}. Install bitsandbytes 0.50 "
+            f"(the version lmforge is tested with) or use finetune.method=lora")
 
 
 def max_positions(conf) -> int | None:
@@ -167,6 +220,7 @@ def apply_peft(model: torch.nn.Module, ft: FinetuneConfig, task: str, total_step
     task_type = {"classification": peft.TaskType.SEQ_CLS, "ner": peft.TaskType.TOKEN_CLS}.get(task, peft.TaskType.CAUSAL_LM)
     targets = target_modules(model, ft)
     if ft.method == "qlora":
+        keep_4bit_training_path(model)
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing,
                                                      gradient_checkpointing_kwargs={"use_reentrant": False})
     if ft.method == "adalora":

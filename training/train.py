@@ -214,6 +214,8 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     if cfg.finetune.method != "full":
         n_train = model_lib.trainable_params(model)
         log.info(f"finetune: {cfg.finetune.method}, {n_train:,} trainable parameters ({100 * n_train / n_total:.2f}%)")
+    if cfg.finetune.method == "qlora":
+        log.info(f"qlora: 4-bit base layers run {model_lib.four_bit_path(plan.runtime.device_type)}")
     engine = engine_lib.initialize(cfg, model, plan.ds_config, total_steps, log, plan.runtime.attention)
     adalora = engine_lib.AdaLoraStep(engine) if cfg.finetune.method == "adalora" else None
     loss_scale = engine_lib.loss_scale(plan.ds_config, layout.sequence)
