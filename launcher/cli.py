@@ -28,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-from lmforge.launcher.ray import LaunchError  # light: Ray itself is imported only when used
+from lmforge.launcher.base import LaunchError
 from lmforge.training.config import Config, ConfigError, build_ds_config, dump_config, load_config
 
 EXIT_CONFIG = 2

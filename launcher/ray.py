@@ -27,15 +27,15 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from lmforge.launcher import ray_auth
+from lmforge.launcher.base import LaunchError
 from lmforge.training.config import Config, ConfigError
 
 EXIT_FAILED = 1
-
-
-class LaunchError(RuntimeError):
-    pass
 
 
 def _quiet_ray_env() -> None:
@@ -105,22 +105,35 @@ def _describe(nodes: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def connect(cfg: Config, log) -> list[dict]:
-    """ray.init on launch.address / $RAY_ADDRESS (or a new local Ray); returns the alive nodes."""
+@contextmanager
+def session(cfg: Config, log) -> Iterator[list[dict]]:
+    """ray.init on launch.address / $RAY_ADDRESS (or a new local Ray), with token authentication
+    (launcher/ray_auth.py); yields the alive nodes; shuts Ray down and removes a run's token after."""
     _quiet_ray_env()
-    import ray
-
     address = cfg.launch.address or os.environ.get("RAY_ADDRESS")
+    ray_auth.use_mode(cfg.launch.ray_auth, log)
+    token = None
     if address:
         check_reachable(address)
-    # "local" starts a new single-node Ray; None would attach to whatever cluster was started on
-    # this machine last (Ray remembers it in /tmp/ray), hanging for minutes if that one is gone.
-    ray.init(address=address or "local", _node_ip_address=_node_ip_for(address), log_to_driver=True,
-             runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                       if k in ("TORCH_EXTENSIONS_DIR", "LMFORGE_CACHE", "PYTHONPATH")}})
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    log.info(f"Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s)\n{_describe(nodes)}")
-    return nodes
+        ray_auth.check_accepted(address, cfg.launch.ray_auth)
+    elif cfg.launch.ray_auth == "token":
+        token = ray_auth.start_local(log)
+    import ray
+
+    try:
+        # "local" starts a new single-node Ray; None would attach to whatever cluster was started on
+        # this machine last (Ray remembers it in /tmp/ray), hanging for minutes if that one is gone.
+        ray.init(address=address or "local", _node_ip_address=_node_ip_for(address), log_to_driver=True,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                           if k in ("TORCH_EXTENSIONS_DIR", "LMFORGE_CACHE", "PYTHONPATH")}})
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        log.info(f"Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s), "
+                 f"authentication: {cfg.launch.ray_auth}\n{_describe(nodes)}")
+        yield nodes
+    finally:
+        ray.shutdown()
+        if token is not None:
+            ray_auth.remove_token_file(token)
 
 
 def _worker_loop(loop_config: dict) -> None:
@@ -148,7 +161,6 @@ def _worker_loop(loop_config: dict) -> None:
 
 
 def launch(cfg: Config) -> int:
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -159,8 +171,7 @@ def launch(cfg: Config) -> int:
     from lmforge.training.train import preflight
 
     log = get_logger(0)
-    nodes = connect(cfg, log)
-    try:
+    with session(cfg, log) as nodes:
         workers = cfg.launch.workers
         if workers is None:
             gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
@@ -195,8 +206,6 @@ def launch(cfg: Config) -> int:
             log.error(f"training failed after {cfg.launch.max_failures} restart(s): {type(e).__name__}: {e}\n"
                       f"last good checkpoint: {last or 'none'}")
             return EXIT_FAILED
-    finally:
-        ray.shutdown()
 
 
 def wait_for_nodes(address: str, count: int, timeout_s: float) -> int:
@@ -208,6 +217,7 @@ def wait_for_nodes(address: str, count: int, timeout_s: float) -> int:
     import ray
 
     check_reachable(address, timeout_s=min(timeout_s, 60))
+    ray_auth.check_accepted(address, os.environ.get(ray_auth.MODE, "disabled").lower())
     ray.init(address=address, _node_ip_address=_node_ip_for(address), log_to_driver=False)
     try:
         deadline = time.monotonic() + timeout_s

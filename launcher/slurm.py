@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from lmforge.launcher.ray import LaunchError
+from lmforge.launcher.base import LaunchError
 from lmforge.training.config import Config, ConfigError, slurm_time_seconds
 
 # slurm/ sits beside launcher/ in a checkout and beside lmforge/launcher in a wheel.
@@ -82,6 +82,7 @@ def render(cfg: Config) -> str:
         "gpus_per_node": str(s.gpus_per_node),
         "rdzv_port": str(s.rdzv_port),
         "ray_port": str(s.ray_port),
+        "ray_auth": cfg.launch.ray_auth,
         "requeue": "1" if s.requeue else "0",
         "config_yaml": cfg.to_yaml().rstrip("\n"),
     }

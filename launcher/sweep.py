@@ -60,11 +60,10 @@ def _trial(tune_config: dict) -> None:
 
 
 def sweep(cfg: Config, specs: list[str], trials: int) -> int:
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from lmforge.launcher.ray import connect
+    from lmforge.launcher.ray import session
     from lmforge.training.dist import get_logger
     from lmforge.training.train import preflight
 
@@ -78,8 +77,7 @@ def sweep(cfg: Config, specs: list[str], trials: int) -> int:
     # every swept key must exist and accept a sampled value, before any trial starts
     _trial_config(base, {k: d.sample() for k, d in params.items()}, str(root / "probe"))
     preflight(cfg, 1, log)  # data prepared once, before any trial
-    connect(cfg, log)
-    try:
+    with session(cfg, log):
         resources = {"CPU": cfg.launch.cpus_per_worker, "GPU": cfg.launch.gpus_per_worker}
         total = cfg.total_steps()
         tuner = tune.Tuner(
@@ -116,6 +114,4 @@ def sweep(cfg: Config, specs: list[str], trials: int) -> int:
         print(table)
         log.info(f"best: eval loss {rows[0][0]:.4f} with {rows[0][3]}; config: {root / 'best_config.yaml'}")
         return 0
-    finally:
-        ray.shutdown()
 

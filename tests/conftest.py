@@ -55,8 +55,10 @@ def pytest_report_header(config) -> list[str]:
     a CI log says what it tested: the suite must pass on AVX2 and on AVX-512/AVX512-BF16 CPUs."""
     import torch
 
-    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
-    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags)
+    c = torch.cpu  # cpuid, as the libraries see it (an emulated CPU too, unlike /proc/cpuinfo)
+    isa = ", ".join(name for name, has in (("avx2", c._is_avx2_supported()), ("avx512", c._is_avx512_supported()),
+                                           ("vnni", c._is_vnni_supported()), ("avx512_bf16", c._is_avx512_bf16_supported()),
+                                           ("amx", c._is_amx_tile_supported())) if has)
     lines = [f"cpu: {isa or 'none of avx2/avx512'}; torch ATen kernels: {torch.backends.cpu.get_cpu_capability()}"]
     try:
         from lmforge.training.model import four_bit_path

@@ -1,6 +1,7 @@
 """Ray launcher on a real two-node Ray cluster on this machine (head 127.0.0.2, worker 127.0.0.3,
-one CPU each): placement across nodes, equal losses to torchrun, SIGKILL of a worker with restart
-and exact resume, Ray Jobs submission, a Tune sweep, and the refusals."""
+one CPU each, token authentication): placement across nodes, equal losses to torchrun, SIGKILL of a
+worker with restart and exact resume, Ray Jobs submission, a Tune sweep, clients without the token
+refused, and the refusals."""
 
 from __future__ import annotations
 
@@ -25,11 +26,36 @@ pytestmark = pytest.mark.slow
 COMMON = ["train.steps=40", "checkpoint.interval=10", "eval.interval=20", "launch.workers=2"]
 
 
-def _ray_env() -> dict:
-    e = env()
-    # one auth mode for head, worker node and drivers (ray start and ray.init default differently)
-    e.update(RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_V2_ENABLED="1", RAY_AUTH_MODE="disabled")
+_TOKEN: list[Path] = []
+
+
+def _token_file() -> Path:
+    """The test cluster's token: what `ray start` users hand their cluster (0600, private dir)."""
+    if not _TOKEN:
+        from lmforge.launcher.ray_auth import new_token_file
+
+        _TOKEN.append(new_token_file())
+    return _TOKEN[0]
+
+
+def _ray_env(token: bool = True) -> dict:
+    """Head, worker node and drivers with the cluster's token (token=False: a client without one)."""
+    e = {k: v for k, v in env().items() if not k.startswith("RAY_AUTH")}
+    e.update(RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_V2_ENABLED="1")
+    if token:
+        e.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(_token_file()))
     return e
+
+
+def _secret() -> str:
+    return _token_file().read_text().strip()
+
+
+def _no_token_in(run_dir: Path, *outputs: str) -> None:
+    assert not any(_secret() in o for o in outputs)
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            assert _secret().encode() not in f.read_bytes(), f
 
 
 def _free_port() -> int:
@@ -90,6 +116,9 @@ def cluster():
         if worker is not None:
             _stop(worker)
         _stop(head)
+        from lmforge.launcher.ray_auth import remove_token_file
+
+        remove_token_file(_token_file())
 
 
 @pytest.fixture(scope="module")
@@ -113,21 +142,32 @@ def _ok(proc):
 
 def test_local_ray_started_by_the_command_matches_torchrun(cluster, torchrun_reference, tmp_path, data_cache):
     """No address: lmforge starts a local Ray of its own, even while another cluster (the fixture's)
-    is the one Ray last remembers on this machine."""
+    is the one Ray last remembers on this machine, with a fresh token: 0600 while it runs, gone after."""
     run_dir = tmp_path / "run"
     e = _ray_env()
     e.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([str(BIN / "lmforge"), "launch", "--on", "ray", str(DEBUG),
-                           *debug_overrides(run_dir, data_cache, *COMMON)], capture_output=True, text=True,
-                          env=e, cwd=REPO, timeout=600)
-    _ok(proc)
-    assert cluster["address"] not in proc.stderr.split("node(s)")[0]  # its own cluster, not the fixture's
+    proc = subprocess.Popen([str(BIN / "lmforge"), "launch", "--on", "ray", str(DEBUG),
+                             *debug_overrides(run_dir, data_cache, *COMMON)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=e, cwd=REPO)
+    head = []
+    for line in proc.stdout:
+        head.append(line)
+        found = re.search(r"a fresh token for this run in (\S+) \(0600\)", line)
+        if found:
+            token = Path(found.group(1))
+            modes = (oct(token.stat().st_mode & 0o777), oct(token.parent.stat().st_mode & 0o777))
+            break
+    out = "".join(head) + proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-6000:]
+    assert modes == ("0o600", "0o700") and not token.parent.exists()
+    assert cluster["address"] not in out.split("node(s)")[0]  # its own cluster, not the fixture's
     assert losses(run_dir) == losses(torchrun_reference)
 
 
 def test_spread_across_two_nodes_matches_torchrun(cluster, torchrun_reference, tmp_path, data_cache):
     run_dir = tmp_path / "run"
     proc = _ok(_launch(cluster, run_dir, data_cache))
+    _no_token_in(run_dir, proc.stdout, proc.stderr)
     placement = json.loads((run_dir / "placement.json").read_text())
     assert len({p["node_id"] for p in placement}) == 2  # SPREAD: one worker per node
     assert {p["ip"] for p in placement} == {"127.0.0.2", "127.0.0.3"}
@@ -257,3 +297,40 @@ def test_sigterm_to_the_driver_checkpoints_and_exits_75(cluster, torchrun_refere
     assert (run_dir / "checkpoints" / f"step_{stopped_at}" / "manifest.json").is_file()
     assert not (run_dir / "STOP").exists()
     assert losses(run_dir) == {s: v for s, v in losses(torchrun_reference).items() if s <= stopped_at}
+
+
+def test_a_client_without_the_token_is_refused_by_the_cluster(cluster):
+    """Plain Ray, as anyone on the network would connect: no token, auth mode off."""
+    code = ("import ray; ray.init(address=%r, _node_ip_address='127.0.0.2', logging_level='ERROR'); "
+            "print('connected')" % cluster["address"])
+    proc = subprocess.run([str(BIN / "python"), "-c", code], capture_output=True, text=True,
+                          env=dict(_ray_env(token=False), RAY_AUTH_MODE="disabled"), timeout=180)
+    assert proc.returncode != 0 and "connected" not in proc.stdout
+    assert "Authentication token is missing or incorrect" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("no token", "needs its authentication token (launch.ray_auth=token), and none was found: set RAY_AUTH_TOKEN_PATH"),
+    ("wrong token", "refused the token from RAY_AUTH_TOKEN="),
+    ("ray_auth disabled", "uses token authentication, and launch.ray_auth=disabled sends no token"),
+    ("env disables", "RAY_AUTH_MODE=disabled is set in the environment, but launch.ray_auth is token"),
+])
+def test_launch_without_the_right_token_fails_fast_and_says_why(cluster, tmp_path, data_cache, case, expected):
+    e = _ray_env(token=False)
+    e["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    extra = []
+    if case == "wrong token":
+        e.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
+    elif case == "ray_auth disabled":
+        extra = ["launch.ray_auth=disabled"]
+    elif case == "env disables":
+        e.update(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN_PATH=str(_token_file()))
+    t0 = time.time()
+    proc = (subprocess.run([str(BIN / "lmforge"), "launch", "--on", "ray", str(DEBUG), "--address", cluster["address"],
+                                  *debug_overrides(tmp_path / "r", data_cache, *extra)],
+                                 capture_output=True, text=True, env=e, cwd=REPO, timeout=120))
+    assert time.time() - t0 < 30
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-3000:]
+    if case == "ray_auth disabled":
+        assert "WARNING: launch.ray_auth=disabled" in proc.stderr
+    assert not (tmp_path / "r").exists()  # refused before anything was written

@@ -160,16 +160,54 @@ def test_impossible_requests_are_refused_at_submission(slurm):
                                                  env=env()).stdout
 
 
+def _tokenless_client(address: str) -> subprocess.CompletedProcess:
+    """A Ray client's first call to the GCS, without a token (RAY_AUTH_MODE=disabled, no token set)."""
+    e = {k: v for k, v in env().items() if not k.startswith("RAY_AUTH")}
+    code = ("import sys; from lmforge.launcher.ray_auth import check_accepted; "
+            "check_accepted(sys.argv[1], 'disabled'); print('accepted')")
+    return subprocess.run([str(BIN / "python"), "-c", code, address], capture_output=True, text=True,
+                          env=dict(e, RAY_AUTH_MODE="disabled"), timeout=60)
+
+
 def test_ray_sbatch_runs_a_job_across_two_nodes(slurm, tmp_path, data_cache):
-    run_dir = tmp_path / "run"
-    proc = lmforge("launch", "--on", "slurm", DEBUG, "--nodes", "2", "--follow", "slurm.runner=ray",
-                   "launch.strategy=STRICT_SPREAD",
-                   *debug_overrides(run_dir, data_cache, "train.steps=20", "eval.interval=10"), timeout=600)
-    assert "COMPLETED" in proc.stdout, proc.stdout[-4000:]
+    """The job's Ray cluster uses a fresh token: 0600 in a 0700 node-local directory (TMPDIR), a
+    client without it is refused by the head, the job's own driver and workers run, and the token
+    is in no file of the run directory (the job's log included) and gone after the job."""
+    run_dir, node_tmp = tmp_path / "run", tmp_path / "node-tmp"
+    node_tmp.mkdir()
+    proc = subprocess.Popen([str(BIN / "lmforge"), "launch", "--on", "slurm", str(DEBUG), "--nodes", "2", "--follow",
+                             "slurm.runner=ray", "launch.strategy=STRICT_SPREAD",
+                             *debug_overrides(run_dir, data_cache, "train.steps=20", "eval.interval=10")],
+                            cwd=REPO, env=dict(env(), TMPDIR=str(node_tmp)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = None
+    deadline = time.time() + 400
+    while seen is None and proc.poll() is None and time.time() < deadline:
+        for token_file in node_tmp.glob("lmforge-ray-*/token"):
+            if token_file.stat().st_size:
+                seen = {"file": oct(token_file.stat().st_mode & 0o777), "dir": oct(token_file.parent.stat().st_mode & 0o777),
+                        "token": token_file.read_text().strip(), "path": token_file}
+        time.sleep(0.1)
+    assert seen is not None, "the job never placed its Ray token"
+    assert (seen["file"], seen["dir"]) == ("0o600", "0o700")
+    # the head (lmf-node1 = 127.0.0.2, slurm.ray_port 6379) refuses a client without the token
+    while proc.poll() is None and time.time() < deadline:
+        refused = _tokenless_client("127.0.0.2:6379")
+        if "uses token authentication" in refused.stderr:
+            break
+        time.sleep(0.5)  # the head is not up yet
+    assert refused.returncode != 0 and "uses token authentication" in refused.stderr, refused.stderr[-2000:]
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "COMPLETED" in out, out[-4000:]
     placement = json.loads((run_dir / "placement.json").read_text())
     assert sorted(p["ip"] for p in placement) == ["127.0.0.2", "127.0.0.3"]  # one worker per Slurm node
     assert (run_dir / "checkpoints" / "step_20" / "manifest.json").is_file()
-    assert "stopping the Ray cluster" in proc.stdout
+    assert "stopping the Ray cluster" in out
+    assert not seen["path"].parent.exists()  # removed with the cluster
+    assert seen["token"] not in out
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            assert seen["token"].encode() not in f.read_bytes(), f
     time.sleep(2)
     left = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.split()
     assert not left, f"Ray processes left after the job: {left}"
@@ -186,11 +224,20 @@ def test_dry_run_prints_a_valid_script_and_submits_nothing(tmp_path):
                      "--signal=B:USR1@120", "--requeue", f"--output={run_dir}/slurm-%j.out"):
             assert f"#SBATCH {line}\n" in script
         assert not re.search(r"\{\{\w+\}\}", script)  # every placeholder filled
+        if runner == "ray":  # a fresh token per job, by path; never a value in the script
+            assert "RAY_AUTH=token\n" in script and "--input=all" in script and "RAY_AUTH_MODE=${" not in script
         subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid shell
         embedded = yaml.safe_load(script.split("<<'LMFORGE_CONFIG'\n")[1].split("\nLMFORGE_CONFIG\n")[0])
         assert embedded["run_dir"] == str(run_dir) and embedded["slurm"]["nodes"] == 4
         assert embedded["launch"]["workers"] == 32  # 4 nodes x 8 GPUs, one rank each
         assert not run_dir.exists()
+
+
+def test_ray_auth_disabled_is_explicit_and_warned(tmp_path):
+    script = lmforge("launch", "--on", "slurm", DEBUG, "--nodes", "2", "--dry-run", "slurm.runner=ray",
+                     "launch.ray_auth=disabled", f"run_dir={tmp_path}/run").stdout
+    assert "RAY_AUTH=disabled\n" in script and "WARNING: launch.ray_auth=disabled" in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
 def test_missing_sbatch_says_how_to_get_it(tmp_path):

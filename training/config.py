@@ -280,6 +280,10 @@ class LaunchConfig(_Section):
     strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = Field(
         "SPREAD", description="Ray placement group strategy across nodes")
     max_failures: int = Field(0, ge=-1, description="Ray: restarts after a worker/node failure (-1: unlimited); each resumes from the newest checkpoint")
+    ray_auth: Literal["token", "disabled"] = Field(
+        "token", description="Ray clusters lmforge starts or joins: token (a fresh token per job; an existing "
+                             "cluster's from RAY_AUTH_TOKEN_PATH/RAY_AUTH_TOKEN/~/.ray/auth_token) or disabled "
+                             "(anyone reaching the cluster's ports runs code as you; warned at start)")
 
 
 class FinetuneConfig(_Section):
