@@ -88,21 +88,31 @@ def check_accepted(address: str, ray_auth: str, timeout_s: float = 10.0) -> None
             f"{DEFAULT_TOKEN_FILE}); `ray get-auth-token` on the head prints it")
     if address in ("auto", "local") or "://" in address:
         return  # ray:// goes through the Ray Client server, which ray.init checks itself
+    code, details = gcs_status(address, timeout_s)
+    if code != "UNAUTHENTICATED":
+        return  # not ours to judge: ray.init reports it
+    if ray_auth == "disabled":
+        raise LaunchError(f"the Ray cluster at {address} uses token authentication, and launch.ray_auth=disabled "
+                          f"sends no token: drop launch.ray_auth=disabled and set {TOKEN_PATH} to its token")
+    raise LaunchError(f"the Ray cluster at {address} refused the token from {token_source()} ({details}): "
+                      "it is not the token that cluster was started with")
+
+
+def gcs_status(address: str, timeout_s: float = 10.0, wait_for_ready: bool = False) -> tuple[str, str]:
+    """The status of one GetClusterId call to the GCS at `address` through Ray's own channel (which
+    adds this process's token when RAY_AUTH_MODE=token): ("OK", ""), ("UNAUTHENTICATED", why), …
+    `wait_for_ready` waits up to the timeout for a head that is still starting."""
     import grpc
     from ray._private.grpc_utils import init_grpc_channel
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-    channel = init_grpc_channel(address)
+    # a channel of its own: no reconnect backoff inherited from earlier attempts on this address
+    channel = init_grpc_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
     try:
         gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-            gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s)
+            gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s, wait_for_ready=wait_for_ready)
+        return "OK", ""
     except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.UNAUTHENTICATED:
-            return  # not ours to judge: ray.init reports it
-        if ray_auth == "disabled":
-            raise LaunchError(f"the Ray cluster at {address} uses token authentication, and launch.ray_auth=disabled "
-                              f"sends no token: drop launch.ray_auth=disabled and set {TOKEN_PATH} to its token") from None
-        raise LaunchError(f"the Ray cluster at {address} refused the token from {token_source()} ({e.details()}): "
-                          "it is not the token that cluster was started with") from None
+        return e.code().name, e.details() or ""
     finally:
         channel.close()

@@ -61,9 +61,13 @@ def pytest_report_header(config) -> list[str]:
                                            ("amx", c._is_amx_tile_supported())) if has)
     lines = [f"cpu: {isa or 'none of avx2/avx512'}; torch ATen kernels: {torch.backends.cpu.get_cpu_capability()}"]
     try:
-        from lmforge.training.model import four_bit_path
+        import warnings
 
-        lines.append(f"qlora 4-bit layers: {four_bit_path('cpu')}")
+        with warnings.catch_warnings():  # bitsandbytes' import warns about torch.jit
+            warnings.simplefilter("ignore")
+            from lmforge.training.model import four_bit_path
+
+            lines.append(f"qlora 4-bit layers: {four_bit_path('cpu')}")
     except ImportError:
         pass
     lines.append("vLLM W4A16 (make test-serve): " + ("served (AVX-512 build)" if torch.cpu._is_avx512_supported()

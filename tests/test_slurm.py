@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -160,21 +161,31 @@ def test_impossible_requests_are_refused_at_submission(slurm):
                                                  env=env()).stdout
 
 
-def _tokenless_client(address: str) -> subprocess.CompletedProcess:
-    """A Ray client's first call to the GCS, without a token (RAY_AUTH_MODE=disabled, no token set)."""
+def _tokenless_client(address: str, seconds: float) -> subprocess.Popen:
+    """A Ray client without a token (RAY_AUTH_MODE=disabled, no token set) calling the GCS at
+    `address` until it gets an answer other than "not up yet", or `seconds` pass; prints the
+    answer. The head comes up a few seconds into the job and lives only as long as the job."""
     e = {k: v for k, v in env().items() if not k.startswith("RAY_AUTH")}
-    code = ("import sys; from lmforge.launcher.ray_auth import check_accepted; "
-            "check_accepted(sys.argv[1], 'disabled'); print('accepted')")
-    return subprocess.run([str(BIN / "python"), "-c", code, address], capture_output=True, text=True,
-                          env=dict(e, RAY_AUTH_MODE="disabled"), timeout=60)
+    code = ("import sys, time\n"
+            "from lmforge.launcher.ray_auth import gcs_status\n"
+            "deadline, answer = time.time() + float(sys.argv[2]), None\n"
+            "while time.time() < deadline:\n"
+            "    answer = gcs_status(sys.argv[1], timeout_s=5, wait_for_ready=True)\n"
+            "    if answer[0] not in ('UNAVAILABLE', 'DEADLINE_EXCEEDED'):\n"
+            "        break\n"
+            "print(*answer)\n")
+    return subprocess.Popen([str(BIN / "python"), "-c", code, address, str(seconds)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(e, RAY_AUTH_MODE="disabled"))
 
 
-def test_ray_sbatch_runs_a_job_across_two_nodes(slurm, tmp_path, data_cache):
+def test_ray_sbatch_runs_a_job_across_two_nodes(slurm, tmp_path, data_cache, request):
     """The job's Ray cluster uses a fresh token: 0600 in a 0700 node-local directory (TMPDIR), a
     client without it is refused by the head, the job's own driver and workers run, and the token
     is in no file of the run directory (the job's log included) and gone after the job."""
-    run_dir, node_tmp = tmp_path / "run", tmp_path / "node-tmp"
-    node_tmp.mkdir()
+    run_dir = tmp_path / "run"
+    # the nodes' TMPDIR, short: Ray puts its session sockets under it (AF_UNIX paths ≤ 107 bytes)
+    node_tmp = Path(tempfile.mkdtemp(prefix="lmf-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(node_tmp, ignore_errors=True))
     proc = subprocess.Popen([str(BIN / "lmforge"), "launch", "--on", "slurm", str(DEBUG), "--nodes", "2", "--follow",
                              "slurm.runner=ray", "launch.strategy=STRICT_SPREAD",
                              *debug_overrides(run_dir, data_cache, "train.steps=20", "eval.interval=10")],
@@ -191,12 +202,9 @@ def test_ray_sbatch_runs_a_job_across_two_nodes(slurm, tmp_path, data_cache):
     assert seen is not None, "the job never placed its Ray token"
     assert (seen["file"], seen["dir"]) == ("0o600", "0o700")
     # the head (lmf-node1 = 127.0.0.2, slurm.ray_port 6379) refuses a client without the token
-    while proc.poll() is None and time.time() < deadline:
-        refused = _tokenless_client("127.0.0.2:6379")
-        if "uses token authentication" in refused.stderr:
-            break
-        time.sleep(0.5)  # the head is not up yet
-    assert refused.returncode != 0 and "uses token authentication" in refused.stderr, refused.stderr[-2000:]
+    client = _tokenless_client("127.0.0.2:6379", seconds=240)
+    answer = client.communicate(timeout=300)[0]
+    assert answer.startswith("UNAUTHENTICATED"), answer[-2000:]
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "COMPLETED" in out, out[-4000:]
     placement = json.loads((run_dir / "placement.json").read_text())
