@@ -28,45 +28,6 @@ import torch
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Where a rank sits: consecutive ranks form the sequence-parallel (Ulysses) or tensor-parallel
-    (AutoTP) groups, as DeepSpeed builds them; the group index is the data-parallel rank. Ranks of
-    one group read the same sequences (SP peers each keep one chunk of the sequence dimension)."""
-    rank: int
-    world: int
-    sequence: int = 1
-    tensor: int = 1
-
-    @property
-    def group(self) -> int:
-        return self.sequence * self.tensor
-
-    @property
-    def dp_rank(self) -> int:
-        return self.rank // self.group
-
-    @property
-    def dp_size(self) -> int:
-        return self.world // self.group
-
-    @property
-    def sp_rank(self) -> int:
-        return self.rank % self.sequence
-
-    def chunk(self, inputs: torch.Tensor, targets: torch.Tensor):
-        """This rank's part of a batch and its position ids. Under Ulysses SP every peer keeps chunk
-        `sp_rank` of the sequence dimension with its GLOBAL position ids (without them the model
-        would silently use 0..L/sp-1 for RoPE on every chunk); the targets are already shifted, so
-        a chunk's loss needs nothing from its neighbours. Without SP: the batch, positions None."""
-        if self.sequence == 1:
-            return inputs, targets, None
-        length = inputs.size(1)
-        positions = torch.arange(length).expand(inputs.size(0), length)
-        part = slice(self.sp_rank * length // self.sequence, (self.sp_rank + 1) * length // self.sequence)
-        return inputs[:, part], targets[:, part], positions[:, part]
-
-
-@dataclass(frozen=True)
 class Runtime:
     """What this machine runs on: chosen once, printed at start."""
     device_type: str      # "cuda" | "cpu"

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from . import parallel
 from .config import Config
 
 
@@ -97,38 +98,15 @@ def state_bytes_per_param(engine) -> float:
 def initialize(cfg: Config, model: torch.nn.Module, ds_config: dict, total_steps: int, log=None,
                attention: str = "sdpa"):
     """Wrap the model in a DeepSpeed engine; the engine owns optimizer and scheduler stepping.
-    Model parallelism is set up here and nowhere else: Ulysses SP registers DeepSpeed's attention
-    and its groups; AutoTP comes from the DeepSpeed config key, with DeepSpeed's TP mesh as the mpu
-    so that its batch-size check counts data-parallel ranks, not TP peers."""
+    Model parallelism comes from training/parallel.py (the groups DeepSpeed builds)."""
     import deepspeed
 
-    mpu = None
-    if cfg.parallel.sequence > 1:
-        from .model import register_sequence_parallel
-
-        mpu = register_sequence_parallel(model, attention, cfg.parallel.sequence, cfg.train.micro_batch_size,
-                                         cfg.data.seq_len)
-    elif cfg.parallel.tensor > 1:
-        from deepspeed.utils import groups
-
-        groups._init_tp_mesh_device(tensor_model_parallel_size=cfg.parallel.tensor)
-        mpu = groups
+    mpu = parallel.mpu(cfg, model, attention)
     optimizer = build_optimizer(cfg, model, log)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=mpu)
     return engine
-
-
-def loss_scale(ds_config: dict, sequence: int) -> float:
-    """Factor on each rank's chunk-mean loss so that sequence-parallel gradients equal the
-    data-parallel ones. DeepSpeed averages gradients over all ranks on ZeRO-3's reduce-scatter path
-    but over data-parallel ranks only on the others (ZeRO-1/2, ZeRO-3 without reduce_scatter), where
-    each SP peer's chunk mean must count 1/sp (measured against the DP twin's grad norms)."""
-    zero = ds_config["zero_optimization"]
-    if sequence == 1 or (zero["stage"] == 3 and zero.get("reduce_scatter", True)):
-        return 1.0
-    return 1.0 / sequence
 
 
 class AdaLoraStep:

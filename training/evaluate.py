@@ -18,28 +18,28 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
 
-def model_inputs(inputs, targets: torch.Tensor, device, layout=None) -> tuple[dict, torch.Tensor]:
+def model_inputs(inputs, targets: torch.Tensor, device, groups=None) -> tuple[dict, torch.Tensor]:
     """A micro batch as model keyword arguments and targets on the device. A fine-tuning task's
     batch is already kwargs (targets -100 where nothing counts); packed tokens get this rank's
-    sequence-parallel chunk and its global position ids (`layout`: dist.Layout)."""
+    sequence-parallel chunk and its global position ids (`groups`: parallel.RankGroups)."""
     if isinstance(inputs, dict):
         return {k: v.to(device) for k, v in inputs.items()}, targets.to(device)
     positions = None
-    if layout is not None:
-        inputs, targets, positions = layout.chunk(inputs, targets)
+    if groups is not None:
+        inputs, targets, positions = groups.chunk(inputs, targets)
     return ({"input_ids": inputs.to(device), "position_ids": positions.to(device) if positions is not None else None},
             targets.to(device))
 
 
 @torch.no_grad()
-def evaluate(engine, data, batches: list[list[int]], device: torch.device, layout=None) -> dict[str, float]:
-    """`layout` (dist.Layout): sequence-parallel peers evaluate their chunk of the same sequences
+def evaluate(engine, data, batches: list[list[int]], device: torch.device, groups=None) -> dict[str, float]:
+    """`groups` (parallel.RankGroups): sequence-parallel peers evaluate their chunk of the same sequences
     and tensor-parallel peers the same batch; the token-weighted sums give the global mean either way."""
     was_training = engine.module.training
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for indices in batches:
-        kwargs, targets = model_inputs(*data.batch(indices), device, layout)
+        kwargs, targets = model_inputs(*data.batch(indices), device, groups)
         logits = engine(**kwargs).logits
         total[0] += token_loss(logits, targets, reduction="sum").double()
         total[1] += targets.numel()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import parallel
 from .config import MODEL_PRESETS, ConfigError, FinetuneConfig, ModelConfig
 
 _hf_ds_config_ref = None  # transformers reads ZeRO-3 state through a weak global; keep it alive
@@ -180,10 +181,7 @@ def build(cfg: ModelConfig, conf, ds_config: dict, attention: str, dtype: torch.
 
     global _hf_ds_config_ref
     if ds_config["zero_optimization"]["stage"] == 3:
-        # zero.Init parses this config without the tensor-parallel groups and would count TP peers
-        # as data-parallel ranks in its batch-size check; the batch keys do not matter to it.
-        hf_config = {k: v for k, v in ds_config.items() if k != "train_batch_size"} if "tensor_parallel" in ds_config else ds_config
-        _hf_ds_config_ref = HfDeepSpeedConfig(hf_config)
+        _hf_ds_config_ref = HfDeepSpeedConfig(parallel.zero_init_config(ds_config))
     else:
         _hf_ds_config_ref = None
     cls = auto_class(task)
@@ -244,17 +242,6 @@ def is_peft(model: torch.nn.Module) -> bool:
 
 def trainable_params(model: torch.nn.Module) -> int:
     return sum(numel(p) for p in model.parameters() if p.requires_grad)
-
-
-def register_sequence_parallel(model: torch.nn.Module, attention: str, sp: int, micro_batch: int, seq_len: int):
-    """Ulysses SP through DeepSpeed's Hugging Face integration: patches transformers' attention so
-    that each rank's chunk attends over the whole sequence (all-to-all over heads); returns the
-    mpu that deepspeed.initialize needs to build the sequence-parallel groups."""
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-
-    return UlyssesSPAttentionHF.register_with_transformers(
-        model_name_or_path=model, core_attn_implementation=attention, sequence_parallel_size=sp,
-        micro_batch_size=micro_batch, seq_length=seq_len, seq_length_is_variable=False)
 
 
 def stored_params(model: torch.nn.Module) -> int:

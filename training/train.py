@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, data, dist, engine as engine_lib, evaluate as evaluate_lib, metrics as metrics_lib, model as model_lib
-from . import distill as distill_lib, tasks as tasks_lib
+from . import distill as distill_lib, parallel, tasks as tasks_lib
 from .config import Config, ConfigError, build_ds_config, dump_config, load_config
 
 
@@ -79,11 +79,7 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
     if cfg.distill.teacher:
         distill_lib.check_teacher(cfg.distill, conf, task.tokenizer if task is not None
                                   else data.load_tokenizer(tokenizer_dir))
-    sp = cfg.parallel.sequence
-    heads, kv_heads = getattr(conf, "num_attention_heads", None), getattr(conf, "num_key_value_heads", None)
-    if sp > 1 and heads is not None and (heads % sp or (kv_heads and kv_heads % sp and sp % kv_heads)):
-        raise ConfigError(f"parallel.sequence={sp} must divide the model's attention heads ({heads}) and its "
-                          f"key/value heads ({kv_heads}) divide or be divided by it (Ulysses splits heads)")
+    parallel.check_model(cfg, conf)
     max_pos = model_lib.max_positions(conf)
     if max_pos is not None and cfg.data.seq_len > max_pos:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the model's max positions ({max_pos})")
@@ -122,7 +118,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_step(engine, train_data, micro_batches, device, layout: dist.Layout | None = None,
+def train_step(engine, train_data, micro_batches, device, groups: parallel.RankGroups | None = None,
                loss_scale: float = 1.0, adalora: engine_lib.AdaLoraStep | None = None,
                distiller: distill_lib.Distiller | None = None) -> float:
     """One optimizer step over this rank's micro batches; returns the cross entropy averaged over all
@@ -133,7 +129,7 @@ def train_step(engine, train_data, micro_batches, device, layout: dist.Layout | 
     total = torch.zeros((), dtype=torch.float64, device=device)
     for indices in micro_batches:
         inputs, targets = train_data.batch(indices)
-        kwargs, targets = evaluate_lib.model_inputs(inputs, targets, device, layout)
+        kwargs, targets = evaluate_lib.model_inputs(inputs, targets, device, groups)
         logits = engine(**kwargs).logits
         if isinstance(inputs, dict):
             summed, count = tasks_lib.loss_sum(logits, targets)
@@ -141,7 +137,7 @@ def train_step(engine, train_data, micro_batches, device, layout: dist.Layout | 
         else:
             loss = evaluate_lib.token_loss(logits, targets)
         objective = loss if distiller is None else distiller.blend(loss, logits, targets, kwargs)
-        # DeepSpeed scales by 1/accumulation and syncs at the boundary; loss_scale: engine.loss_scale
+        # DeepSpeed scales by 1/accumulation and syncs at the boundary; loss_scale: parallel.loss_scale
         engine.backward(objective * loss_scale if loss_scale != 1.0 else objective)
         if adalora is not None:
             adalora.before_step()
@@ -171,14 +167,184 @@ HEADLINE = {"pretrain": "eval/ppl", "sft": "eval/ppl", "classification": "eval/a
 
 
 def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop: dist.StopRequest) -> dict:
+    """The loop: step, log, evaluate, let the checkpointer decide, honour a stop; one way out."""
     plan = preflight(cfg, d.world_size, log)
     if d.is_main:
         dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
     log.info("config:\n" + cfg.to_yaml())
     log.info(f"runtime: {plan.runtime.describe()} world_size={d.world_size} threads={torch.get_num_threads()}")
+    r = setup(cfg, d, plan, log)
+    p, total_steps = r.progress, cfg.total_steps()
+    bar = tqdm(total=total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
+               mininterval=1.0, disable=not (d.is_main and cfg.logging.progress))
+    evals: dict[int, dict] = {}
+    try:
+        if p.step == 0:
+            p.before = r.evaluate(p.step)[r.headline]
+            log.info(f"held-out {_metric_name(r.headline)} before training: {p.before:.4f}")
+        ending = "early_stopped_before" if r.stopping is not None and r.stopping.stopped else None
+        state_bytes = None
+        while ending is None and p.step < total_steps:
+            lr = r.engine.get_lr()[0]
+            t0 = time.perf_counter()
+            loss = train_step(r.engine, r.train_data, r.sampler.next_step(), d.device, r.groups, r.loss_scale,
+                              r.adalora, r.distiller)
+            step_time = time.perf_counter() - t0
+            kd = {"train/kd_loss": r.distiller.pop_mean()} if r.distiller is not None else {}
+            p.step += 1
+            p.tokens += r.tokens_per_step
+            perf = r.throughput(step_time)
+            if state_bytes is None:  # optimizers create their state at the first step: measure it then
+                state_bytes = engine_lib.state_bytes_per_param(r.engine)
+                log.info(f"optimizer state: {state_bytes:.2f} bytes per parameter on each rank's partition")
+                r.metrics.log(p.step, {"mem/optimizer_state_bytes_per_param": state_bytes})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{perf['perf/tokens_per_s']:.0f}", refresh=False)
+            if p.step % cfg.logging.interval == 0 or p.step == total_steps:
+                grad_norm = r.engine.get_global_grad_norm()
+                r.metrics.log(p.step, {"train/loss": loss, "train/lr": lr, "train/tokens": p.tokens,
+                                       "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                                       "mem/peak_gib": metrics_lib.memory_gib(), **kd, **perf})
+            if cfg.eval.interval and p.step % cfg.eval.interval == 0:
+                evals[p.step] = r.evaluate(p.step)
+                log.info(f"step {p.step}: eval " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in evals[p.step].items()))
+                report({"step": p.step, "train/loss": loss, **evals[p.step]})
+                if r.stopping is not None and r.early_stop(p.step, evals[p.step]):
+                    ending = "early_stopped"
+                    continue
+            r.checkpointer.after_step(p.step)
+            if p.step < total_steps and (reason := stop.agreed(d.device)) is not None:
+                ending = f"stopped: {reason}"
+        bar.close()
+        return finish(cfg, r, ending, evals, stop, report, log)
+    finally:
+        bar.close()
+        r.metrics.close()
+
+
+def _metric_name(headline: str) -> str:
+    return "perplexity" if headline == "eval/ppl" else headline.split("/")[1]
+
+
+def finish(cfg: Config, r: "Run", ending: str | None, evals: dict[int, dict], stop: dist.StopRequest,
+           report: Callable[[dict], None], log) -> dict:
+    """The end of a run, however it ended: the checkpoint that holds it and the summary."""
+    p, total_steps = r.progress, cfg.total_steps()
+    out = {"step": p.step, "tokens": p.tokens}
+    if ending == "early_stopped_before":
+        log.info(f"{r.resumed_from} ended this run early (early stopping): nothing left to train")
+        out.update(checkpoint=str(r.resumed_from), early_stopped=True, best=r.stopping.best_tag)
+    elif ending == "early_stopped":
+        ckpt = r.checkpointer.save(p.step)
+        s = r.stopping
+        log.warning(f"early stopping at step {p.step}: {s.metric} has not improved by more than "
+                    f"{cfg.eval.early_stopping.min_delta} for {s.bad} evaluations; best "
+                    f"{s.best:.4f} at {s.best_tag} (checkpoints/best.json)")
+        report({"step": p.step, "early_stopped": 1})
+        out.update(checkpoint=str(ckpt), early_stopped=True, best=s.best_tag, best_value=s.best)
+    elif ending is not None:  # "stopped: <reason>"
+        log.warning(f"stop requested ({ending.split(': ', 1)[1]}) after step {p.step}: saving a checkpoint")
+        ckpt = r.checkpointer.save(p.step)
+        stop.clear()
+        # Consumed before any rank exits: a launcher that sees one rank's exit may kill the
+        # rest, and "STOP is gone" is how launchers and sbatch scripts know the save is done.
+        torch.distributed.barrier()
+        report({"step": p.step, "stopped": 1})
+        log.warning(f"stopped at step {p.step} of {total_steps}; checkpoint {ckpt}. Exit {dist.EXIT_STOPPED}: "
+                    "run the same command again (or requeue the job) to resume from it")
+        out.update(checkpoint=str(ckpt), stopped=True)
+    else:
+        if p.step not in evals:
+            evals[p.step] = r.evaluate(p.step)
+            report({"step": p.step, **evals[p.step]})
+        final = evals[p.step]
+        ckpt = r.checkpointer.save(p.step)  # or the one already written (or resumed from) at this step
+        stop.clear()  # a request that came after the last step is void, not a reason to stop the next run
+        fmt = ".2f" if r.headline == "eval/ppl" else ".4f"
+        log.info(f"held-out {_metric_name(r.headline)}: {p.before:{fmt}} before -> {final[r.headline]:{fmt}} after "
+                 f"({p.step} steps, {p.tokens:,} tokens)")
+        log.info(f"checkpoint: {ckpt}")
+        log.info(f"tensorboard --logdir {cfg.tensorboard_dir}")
+        out.update(before=p.before, after=final[r.headline], checkpoint=str(ckpt), metrics=final)
+        if r.headline == "eval/ppl":
+            out.update(ppl_before=p.before, ppl_after=final[r.headline])
+    return out
+
+
+@dataclass
+class Progress:
+    """What the loop advances and every checkpoint carries."""
+    step: int = 0
+    tokens: int = 0
+    before: float | None = None  # the headline metric before training
+
+
+class Checkpointer:
+    """Every save decision of a run (as torchtitan's trainer leaves them to its checkpointer): due by
+    checkpoint.interval, on a stop request, at the end, and the best for early stopping. A step is
+    saved once: a later decision at the same step gets that checkpoint (or the one resumed from)."""
+
+    def __init__(self, cfg: Config, save: Callable[[int], Path], resumed_from: Path | None, is_main: bool):
+        self.interval, self.root, self.is_main = cfg.checkpoint.interval, cfg.checkpoint_dir, is_main
+        self._save = save
+        self.last = resumed_from
+
+    def saved_at(self, step: int) -> Path | None:
+        return self.last if self.last is not None and self.last.name == f"step_{step}" else None
+
+    def save(self, step: int) -> Path:
+        path = self.saved_at(step)
+        if path is None:
+            path = self.last = self._save(step)
+        return path
+
+    def after_step(self, step: int) -> None:
+        if self.interval and step % self.interval == 0:
+            self.save(step)
+
+    def save_best(self, step: int, metric: str, value: float) -> Path:
+        path = self.save(step)
+        if self.is_main:
+            checkpoint.mark_best(self.root, path.name, metric, value, step)
+        return path
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built once by setup()."""
+    engine: object
+    groups: parallel.RankGroups
+    train_data: object
+    sampler: data.ShardedSampler
+    evaluate: Callable[[int], dict]
+    headline: str
+    metrics: object
+    throughput: metrics_lib.Throughput
+    checkpointer: Checkpointer
+    progress: Progress
+    tokens_per_step: int
+    loss_scale: float
+    stopping: "EarlyStopping | None"
+    resumed_from: Path | None
+    adalora: engine_lib.AdaLoraStep | None
+    distiller: distill_lib.Distiller | None
+    log: object = None
+
+    def early_stop(self, step: int, result: dict) -> bool:
+        """Early stopping's verdict on an evaluation; the best so far is saved and marked."""
+        verdict = self.stopping.update(step, result)
+        if verdict == "improved":
+            self.stopping.best_tag = f"step_{step}"  # before the save, so its client state names itself
+            path = self.checkpointer.save_best(step, self.stopping.metric, self.stopping.best)
+            self.log.info(f"best {self.stopping.metric} so far: {self.stopping.best:.4f} at step {step} ({path})")
+        return verdict == "stop"
+
+
+def setup(cfg: Config, d: dist.DistInfo, plan: Plan, log) -> Run:
+    """Model, engine, data, sampler, metrics and checkpointer for the loop; a resumed run's state."""
     total_steps = cfg.total_steps()
-    layout = dist.Layout(d.rank, d.world_size, cfg.parallel.sequence, cfg.parallel.tensor)
-    accum = cfg.grad_accum(layout.dp_size)
+    groups = parallel.RankGroups.of(cfg, d.rank, d.world_size)
+    accum = cfg.grad_accum(groups.dp_size)
     seq_len = cfg.data.seq_len
     task = plan.task
     if task is None:
@@ -218,25 +384,21 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
         log.info(f"qlora: 4-bit base layers run {model_lib.four_bit_path(plan.runtime.device_type)}")
     engine = engine_lib.initialize(cfg, model, plan.ds_config, total_steps, log, plan.runtime.attention)
     adalora = engine_lib.AdaLoraStep(engine) if cfg.finetune.method == "adalora" else None
-    loss_scale = engine_lib.loss_scale(plan.ds_config, layout.sequence)
     log.info(f"parameters stored on rank 0: {model_lib.stored_params(engine.module):,} of {n_total:,}")
     log.info(f"optimizer: {type(engine.client_optimizer).__name__}, precision {plan.runtime.precision}, "
              f"activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
-    groups = (f" = {layout.dp_size} data-parallel x {layout.sequence} sequence-parallel x {layout.tensor} "
-              f"tensor-parallel" if layout.group > 1 else "")
-    log.info(f"task {cfg.task}, ZeRO-{cfg.parallel.zero_stage}, {d.world_size} rank(s){groups}, micro batch "
-             f"{cfg.train.micro_batch_size} x accumulation {accum} x {layout.dp_size} = global batch "
+    log.info(f"task {cfg.task}, ZeRO-{cfg.parallel.zero_stage}, {d.world_size} rank(s){groups.describe()}, micro batch "
+             f"{cfg.train.micro_batch_size} x accumulation {accum} x {groups.dp_size} = global batch "
              f"{cfg.train.global_batch_size} ({tokens_per_step} tokens/step), {total_steps} steps")
 
     tokenizer = task.tokenizer if task is not None else data.load_tokenizer(plan.tokenizer_dir)
     # Ranks of one sequence/tensor-parallel group read the same sequences: shard by data-parallel rank.
-    sampler = data.ShardedSampler(len(train_data), cfg.train.seed, layout.dp_rank, layout.dp_size,
+    sampler = data.ShardedSampler(len(train_data), cfg.train.seed, groups.dp_rank, groups.dp_size,
                                   cfg.train.micro_batch_size, accum)
     eval_batches = data.eval_indices(len(val_data), cfg.eval.batches, cfg.train.micro_batch_size,
-                                     layout.dp_rank, layout.dp_size)
-    headline = HEADLINE[cfg.task]
+                                     groups.dp_rank, groups.dp_size)
     stopping = EarlyStopping(cfg) if cfg.eval.early_stopping.metric else None
-    step, tokens, before = 0, 0, None
+    progress = Progress()
     if plan.resume_from is not None:
         if plan.layout_change is not None:
             from . import universal  # only a resume on another layout needs it
@@ -244,127 +406,35 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
             client = universal.load(engine, plan.resume_from, cfg, d.rank, log)
         else:
             client = checkpoint.load(engine, plan.resume_from, d.rank)
-        step, tokens, before = client["step"], client["tokens"], client.get("before", client.get("ppl_before"))
+        progress = Progress(client["step"], client["tokens"], client.get("before", client.get("ppl_before")))
         sampler.load_state_dict(client["sampler"])
         if stopping is not None:
             stopping.load_state_dict(client.get("early_stopping") or {})
-        log.info(f"resumed from {plan.resume_from} at step {step}")
+        log.info(f"resumed from {plan.resume_from} at step {progress.step}")
 
     metrics = metrics_lib.make_metrics(d.rank, cfg.tensorboard_dir, Path(cfg.run_dir) / "metrics.jsonl", cfg.to_yaml())
     throughput = metrics_lib.Throughput(tokens_per_step, model_lib.flops_per_token(model.config, n_matmul, seq_len),
                                         d.world_size, metrics_lib.peak_tflops(cfg.logging.peak_tflops))
 
-    def do_eval() -> dict:
+    def evaluate(step: int) -> dict:
         if task is None:
-            result = evaluate_lib.evaluate(engine, val_data, eval_batches, d.device, layout)
+            result = evaluate_lib.evaluate(engine, val_data, eval_batches, d.device, groups)
         else:
-            result = tasks_lib.evaluate(engine, task, cfg, layout.dp_rank, layout.dp_size, d.device)
+            result = tasks_lib.evaluate(engine, task, cfg, groups.dp_rank, groups.dp_size, d.device)
         metrics.log(step, result)
         return result
 
-    def do_save() -> Path:
-        client = {"tokens": tokens, "sampler": sampler.state_dict(), "before": before,
+    def save(step: int) -> Path:
+        client = {"tokens": progress.tokens, "sampler": sampler.state_dict(), "before": progress.before,
                   "early_stopping": stopping.state_dict() if stopping else None}
         return checkpoint.save(engine, cfg, step, client, d.rank, d.world_size, log,
                                write_extra=lambda out: model_lib.save_hf_files(engine.module, tokenizer, out, d.is_main))
 
-    if step == 0:
-        before = do_eval()[headline]
-        log.info(f"held-out {'perplexity' if headline == 'eval/ppl' else headline.split('/')[1]} before training: "
-                 f"{before:.4f}")
-    if stopping is not None and stopping.stopped:
-        log.info(f"{plan.resume_from} ended this run early (early stopping): nothing left to train")
-        return {"step": step, "tokens": tokens, "checkpoint": str(plan.resume_from), "early_stopped": True,
-                "best": stopping.best_tag}
-
-    evals: dict[int, dict] = {}
-    last_save, state_bytes = None, None
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               mininterval=1.0, disable=not (d.is_main and cfg.logging.progress))
-    while step < total_steps:
-        lr = engine.get_lr()[0]
-        t0 = time.perf_counter()
-        loss = train_step(engine, train_data, sampler.next_step(), d.device, layout, loss_scale, adalora, distiller)
-        step_time = time.perf_counter() - t0
-        kd = {"train/kd_loss": distiller.pop_mean()} if distiller is not None else {}
-        step += 1
-        tokens += tokens_per_step
-        perf = throughput(step_time)
-        if state_bytes is None:  # optimizers create their state at the first step: measure it then
-            state_bytes = engine_lib.state_bytes_per_param(engine)
-            log.info(f"optimizer state: {state_bytes:.2f} bytes per parameter on each rank's partition")
-            metrics.log(step, {"mem/optimizer_state_bytes_per_param": state_bytes})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{perf['perf/tokens_per_s']:.0f}", refresh=False)
-        if step % cfg.logging.interval == 0 or step == total_steps:
-            grad_norm = engine.get_global_grad_norm()
-            metrics.log(step, {"train/loss": loss, "train/lr": lr, "train/tokens": tokens,
-                               "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                               "mem/peak_gib": metrics_lib.memory_gib(), **kd, **perf})
-        if cfg.eval.interval and step % cfg.eval.interval == 0:
-            evals[step] = do_eval()
-            shown = " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in evals[step].items())
-            log.info(f"step {step}: eval {shown}")
-            report({"step": step, "train/loss": loss, **evals[step]})
-            if stopping is not None:
-                verdict = stopping.update(step, evals[step])
-                if verdict == "improved":
-                    stopping.best_tag = f"step_{step}"  # before the save, so its client state names itself
-                    last_save = do_save() if last_save is None or last_save.name != f"step_{step}" else last_save
-                    if d.is_main:
-                        checkpoint.mark_best(cfg.checkpoint_dir, last_save.name, stopping.metric, stopping.best, step)
-                    log.info(f"best {stopping.metric} so far: {stopping.best:.4f} at step {step} ({last_save})")
-                elif verdict == "stop":
-                    bar.close()
-                    ckpt = last_save if last_save is not None and last_save.name == f"step_{step}" else do_save()
-                    metrics.close()
-                    log.warning(f"early stopping at step {step}: {stopping.metric} has not improved by more than "
-                                f"{cfg.eval.early_stopping.min_delta} for {stopping.bad} evaluations; best "
-                                f"{stopping.best:.4f} at {stopping.best_tag} (checkpoints/best.json)")
-                    report({"step": step, "early_stopped": 1})
-                    return {"step": step, "tokens": tokens, "checkpoint": str(ckpt), "early_stopped": True,
-                            "best": stopping.best_tag, "best_value": stopping.best}
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and (
-                last_save is None or last_save.name != f"step_{step}"):
-            last_save = do_save()
-        reason = stop.agreed(d.device)
-        if reason is not None and step < total_steps:
-            bar.close()
-            log.warning(f"stop requested ({reason}) after step {step}: saving a checkpoint")
-            ckpt = last_save if last_save is not None and last_save.name == f"step_{step}" else do_save()
-            stop.clear()
-            # Consumed before any rank exits: a launcher that sees one rank's exit may kill the
-            # rest, and "STOP is gone" is how launchers and sbatch scripts know the save is done.
-            torch.distributed.barrier()
-            metrics.close()
-            report({"step": step, "stopped": 1})
-            log.warning(f"stopped at step {step} of {total_steps}; checkpoint {ckpt}. Exit {dist.EXIT_STOPPED}: "
-                        "run the same command again (or requeue the job) to resume from it")
-            return {"step": step, "tokens": tokens, "checkpoint": str(ckpt), "stopped": True}
-    bar.close()
-
-    if step not in evals:
-        evals[step] = do_eval()
-        report({"step": step, **evals[step]})
-    final = evals[step]
-    if last_save is not None and last_save.name == f"step_{step}":
-        ckpt = last_save
-    elif plan.resume_from is not None and plan.resume_from.name == f"step_{step}":
-        ckpt = plan.resume_from  # resumed a finished run (e.g. a job requeued after its last step)
-    else:
-        ckpt = do_save()
-    stop.clear()  # a request that came after the last step is void, not a reason to stop the next run
-    metrics.close()
-    name, fmt = ("perplexity", ".2f") if headline == "eval/ppl" else (headline.split("/")[1], ".4f")
-    log.info(f"held-out {name}: {before:{fmt}} before -> {final[headline]:{fmt}} after "
-             f"({step} steps, {tokens:,} tokens)")
-    log.info(f"checkpoint: {ckpt}")
-    log.info(f"tensorboard --logdir {cfg.tensorboard_dir}")
-    out = {"step": step, "tokens": tokens, "before": before, "after": final[headline], "checkpoint": str(ckpt),
-           "metrics": final}
-    if headline == "eval/ppl":
-        out.update(ppl_before=before, ppl_after=final[headline])
-    return out
+    return Run(engine=engine, groups=groups, train_data=train_data, sampler=sampler, evaluate=evaluate,
+               headline=HEADLINE[cfg.task], metrics=metrics, throughput=throughput,
+               checkpointer=Checkpointer(cfg, save, plan.resume_from, d.is_main), progress=progress,
+               tokens_per_step=tokens_per_step, loss_scale=parallel.loss_scale(plan.ds_config, groups.sequence),
+               stopping=stopping, resumed_from=plan.resume_from, adalora=adalora, distiller=distiller, log=log)
 
 
 class EarlyStopping:
