@@ -78,23 +78,16 @@ def _stdout_to_stderr():
 
 
 def cmd_prepare(args) -> int:
-    from lmforge.training import data
+    """The task's prepare, as preflight runs it: pretrain's tokenizer and token files; a record task's
+    tokenized examples (checks labels, template, columns)."""
+    from lmforge.training import tasks
+    from lmforge.training.consolidate import source_meta
     from lmforge.training.dist import get_logger
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.task != "pretrain":  # records → tokenized examples (checks labels, template, columns)
-        from lmforge.training import tasks
-        from lmforge.training.consolidate import source_meta
-
-        with _stdout_to_stderr():
-            task = tasks.prepare(cfg, source_meta(cfg.model.init_from) if cfg.model.init_from else None, get_logger(0))
-        print(json.dumps({"task": cfg.task, "train_rows": len(task.train), "eval_rows": len(task.eval),
-                          "labels": task.labels, "vocab_size": task.vocab_size}, indent=1))
-        return 0
     with _stdout_to_stderr():  # the tokenizer trainer prints progress on fd 1; stdout stays JSON
-        prepared = data.prepare(cfg.data, get_logger(0))
-    print(json.dumps({"tokenizer": str(prepared.tokenizer_dir), "train": str(prepared.train_tokens),
-                      "val": str(prepared.val_tokens), **prepared.meta}, indent=1))
+        prepared = tasks.prepare(cfg, source_meta(cfg.model.init_from) if cfg.model.init_from else None, get_logger(0))
+    print(json.dumps(prepared.summary, indent=1))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Labelled data from the standard library's sources (training/embedded.py) and the task metrics
-(training/task_metrics.py): files written, byte-identical rebuilds, the split by file, sane labels,
-and the metrics on examples whose answers are known.
+(training/tasks/: classification.py, ner.py, sft.py): files written, byte-identical rebuilds, the
+split by file, sane labels, and the metrics on examples whose answers are known.
 
     pytest tests/test_embedded.py
 """
@@ -142,7 +142,7 @@ def test_bad_arguments(tmp_path):
 
 def test_classification_metrics():
     pytest.importorskip("sklearn")
-    from lmforge.training.task_metrics import classification_metrics, most_frequent
+    from lmforge.training.tasks.classification import classification_metrics, most_frequent
 
     labels = ["a", "a", "a", "b", "c", "c"]
     preds = ["a", "a", "b", "b", "c", "a"]
@@ -161,7 +161,7 @@ def test_classification_metrics():
 
 def test_ner_metrics_seqeval_example():
     pytest.importorskip("seqeval")
-    from lmforge.training.task_metrics import ner_metrics
+    from lmforge.training.tasks.ner import ner_metrics
 
     # seqeval's README example: one of two gold entities found exactly, and one wrong span
     gold = [["O", "O", "O", "B-MISC", "I-MISC", "I-MISC", "O"], ["B-PER", "I-PER", "O"]]
@@ -175,7 +175,7 @@ def test_ner_metrics_seqeval_example():
 
 def test_bleu():
     pytest.importorskip("sacrebleu")
-    from lmforge.training.task_metrics import bleu
+    from lmforge.training.tasks.sft import bleu
 
     refs = ["Serialize obj to a JSON formatted str.", "Return a new event loop for the current thread."]
     assert bleu(refs, refs) == pytest.approx(100.0)

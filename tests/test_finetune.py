@@ -45,6 +45,7 @@ def sft_args(run_dir: Path, cache: Path, base: Path, *extra: str) -> list:
 def eval_loss_outside(run_dir: Path, model) -> float:
     """The run's eval loss recomputed in this process on the run's own eval rows, with `model`."""
     from lmforge.training import consolidate, tasks
+    from lmforge.training.tasks.common import loss_sum
 
     cfg = consolidate.saved_config(consolidate.find_checkpoint(run_dir))
     meta = consolidate.source_meta(cfg.model.init_from)
@@ -53,7 +54,7 @@ def eval_loss_outside(run_dir: Path, model) -> float:
     with torch.no_grad():
         for i in range(0, len(task.eval), 8):
             inputs, targets = task.eval.batch(list(range(i, min(i + 8, len(task.eval)))))
-            s, n = tasks.loss_sum(model(**inputs).logits, targets)
+            s, n = loss_sum(model(**inputs).logits, targets)
             total, count = total + s.item(), count + n
     return total / count
 
@@ -241,7 +242,7 @@ def tokenizer(tmp_path_factory):
 
 
 def test_sft_loss_only_on_response_tokens(tokenizer):
-    from lmforge.training.tasks import BUILTIN_CHAT_TEMPLATE, sft_tokens
+    from lmforge.training.tasks.sft import BUILTIN_CHAT_TEMPLATE, sft_tokens
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is json?"},
             {"role": "assistant", "content": "A data format."}, {"role": "user", "content": "And yaml?"},
@@ -266,14 +267,14 @@ def test_sft_packing_keeps_records_apart(tokenizer):
     crosses from one record into the next."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmforge.training import tasks
     from lmforge.training.config import load_config
+    from lmforge.training.tasks import sft
 
     records = [{"prompt": "Summarise json.dumps.", "response": "Serialize obj to a JSON formatted str."},
                {"prompt": "Summarise json.loads.", "response": "Deserialize s to a Python object."}]
     cfg = load_config(CONFIGS / "sft.yaml", ["data.seq_len=128"])
-    packed = tasks._sft(cfg, tokenizer, records, LOG)
-    single = tasks._sft(cfg.model_copy(update={"data": cfg.data.model_copy(update={"packing": False})}),
+    packed = sft.encode(cfg, tokenizer, records, LOG)
+    single = sft.encode(cfg.model_copy(update={"data": cfg.data.model_copy(update={"packing": False})}),
                         tokenizer, records, LOG)
     assert len(packed) == 1 and len(single) == 2
     torch.manual_seed(0)

@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # numpy and torch load only when tokens are needed: `lmforge 
     import torch
 
 RUN_CONFIG = "lmforge_run.yaml"  # the training config, inside every artifact directory
-CAUSAL_TASKS = ("pretrain", "sft")  # compression, GGUF/ONNX and the perplexity report are for causal LMs
 
 
 def write_run_config(cfg: Config, out_dir: Path) -> None:
@@ -132,8 +131,11 @@ def carry(src_dir: str | Path, dst_dir: str | Path) -> None:
 
 
 def require_causal(cfg: Config, what: str) -> None:
-    if cfg.task not in CAUSAL_TASKS:
-        raise ConfigError(f"{what} works on causal language models (task {' or '.join(CAUSAL_TASKS)}); "
+    """Compression, GGUF/ONNX and the perplexity report are for causal LMs (Task.causal)."""
+    from lmforge.training import tasks
+
+    if not tasks.get(cfg.task).causal:
+        raise ConfigError(f"{what} works on causal language models (task {' or '.join(tasks.causal())}); "
                           f"this artifact was trained with task={cfg.task}")
 
 

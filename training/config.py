@@ -5,7 +5,8 @@ config built from it.
 
 Every setting lives here exactly once. The DeepSpeed JSON files in ds_configs/ hold only ZeRO and
 communication keys; `build_ds_config` fills batch sizes, accumulation, clipping and precision from
-this tree and refuses a JSON that sets them itself. This module imports nothing else of lmforge's.
+this tree and refuses a JSON that sets them itself. This module imports nothing else of lmforge's
+but the task registry (training/tasks/, when validating: it names the tasks and each one's rules).
 """
 
 from __future__ import annotations
@@ -309,20 +310,10 @@ class DistillConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="T: both distributions are softmax(logits / T)")
 
 
-TASKS = ("pretrain", "sft", "classification", "ner")
-# What each task's evaluation reports (eval.early_stopping.metric picks one).
-TASK_METRICS = {"pretrain": ("eval/loss", "eval/ppl"),
-                "sft": ("eval/loss", "eval/ppl", "eval/bleu"),
-                "classification": ("eval/loss", "eval/accuracy", "eval/macro_f1"),
-                "ner": ("eval/loss", "eval/entity_precision", "eval/entity_recall", "eval/entity_f1",
-                        "eval/token_accuracy")}
-
-
 class Config(_Section):
     run_dir: str = Field("runs/debug", description="everything a run writes goes under here")
-    task: Literal["pretrain", "sft", "classification", "ner"] = Field(
-        "pretrain", description="pretrain: causal LM on packed documents; sft: chat/prompt-response with loss on "
-                                "responses; classification: a label per record; ner: BIO tags per word")
+    task: str = Field("pretrain", description="what the run learns, a task of the registry in training/tasks/ "
+                                              "(README's task table lists them); pretrain: causal LM on packed documents")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -335,27 +326,44 @@ class Config(_Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
+    @field_validator("task", mode="before")
+    @classmethod
+    def _registered_task(cls, v):
+        from . import tasks
+
+        if v not in tasks.names():  # worded as pydantic words a Literal's error
+            *head, last = map(repr, tasks.names())
+            raise ValueError(f"Input should be {', '.join(head)} or {last}")
+        return v
+
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
+        from . import tasks
+
+        task = tasks.get(self.task)
         if self.train.optimizer != "adamw" and self.parallel.offload_optimizer:
             raise ValueError(f"train.optimizer={self.train.optimizer} keeps its 8-bit state beside the parameters; "
                              "parallel.offload_optimizer runs DeepSpeed's CPUAdam on fp32 state instead. Use one "
                              "or the other (8-bit state is already 4x smaller than AdamW's)")
-        if self.task != "pretrain" and self.parallel.sequence * self.parallel.tensor > 1:
+        refused = [k for k in ("sequence", "tensor") if getattr(self.parallel, k) > 1 and k not in task.parallel]
+        if refused and task.parallel == ("data",):
             raise ValueError(f"task={self.task} runs data-parallel only: parallel.sequence and parallel.tensor must "
                              "be 1 (sequence/tensor parallelism are for pretraining long or wide models)")
+        if refused:
+            raise ValueError(f"task={self.task} does not run parallel.{refused[0]} > 1 (its layouts: "
+                             f"{', '.join(task.parallel)})")
         es = self.eval.early_stopping
         if es.metric is not None:
-            known = TASK_METRICS[self.task] if not (self.task == "sft" and self.eval.generate == 0) else TASK_METRICS["pretrain"]
+            known = task.metrics(self)
             if es.metric not in known:
                 raise ValueError(f"eval.early_stopping.metric: task {self.task} reports {', '.join(known)}; "
                                  f"got {es.metric!r}")
             if not self.eval.interval:
                 raise ValueError("eval.early_stopping needs periodic evaluations: set eval.interval > 0")
         if self.distill.teacher is not None:
-            if self.task not in ("pretrain", "sft"):
-                raise ValueError(f"distill.teacher: distillation matches next-token distributions, for task pretrain "
-                                 f"or sft; this run has task={self.task}")
+            if not task.causal:
+                raise ValueError(f"distill.teacher: distillation matches next-token distributions, for task "
+                                 f"{' or '.join(tasks.causal())}; this run has task={self.task}")
             if self.parallel.sequence * self.parallel.tensor > 1:
                 raise ValueError("distill.teacher is not combined with parallel.sequence/tensor > 1: the teacher runs "
                                  "unsharded on the whole micro batch, while SP/TP ranks hold a chunk or a shard of it")

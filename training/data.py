@@ -273,6 +273,11 @@ class PackedTokens:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def tokens_per_row(self) -> int:
+        """Every sequence is full: data.seq_len tokens (throughput counts these)."""
+        return self.seq_len
+
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.seq_len
         rows = np.stack([self.tokens[i * L:i * L + L + 1] for i in indices]).astype(np.int64)

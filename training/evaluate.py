@@ -18,12 +18,10 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
 
-def model_inputs(inputs, targets: torch.Tensor, device, groups=None) -> tuple[dict, torch.Tensor]:
-    """A micro batch as model keyword arguments and targets on the device. A fine-tuning task's
-    batch is already kwargs (targets -100 where nothing counts); packed tokens get this rank's
-    sequence-parallel chunk and its global position ids (`groups`: parallel.RankGroups)."""
-    if isinstance(inputs, dict):
-        return {k: v.to(device) for k, v in inputs.items()}, targets.to(device)
+def model_inputs(inputs: torch.Tensor, targets: torch.Tensor, device, groups=None) -> tuple[dict, torch.Tensor]:
+    """A micro batch of packed tokens as model keyword arguments and targets on the device: this
+    rank's sequence-parallel chunk and its global position ids (`groups`: parallel.RankGroups). (The pretrain
+    task's model_inputs; record tasks batch their own, training/tasks/common.py.)"""
     positions = None
     if groups is not None:
         inputs, targets, positions = groups.chunk(inputs, targets)

@@ -1,6 +1,6 @@
-"""The model: any Hugging Face model (causal LM; sequence or token classification for those tasks)
-from a size preset, a local config or local pretrained weights (model.init_from), built under
-ZeRO-3 partitioning when stage 3 is on, optionally wrapped in peft adapters (LoRA, QLoRA, AdaLoRA).
+"""The model: any Hugging Face model (its task's auto class: a causal LM, a sequence or token
+classifier) from a size preset, a local config or local pretrained weights (model.init_from), built
+under ZeRO-3 partitioning when stage 3 is on, optionally wrapped in peft adapters (LoRA, QLoRA, AdaLoRA).
 
     lmforge config configs/demo.yaml   # prints the model shape and parameter count it resolves to
     lmforge train configs/lora.yaml    # LoRA on an lmforge checkpoint
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import parallel
+from . import parallel, tasks
 from .config import MODEL_PRESETS, ConfigError, FinetuneConfig, ModelConfig
 
 _hf_ds_config_ref = None  # transformers reads ZeRO-3 state through a weak global; keep it alive
@@ -72,10 +72,10 @@ def _with_labels(conf, labels: list[str] | None, pad_id: int | None):
 
 
 def auto_class(task: str):
+    """The transformers auto class that builds `task`'s model (its Task.auto_model)."""
     import transformers
 
-    return {"classification": transformers.AutoModelForSequenceClassification,
-            "ner": transformers.AutoModelForTokenClassification}.get(task, transformers.AutoModelForCausalLM)
+    return getattr(transformers, tasks.get(task).auto_model)
 
 
 _HEADS = ("lm_head", "score", "classifier", "embed_out", "output")
@@ -215,7 +215,7 @@ def apply_peft(model: torch.nn.Module, ft: FinetuneConfig, task: str, total_step
     classification head (score/classifier) into modules_to_save, so it trains and is saved too."""
     import peft
 
-    task_type = {"classification": peft.TaskType.SEQ_CLS, "ner": peft.TaskType.TOKEN_CLS}.get(task, peft.TaskType.CAUSAL_LM)
+    task_type = getattr(peft.TaskType, tasks.get(task).peft_task_type)
     targets = target_modules(model, ft)
     if ft.method == "qlora":
         keep_4bit_training_path(model)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, data, dist, engine as engine_lib, evaluate as evaluate_lib, metrics as metrics_lib, model as model_lib
+from . import checkpoint, data, dist, engine as engine_lib, metrics as metrics_lib, model as model_lib
 from . import distill as distill_lib, parallel, tasks as tasks_lib
 from .config import Config, ConfigError, build_ds_config, dump_config, load_config
 
@@ -39,13 +39,11 @@ from .config import Config, ConfigError, build_ds_config, dump_config, load_conf
 class Plan:
     """What preflight established: everything a rank needs that could have failed on bad input."""
     runtime: dist.Runtime
-    data: data.PreparedData | None       # pretrain: packed token files
+    data: tasks_lib.TaskData             # the task's tokenizer and train/eval examples (tasks.prepare)
     hf_config: object
     ds_config: dict
     resume_from: Path | None
     layout_change: checkpoint.LayoutChange | None = None  # resume_from's layout differs: universal resume
-    task: tasks_lib.TaskData | None = None  # sft / classification / ner: tokenized records
-    tokenizer_dir: Path | None = None
 
 
 def preflight(cfg: Config, world_size: int, log) -> Plan:
@@ -62,30 +60,15 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
         from .consolidate import source_meta
 
         meta = source_meta(cfg.model.init_from)  # config + tokenizer; weights are consolidated in the ranks
-    prepared, task = None, None
-    if cfg.task == "pretrain":
-        data_cfg = cfg.data
-        if meta is not None and not cfg.data.tokenizer:
-            data_cfg = cfg.data.model_copy(update={"tokenizer": str(meta)})  # the model's own tokenizer
-        prepared = data.prepare(data_cfg, log)
-        conf = model_lib.hf_config(cfg.model, prepared.vocab_size, prepared.eos_id, meta)
-        tokenizer_dir = prepared.tokenizer_dir
-    else:
-        task = tasks_lib.prepare(cfg, meta, log)
-        conf = model_lib.hf_config(cfg.model, task.vocab_size, task.tokenizer.eos_token_id, meta, task.labels,
-                                   task.tokenizer.pad_token_id)
-        tokenizer_dir = None
+    prepared = tasks_lib.prepare(cfg, meta, log)
+    conf = model_lib.hf_config(cfg.model, prepared.vocab_size, prepared.eos_id, meta, prepared.labels, prepared.pad_id)
     model_lib.check_finetune(conf, cfg.task, cfg.finetune)
     if cfg.distill.teacher:
-        distill_lib.check_teacher(cfg.distill, conf, task.tokenizer if task is not None
-                                  else data.load_tokenizer(tokenizer_dir))
+        distill_lib.check_teacher(cfg.distill, conf, prepared.tokenizer)
     parallel.check_model(cfg, conf)
     max_pos = model_lib.max_positions(conf)
     if max_pos is not None and cfg.data.seq_len > max_pos:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the model's max positions ({max_pos})")
-    if prepared is not None:
-        for split in (prepared.train_tokens, prepared.val_tokens):
-            data.PackedTokens(split, cfg.data.seq_len)  # enough tokens for one sequence of each split
     resume, change = None, None
     if cfg.checkpoint.resume == "auto":
         resume = checkpoint.find_latest(cfg.checkpoint_dir, log)
@@ -109,7 +92,7 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
                 # the run config's own DeepSpeed dict is untouched.
                 log.info(f"{resume} was written by {change}: resuming through a universal checkpoint")
                 ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    return Plan(runtime, prepared, conf, ds_config, resume, change, task, tokenizer_dir)
+    return Plan(runtime, prepared, conf, ds_config, resume, change)
 
 
 def seed_everything(seed: int) -> None:
@@ -120,22 +103,19 @@ def seed_everything(seed: int) -> None:
 
 def train_step(engine, train_data, micro_batches, device, groups: parallel.RankGroups | None = None,
                loss_scale: float = 1.0, adalora: engine_lib.AdaLoraStep | None = None,
-               distiller: distill_lib.Distiller | None = None) -> float:
+               distiller: distill_lib.Distiller | None = None, task: tasks_lib.Task | None = None) -> float:
     """One optimizer step over this rank's micro batches; returns the cross entropy averaged over all
     ranks (SP chunks are equal-sized and TP peers compute the same loss, so this is the token-weighted
-    global mean in every layout). Task data (dict inputs) average over the targets that count. With
-    a distiller the gradient is that of its blend of this cross entropy and the teacher's KL term;
-    the return value stays the cross entropy, comparable with eval/loss."""
+    global mean in every layout). `task` (default pretrain) turns batches into model inputs and
+    logits into its loss (record tasks: the mean over the targets that count). With a distiller the
+    gradient is that of its blend of this cross entropy and the teacher's KL term; the return value
+    stays the cross entropy, comparable with eval/loss."""
+    task = task or tasks_lib.get("pretrain")
     total = torch.zeros((), dtype=torch.float64, device=device)
     for indices in micro_batches:
-        inputs, targets = train_data.batch(indices)
-        kwargs, targets = evaluate_lib.model_inputs(inputs, targets, device, groups)
+        kwargs, targets = task.model_inputs(*train_data.batch(indices), device, groups)
         logits = engine(**kwargs).logits
-        if isinstance(inputs, dict):
-            summed, count = tasks_lib.loss_sum(logits, targets)
-            loss = summed / max(count, 1)
-        else:
-            loss = evaluate_lib.token_loss(logits, targets)
+        loss = task.loss(logits, targets)
         objective = loss if distiller is None else distiller.blend(loss, logits, targets, kwargs)
         # DeepSpeed scales by 1/accumulation and syncs at the boundary; loss_scale: parallel.loss_scale
         engine.backward(objective * loss_scale if loss_scale != 1.0 else objective)
@@ -162,10 +142,6 @@ def main(cfg: Config, report: Callable[[dict], None] | None = None) -> dict:
         dist.teardown()
 
 
-# The number a run's summary reports before -> after, per task.
-HEADLINE = {"pretrain": "eval/ppl", "sft": "eval/ppl", "classification": "eval/accuracy", "ner": "eval/entity_f1"}
-
-
 def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop: dist.StopRequest) -> dict:
     """The loop: step, log, evaluate, let the checkpointer decide, honour a stop; one way out."""
     plan = preflight(cfg, d.world_size, log)
@@ -188,7 +164,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
             lr = r.engine.get_lr()[0]
             t0 = time.perf_counter()
             loss = train_step(r.engine, r.train_data, r.sampler.next_step(), d.device, r.groups, r.loss_scale,
-                              r.adalora, r.distiller)
+                              r.adalora, r.distiller, r.task)
             step_time = time.perf_counter() - t0
             kd = {"train/kd_loss": r.distiller.pop_mean()} if r.distiller is not None else {}
             p.step += 1
@@ -328,6 +304,7 @@ class Run:
     resumed_from: Path | None
     adalora: engine_lib.AdaLoraStep | None
     distiller: distill_lib.Distiller | None
+    task: tasks_lib.Task
     log: object = None
 
     def early_stop(self, step: int, result: dict) -> bool:
@@ -346,14 +323,8 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Plan, log) -> Run:
     groups = parallel.RankGroups.of(cfg, d.rank, d.world_size)
     accum = cfg.grad_accum(groups.dp_size)
     seq_len = cfg.data.seq_len
-    task = plan.task
-    if task is None:
-        train_data = data.PackedTokens(plan.data.train_tokens, seq_len)
-        val_data = data.PackedTokens(plan.data.val_tokens, seq_len)
-        tokens_per_step = cfg.train.global_batch_size * seq_len
-    else:
-        train_data, val_data = task.train, task.eval
-        tokens_per_step = int(cfg.train.global_batch_size * train_data.tokens_per_row)  # rows vary in length
+    task, train_data = tasks_lib.get(cfg.task), plan.data.train
+    tokens_per_step = int(cfg.train.global_batch_size * train_data.tokens_per_row)  # task rows may vary in length
 
     seed_everything(cfg.train.seed)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.runtime.precision]
@@ -391,12 +362,10 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Plan, log) -> Run:
              f"{cfg.train.micro_batch_size} x accumulation {accum} x {groups.dp_size} = global batch "
              f"{cfg.train.global_batch_size} ({tokens_per_step} tokens/step), {total_steps} steps")
 
-    tokenizer = task.tokenizer if task is not None else data.load_tokenizer(plan.tokenizer_dir)
+    tokenizer = plan.data.tokenizer
     # Ranks of one sequence/tensor-parallel group read the same sequences: shard by data-parallel rank.
     sampler = data.ShardedSampler(len(train_data), cfg.train.seed, groups.dp_rank, groups.dp_size,
                                   cfg.train.micro_batch_size, accum)
-    eval_batches = data.eval_indices(len(val_data), cfg.eval.batches, cfg.train.micro_batch_size,
-                                     groups.dp_rank, groups.dp_size)
     stopping = EarlyStopping(cfg) if cfg.eval.early_stopping.metric else None
     progress = Progress()
     if plan.resume_from is not None:
@@ -417,10 +386,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Plan, log) -> Run:
                                         d.world_size, metrics_lib.peak_tflops(cfg.logging.peak_tflops))
 
     def evaluate(step: int) -> dict:
-        if task is None:
-            result = evaluate_lib.evaluate(engine, val_data, eval_batches, d.device, groups)
-        else:
-            result = tasks_lib.evaluate(engine, task, cfg, groups.dp_rank, groups.dp_size, d.device)
+        result = task.evaluate(engine, plan.data, cfg, groups, d.device)
         metrics.log(step, result)
         return result
 
@@ -431,10 +397,10 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Plan, log) -> Run:
                                write_extra=lambda out: model_lib.save_hf_files(engine.module, tokenizer, out, d.is_main))
 
     return Run(engine=engine, groups=groups, train_data=train_data, sampler=sampler, evaluate=evaluate,
-               headline=HEADLINE[cfg.task], metrics=metrics, throughput=throughput,
+               headline=task.headline, metrics=metrics, throughput=throughput,
                checkpointer=Checkpointer(cfg, save, plan.resume_from, d.is_main), progress=progress,
                tokens_per_step=tokens_per_step, loss_scale=parallel.loss_scale(plan.ds_config, groups.sequence),
-               stopping=stopping, resumed_from=plan.resume_from, adalora=adalora, distiller=distiller, log=log)
+               stopping=stopping, resumed_from=plan.resume_from, adalora=adalora, distiller=distiller, task=task, log=log)
 
 
 class EarlyStopping:

@@ -1,0 +1,65 @@
+"""Pretraining: a causal LM on packed documents. Its data are training/data.py's cached token files
+cut into fixed-length sequences (data.PackedTokens), its evaluation training/evaluate.py's held-out
+loss and perplexity over eval.batches fixed micro batches per rank.
+
+    lmforge train configs/debug.yaml --nproc 2
+    lmforge prepare configs/demo.yaml              # tokenizer + token files only
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import Config
+from .common import TaskData
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Pretrain:
+    name = "pretrain"
+    recipe = "configs/debug.yaml"
+    headline = "eval/ppl"
+    causal = True
+    parallel = ("data", "sequence", "tensor")
+    auto_model = "AutoModelForCausalLM"
+    peft_task_type = "CAUSAL_LM"
+
+    def metrics(self, cfg: Config) -> tuple[str, ...]:
+        return ("eval/loss", "eval/ppl")
+
+    def prepare(self, cfg: Config, init_dir: Path | None, log) -> TaskData:
+        from .. import data
+
+        data_cfg = cfg.data
+        if init_dir is not None and not cfg.data.tokenizer:
+            data_cfg = cfg.data.model_copy(update={"tokenizer": str(init_dir)})  # the model's own tokenizer
+        prepared = data.prepare(data_cfg, log)
+        # PackedTokens refuses a split with fewer tokens than one sequence: a ConfigError here, in preflight
+        train, val = (data.PackedTokens(p, cfg.data.seq_len) for p in (prepared.train_tokens, prepared.val_tokens))
+        summary = {"tokenizer": str(prepared.tokenizer_dir), "train": str(prepared.train_tokens),
+                   "val": str(prepared.val_tokens), **prepared.meta}
+        return TaskData(data.load_tokenizer(prepared.tokenizer_dir), train, val, prepared.vocab_size, prepared.eos_id,
+                        summary=summary)
+
+    def model_inputs(self, inputs: torch.Tensor, targets: torch.Tensor, device, groups=None) -> tuple[dict, torch.Tensor]:
+        from ..evaluate import model_inputs
+
+        return model_inputs(inputs, targets, device, groups)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from ..evaluate import token_loss
+
+        return token_loss(logits, targets)
+
+    def evaluate(self, engine, data: TaskData, cfg: Config, groups, device) -> dict[str, float]:
+        from .. import data as data_lib, evaluate
+
+        batches = data_lib.eval_indices(len(data.eval), cfg.eval.batches, cfg.train.micro_batch_size,
+                                        groups.dp_rank, groups.dp_size)
+        return evaluate.evaluate(engine, data.eval, batches, device, groups)
+
+
+TASK = Pretrain()
