@@ -84,7 +84,7 @@ def cmd_prepare(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.task != "pretrain":  # records → tokenized examples (checks labels, template, columns)
         from lmforge.training import tasks
-        from lmforge.training.consolidate import source_meta
+        from lmforge.training.checkpoint.consolidate import source_meta
 
         with _stdout_to_stderr():
             task = tasks.prepare(cfg, source_meta(cfg.model.init_from) if cfg.model.init_from else None, get_logger(0))

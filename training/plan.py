@@ -347,7 +347,7 @@ def estimate(cfg: Config, world_size: int | None = None, nodes: int = 1, gpus_pe
     notes: list[str] = []
     source = None
     if cfg.model.init_from:
-        from .consolidate import source_meta  # reads config.json only: no weights, no DeepSpeed
+        from .checkpoint.consolidate import source_meta  # reads config.json only: no weights, no DeepSpeed
 
         source = source_meta(cfg.model.init_from)
         vocab_size = vocab_size or 0  # the model's own embedding size counts

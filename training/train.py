@@ -59,7 +59,7 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
     ds_config = build_ds_config(cfg, world_size, runtime.precision)
     meta = None
     if cfg.model.init_from:
-        from .consolidate import source_meta
+        from .checkpoint.consolidate import source_meta
 
         meta = source_meta(cfg.model.init_from)  # config + tokenizer; weights are consolidated in the ranks
     prepared, task = None, None
@@ -100,7 +100,7 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
                 raise ConfigError(str(e)) from None
             change = checkpoint.layout_change(resume, cfg, world_size)
             if change is not None:
-                from . import universal  # imports no DeepSpeed: the launcher's driver runs this too
+                from .checkpoint import universal  # imports no DeepSpeed: the launcher's driver runs this too
 
                 problem = universal.unsupported(change)
                 if problem is None and cfg.finetune.method != "full":
@@ -193,7 +193,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.runtime.precision]
     source = None
     if cfg.model.init_from:
-        from .consolidate import resolve_source
+        from .checkpoint.consolidate import resolve_source
 
         # An lmforge checkpoint is consolidated once, by rank 0 (transformers' save_pretrained
         # writes weights only on the main process of an initialised process group); then reused.
@@ -239,7 +239,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     step, tokens, before = 0, 0, None
     if plan.resume_from is not None:
         if plan.layout_change is not None:
-            from . import universal  # only a resume on another layout needs it
+            from .checkpoint import universal  # only a resume on another layout needs it
 
             client = universal.load(engine, plan.resume_from, cfg, d.rank, log)
         else:
