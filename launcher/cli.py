@@ -130,7 +130,7 @@ def cmd_launch(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from lmforge.training import plan
+    from lmforge.tools import plan
 
     cfg = load_config(args.config, args.overrides)
     hw = plan.hardware(cfg, args.nodes, args.gpus_per_node, args.gpu_memory, args.gpu, args.peak_tflops,
