@@ -70,7 +70,7 @@ def source_id(ckpt: Path) -> str:
     return hashlib.sha256((ckpt / "manifest.json").read_bytes()).hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -78,7 +78,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -90,18 +90,18 @@ def write_atomic(path: Path, text: str) -> None:
 def write_manifest(tmp: Path, step: int | None, **extra) -> None:
     """manifest.json in `tmp`: every file's size (what verify checks), `extra` keys before them."""
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    write_atomic(tmp / "manifest.json", json.dumps({"step": step, **extra, "files": files}, indent=1))
+    _write_atomic(tmp / "manifest.json", json.dumps({"step": step, **extra, "files": files}, indent=1))
 
 
 def publish(tmp: Path, final: Path, pointer: str) -> None:
     """Make the complete directory `tmp` (manifest written) visible as `final`, replacing an earlier
     one, then point the file `pointer` beside it at it: the pointer moves last."""
-    fsync_dir(tmp)
+    _fsync_dir(tmp)
     if final.exists():  # re-saving (e.g. a resumed run reaching the same step again): replace whole
         shutil.rmtree(final)
     os.replace(tmp, final)
-    write_atomic(final.parent / pointer, final.name)
-    fsync_dir(final.parent)
+    _write_atomic(final.parent / pointer, final.name)
+    _fsync_dir(final.parent)
 
 
 def rng_state() -> dict:
@@ -160,7 +160,7 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
 
 def prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints (and the early-stopping best); the rest go with their derived dirs."""
-    steps = sorted(step_dirs(root), key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    steps = sorted(_step_dirs(root), key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
     best = (read_best(root) or {}).get("tag")
     for old in steps[:-keep]:
         if old.name == best:
@@ -171,7 +171,7 @@ def prune(root: Path, keep: int) -> None:
 
 def mark_best(root: Path, tag: str, metric: str, value: float, step: int) -> None:
     """Rank 0: record `tag` as the best checkpoint (best.json, written atomically)."""
-    write_atomic(root / "best.json", json.dumps({"tag": tag, "metric": metric, "value": value, "step": step}))
+    _write_atomic(root / "best.json", json.dumps({"tag": tag, "metric": metric, "value": value, "step": step}))
 
 
 def read_best(root: Path) -> dict | None:
@@ -181,7 +181,7 @@ def read_best(root: Path) -> dict | None:
         return None
 
 
-def step_dirs(root: Path) -> list[Path]:
+def _step_dirs(root: Path) -> list[Path]:
     """The step_N directories under root (published or not; derived and temporary ones excluded)."""
     return [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)] if root.is_dir() else []
 
@@ -206,7 +206,7 @@ def verify(path: Path) -> str | None:
 
 def find_latest(root: Path, log) -> Path | None:
     """Newest complete checkpoint under root; broken ones are skipped with a warning."""
-    for path in sorted(step_dirs(root), key=lambda p: -int(_STEP_DIR.match(p.name).group(1))):
+    for path in sorted(_step_dirs(root), key=lambda p: -int(_STEP_DIR.match(p.name).group(1))):
         problem = verify(path)
         if problem is None:
             return path

@@ -217,7 +217,8 @@ def _check_keys(ckpt: Path, conf, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmforge.training.checkpoint.consolidate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lmforge.training.checkpoint.consolidate",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="run directory, checkpoints/ or step_N")
     parser.add_argument("out", help="output Hugging Face directory")
     args = parser.parse_args(argv)

@@ -239,6 +239,7 @@ def make_stage_neutral(out: Path, ckpt: Path) -> None:
     names = [f.name for f in out.iterdir()]
     zero3 = {m.group(1): n for n in names if (m := _ZERO3_MODEL_STATES.match(n))}
     zero12 = {m.group(1): n for n in names if (m := _ZERO12_MODEL_STATES.match(n))}
+    # weights load from zero/ under every stage: the other stage's model-states name can be a link
     for mp, name in zero3.items():
         if mp not in zero12:
             _link(out / name, out / f"mp_rank_{mp}_model_states.pt")
@@ -246,6 +247,8 @@ def make_stage_neutral(out: Path, ckpt: Path) -> None:
         if mp not in zero3:
             _link(out / name, out / f"zero_pp_rank_0_mp_rank_{mp}_model_states.pt")
 
+    # the ZeRO-3 loader reads step and param groups from optimizer_state_dict, the ZeRO-1/2 one
+    # wants ds_version at the top level
     zero = out / "zero"
     optim = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
     if OPTIMIZER_STATE_DICT in optim:  # a ZeRO-3 source: its rank 0's whole optimizer state, keep only the step
@@ -265,6 +268,7 @@ def make_stage_neutral(out: Path, ckpt: Path) -> None:
         states = torch.load(out / zero3[min(zero3)], map_location="cpu", weights_only=False)
         for group in states[PARAM_SHAPES]:
             shapes.update(group)
+    # the ZeRO-1/2 loader wants {"param": tensor} state files and a step.pt per parameter
     for folder in sorted(d for d in zero.iterdir() if d.is_dir()):
         for f in _STATE_FILES:
             path = folder / f
