@@ -152,7 +152,7 @@ def measure(config: str, overrides: list[str], nproc: int = 2, timeout: int = 60
 
 
 def predict(config: str, overrides: list[str], nproc: int):
-    from lmforge.training import plan
+    from lmforge.tools import plan
     from lmforge.training.config import load_config
 
     return plan.estimate(load_config(config, overrides), world_size=nproc)

@@ -81,7 +81,7 @@ def cmd_prepare(args) -> int:
     """The task's prepare, as preflight runs it: pretrain's tokenizer and token files; a record task's
     tokenized examples (checks labels, template, columns)."""
     from lmforge.training import tasks
-    from lmforge.training.consolidate import source_meta
+    from lmforge.training.checkpoint.consolidate import source_meta
     from lmforge.training.dist import get_logger
 
     cfg = load_config(args.config, args.overrides)
@@ -123,7 +123,7 @@ def cmd_launch(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from lmforge.training import plan
+    from lmforge.tools import plan
 
     cfg = load_config(args.config, args.overrides)
     hw = plan.hardware(cfg, args.nodes, args.gpus_per_node, args.gpu_memory, args.gpu, args.peak_tflops,

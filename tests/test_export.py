@@ -26,7 +26,8 @@ def export_eval_loss(hf_dir: Path, run_dir: Path, world_size: int) -> float:
     transformers: the same held-out micro batches of every data-parallel rank, token-weighted."""
     from transformers import AutoModelForCausalLM
 
-    from lmforge.training import consolidate, data
+    from lmforge.training import data
+    from lmforge.training.checkpoint import consolidate
     from lmforge.training.evaluate import token_loss
 
     cfg = consolidate.saved_config(consolidate.find_checkpoint(run_dir))

@@ -44,7 +44,8 @@ def sft_args(run_dir: Path, cache: Path, base: Path, *extra: str) -> list:
 
 def eval_loss_outside(run_dir: Path, model) -> float:
     """The run's eval loss recomputed in this process on the run's own eval rows, with `model`."""
-    from lmforge.training import consolidate, tasks
+    from lmforge.training import tasks
+    from lmforge.training.checkpoint import consolidate
     from lmforge.training.tasks.common import loss_sum
 
     cfg = consolidate.saved_config(consolidate.find_checkpoint(run_dir))
@@ -89,7 +90,7 @@ def test_lora_adapter_reloads_and_merges(lora_zero3):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lmforge.training import consolidate
+    from lmforge.training.checkpoint import consolidate
 
     ckpt = consolidate.find_checkpoint(lora_zero3)
     cfg = consolidate.saved_config(ckpt)
@@ -145,7 +146,7 @@ def test_qlora_and_adalora_zero2(tmp_path, data_cache, request, method):
         e = [v for k, v in load_file(adapter / "adapter_model.safetensors").items() if "lora_E" in k]
         kept = sum(int(v.shape[0]) for v in e)
         assert config["rank_pattern"] and 0 < kept < config["init_r"] * len(e), (kept, len(e))
-    from lmforge.training import consolidate
+    from lmforge.training.checkpoint import consolidate
 
     assert type(consolidate.load_merged(run_dir / "checkpoints" / "step_20")).__name__ == "LlamaForCausalLM"
 
@@ -165,7 +166,8 @@ def test_classification_beats_majority_baseline(tmp_path, data_cache):
     assert "eval/accuracy" in (out / "README.md").read_text()
     from transformers import AutoModelForSequenceClassification
 
-    from lmforge.training import consolidate, tasks
+    from lmforge.training import tasks
+    from lmforge.training.checkpoint import consolidate
 
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     cfg = consolidate.saved_config(run_dir / "checkpoints" / best["tag"])
@@ -183,7 +185,8 @@ def test_encoder_classifier_trains_and_exports(tmp_path, data_cache):
     measured in BENCHMARKS.md: a post-LN BERT from scratch needs ~70 steps to leave the majority class.)"""
     from transformers import AutoModelForSequenceClassification, BertConfig
 
-    from lmforge.training import consolidate, tasks
+    from lmforge.training import tasks
+    from lmforge.training.checkpoint import consolidate
 
     BertConfig(vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                max_position_embeddings=256).save_pretrained(tmp_path / "bert")

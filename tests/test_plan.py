@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import DEBUG, REPO, lmforge
-from lmforge.training import plan
+from lmforge.tools import plan
 from lmforge.training.config import ConfigError, load_config
 from lmforge.training.model import count_params, hf_config
 
@@ -75,16 +75,17 @@ def test_offload_moves_state_to_the_host():
 def test_activation_checkpointing_lowers_activations():
     e = est("model.preset=llama-1b", "data.seq_len=2048", world_size=2, gpu_memory="80GiB")
     assert e.activations_with_checkpointing < e.activations_without_checkpointing / 4
-    lay = plan.replace(plan.layout_of(cfg_of()), activation_checkpointing=True, zero_stage=3)
-    ck = est("model.preset=llama-1b", "data.seq_len=2048", world_size=2, gpu_memory="80GiB", layout=lay)
+    cand = plan.replace(plan.candidate_of(cfg_of()), activation_checkpointing=True, zero_stage=3)
+    ck = est("model.preset=llama-1b", "data.seq_len=2048", world_size=2, gpu_memory="80GiB", candidate=cand)
     assert ck.terms["activations"] == e.activations_with_checkpointing
 
 
 def test_sequence_and_tensor_parallel_split_activations():
-    base = plan.layout_of(cfg_of())
-    full = est("model.preset=llama-1b", world_size=4, gpu_memory="80GiB")
-    sp = est("model.preset=llama-1b", world_size=4, gpu_memory="80GiB", layout=plan.replace(base, sequence_parallel=2))
-    tp = est("model.preset=llama-1b", world_size=4, gpu_memory="80GiB", layout=plan.replace(base, tensor_parallel=2))
+    base = plan.candidate_of(cfg_of())
+    kw = dict(world_size=4, gpu_memory="80GiB")
+    full = est("model.preset=llama-1b", **kw)
+    sp = est("model.preset=llama-1b", **kw, candidate=plan.replace(base, sequence_parallel=2))
+    tp = est("model.preset=llama-1b", **kw, candidate=plan.replace(base, tensor_parallel=2))
     assert sp.terms["activations"] == pytest.approx(full.terms["activations"] / 2, rel=0.01)
     assert tp.terms["activations"] < full.terms["activations"]
     # TP 2 x ZeRO-3 over the other 2 ranks holds the same quarter of the weights as ZeRO-3 over 4
@@ -99,7 +100,7 @@ def test_recommend_picks_a_layout_that_fits():
     assert configured.fits is False  # 7B, ZeRO-1, no checkpointing, micro batch 4 x 4096: no
     rec = plan.recommend(cfg, hw)
     assert rec is not None and rec.fits and rec.device_total <= 80 * GIB
-    assert rec.layout != configured.layout
+    assert rec.candidate != configured.candidate
     tiny = plan.hardware(cfg, 1, 8, "1GiB")
     assert plan.recommend(cfg, tiny) is None  # 7B states alone need more than 1 GiB per rank
 
@@ -155,7 +156,7 @@ def test_estimate_matches_measured_peak_per_rank(data_cache):
 
 
 def test_plan_never_imports_deepspeed():
-    code = ("import sys; from lmforge.training import plan; from lmforge.training.config import load_config; "
+    code = ("import sys; from lmforge.tools import plan; from lmforge.training.config import load_config; "
             f"plan.estimate(load_config({str(DEBUG)!r}), world_size=2); print('deepspeed' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.stdout.strip() == "False", out.stderr[-2000:]

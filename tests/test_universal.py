@@ -1,8 +1,8 @@
-"""Resume on another layout through DeepSpeed's universal checkpoint (training/universal.py): real
-runs on 2 and 1 gloo ranks. World size 2 → 1 → 2 (ZeRO-3, torch AdamW and bitsandbytes AdamW8bit);
-ZeRO stage 3 → 2 → 3 (both optimizers); Ulysses SP 1 → 2 → 1 on ZeRO-3; AutoTP 1 → 2 → 1 on
-ZeRO-1; and the refusal of what DeepSpeed cannot convert (a ZeRO-3 x TP checkpoint), before any
-rank starts.
+"""Resume on another layout through DeepSpeed's universal checkpoint
+(training/checkpoint/universal.py): real runs on 2 and 1 gloo ranks. World size 2 → 1 → 2 (ZeRO-3,
+torch AdamW and bitsandbytes AdamW8bit); ZeRO stage 3 → 2 → 3 (both optimizers); Ulysses SP
+1 → 2 → 1 on ZeRO-3; AutoTP 1 → 2 → 1 on ZeRO-1; and the refusal of what DeepSpeed cannot convert
+(a ZeRO-3 x TP checkpoint), before any rank starts.
 
     pytest tests/test_universal.py -m slow -v     # ~9 min on 2 cores (the layout chains ~4 of them)
     pytest tests/test_universal.py -m "not slow"  # unit tests: layout_change, refusals, bnb round trip
@@ -124,7 +124,7 @@ def test_one_rank_resumed_on_two(optimizer, reference, tmp_path, data_cache):
 
 @pytest.mark.slow
 def test_conversion_is_reused_and_redone_when_the_checkpoint_changes(reference, tmp_path):
-    from lmforge.training import universal
+    from lmforge.training.checkpoint import universal
 
     ckpt_dir = tmp_path / "checkpoints"
     shutil.copytree(reference("adamw", 2) / "checkpoints" / "step_30", ckpt_dir / "step_30")
@@ -148,7 +148,7 @@ def test_bnb_state_dequantize_requantize_round_trip():
     partition: the very same codes and scales, for 8-bit and for bnb's 32-bit (small tensor) state."""
     import bitsandbytes as bnb
 
-    from lmforge.training import universal
+    from lmforge.training.checkpoint import universal
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(5000 + 17)), torch.nn.Parameter(torch.randn(300))]
@@ -203,10 +203,10 @@ def constant_reference(tmp_path_factory, data_cache):
 
 
 def _layout(nproc: int, *overrides: str):
-    from lmforge.training.checkpoint import Layout
+    from lmforge.training.checkpoint import SavedLayout
 
     p = dict(o.removeprefix("parallel.").split("=") for o in overrides)
-    return Layout(nproc, int(p.get("zero_stage", 3)), int(p.get("tensor", 1)), int(p.get("sequence", 1)))
+    return SavedLayout(nproc, int(p.get("zero_stage", 3)), int(p.get("tensor", 1)), int(p.get("sequence", 1)))
 
 
 def _resume_chain(ref: Path, run_dir: Path, cache: Path, optimizer: str, hops) -> None:
@@ -292,12 +292,11 @@ def _fake_checkpoint(run_dir: Path, cache: Path, nproc: int, *overrides: str) ->
 
 
 def test_layout_change_reports_world_size_zero_stage_tp_and_sp(tmp_path, data_cache):
-    from lmforge.training import universal
-    from lmforge.training.checkpoint import Layout, LayoutChange, check_compatible, layout_change
+    from lmforge.training.checkpoint import LayoutChange, SavedLayout, check_compatible, layout_change, universal
     from lmforge.training.config import load_config
 
     ckpt = _fake_checkpoint(tmp_path / "run", data_cache, 2, "parallel.zero_stage=3", "parallel.sequence=2")
-    assert Layout.saved(ckpt) == Layout(2, 3, 1, 2)
+    assert SavedLayout.read(ckpt) == SavedLayout(2, 3, 1, 2)
 
     def change(nproc: int, *overrides: str):
         cfg = load_config(DEBUG, debug_overrides(tmp_path / "run", data_cache, *overrides))
@@ -313,10 +312,10 @@ def test_layout_change_reports_world_size_zero_stage_tp_and_sp(tmp_path, data_ca
         assert str(c) == f"2 rank(s), ZeRO-3, SP=2; this run: {now}"
         assert universal.unsupported(c) is None
     # a ZeRO-3 x TP source is what DeepSpeed's converter cannot read: refused, naming the way out
-    zero3_tp = universal.unsupported(LayoutChange(Layout(2, 3, 2, 1), Layout(2, 1, 2, 1)))
+    zero3_tp = universal.unsupported(LayoutChange(SavedLayout(2, 3, 2, 1), SavedLayout(2, 1, 2, 1)))
     assert "ZeRO-3 x tensor-parallel" in zero3_tp
     assert "--nproc 2 parallel.zero_stage=3 parallel.tensor=2 parallel.sequence=1" in zero3_tp
-    assert universal.unsupported(LayoutChange(Layout(2, 1, 2, 1), Layout(2, 3, 2, 1))) is None
+    assert universal.unsupported(LayoutChange(SavedLayout(2, 1, 2, 1), SavedLayout(2, 3, 2, 1))) is None
 
 
 def test_unconvertible_layout_is_refused_before_any_rank_starts(tmp_path, data_cache):

@@ -1,1 +1,1 @@
-"""lmforge.tools: after training (consolidate, compress, export, report)."""
+"""lmforge.tools: driver-side tools around training: plan (before); export, compress, prune, report (after)."""

@@ -15,8 +15,9 @@ directory lmforge wrote (export, dense compress recipes, prune), which carries l
     lmforge export runs/debug --format gguf --out exports/debug-f16.gguf    # f16 is the default
     lmforge export exports/debug --format onnx --int8 --out exports/debug-onnx-int8
 
-The weights come from training/consolidate.py (DeepSpeed's zero_to_fp32 for full runs; base +
-peft adapter, merged, for adapter runs), so any ZeRO stage and world size exports the same way.
+The weights come from training/checkpoint/consolidate.py (DeepSpeed's zero_to_fp32 for full
+runs; base + peft adapter, merged, for adapter runs), so any ZeRO stage and world size exports the
+same way.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lmforge.tools import artifact
-from lmforge.training import consolidate
+from lmforge.training.checkpoint import consolidate
 from lmforge.training.config import Config, ConfigError
 
 

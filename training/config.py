@@ -452,7 +452,7 @@ PATH_KEYS = ("run_dir", "model.path", "model.init_from", "distill.teacher", "dat
 # Keys whose change makes an existing checkpoint a different run (model shape, tokens it saw,
 # optimizer state layout). lr, steps, intervals and logging may change on resume; so may the
 # parallel layout (ZeRO stage, TP/SP degree, like the world size), which checkpoint.layout_change
-# reports and universal.py resumes through DeepSpeed's universal format.
+# reports and checkpoint/universal.py resumes through DeepSpeed's universal format.
 COMPAT_KEYS = ("task", "finetune", "model", "data.paths", "data.eval_paths", "data.label_field",
                "data.words_field", "data.prompt_field", "data.response_field", "data.messages_field",
                "data.chat_template", "data.packing", "data.format", "data.text_field", "data.tokenizer", "data.vocab_size",

@@ -57,7 +57,7 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
     ds_config = build_ds_config(cfg, world_size, runtime.precision)
     meta = None
     if cfg.model.init_from:
-        from .consolidate import source_meta
+        from .checkpoint.consolidate import source_meta
 
         meta = source_meta(cfg.model.init_from)  # config + tokenizer; weights are consolidated in the ranks
     prepared = tasks_lib.prepare(cfg, meta, log)
@@ -79,7 +79,7 @@ def preflight(cfg: Config, world_size: int, log) -> Plan:
                 raise ConfigError(str(e)) from None
             change = checkpoint.layout_change(resume, cfg, world_size)
             if change is not None:
-                from . import universal  # imports no DeepSpeed: the launcher's driver runs this too
+                from .checkpoint import universal  # imports no DeepSpeed: the launcher's driver runs this too
 
                 problem = universal.unsupported(change)
                 if problem is None and cfg.finetune.method != "full":
@@ -266,7 +266,7 @@ class Checkpointer:
         self.last = resumed_from
 
     def saved_at(self, step: int) -> Path | None:
-        return self.last if self.last is not None and self.last.name == f"step_{step}" else None
+        return self.last if self.last is not None and self.last.name == checkpoint.tag(step) else None
 
     def save(self, step: int) -> Path:
         path = self.saved_at(step)
@@ -311,7 +311,7 @@ class Run:
         """Early stopping's verdict on an evaluation; the best so far is saved and marked."""
         verdict = self.stopping.update(step, result)
         if verdict == "improved":
-            self.stopping.best_tag = f"step_{step}"  # before the save, so its client state names itself
+            self.stopping.best_tag = checkpoint.tag(step)  # before the save, so its client state names itself
             path = self.checkpointer.save_best(step, self.stopping.metric, self.stopping.best)
             self.log.info(f"best {self.stopping.metric} so far: {self.stopping.best:.4f} at step {step} ({path})")
         return verdict == "stop"
@@ -330,7 +330,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Plan, log) -> Run:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.runtime.precision]
     source = None
     if cfg.model.init_from:
-        from .consolidate import resolve_source
+        from .checkpoint.consolidate import resolve_source
 
         # An lmforge checkpoint is consolidated once, by rank 0 (transformers' save_pretrained
         # writes weights only on the main process of an initialised process group); then reused.
@@ -370,7 +370,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Plan, log) -> Run:
     progress = Progress()
     if plan.resume_from is not None:
         if plan.layout_change is not None:
-            from . import universal  # only a resume on another layout needs it
+            from .checkpoint import universal  # only a resume on another layout needs it
 
             client = universal.load(engine, plan.resume_from, cfg, d.rank, log)
         else:

@@ -1,5 +1,6 @@
-"""`lmforge plan`: how much memory each rank needs, how fast a run goes, and a layout that fits,
-from the config alone (pure arithmetic: no weights, no DeepSpeed, no process group).
+"""`lmforge plan`: how much memory each rank needs, how fast a run goes, and a layout (a
+Candidate: ZeRO stage, offload, micro batch, activation checkpointing, TP/SP) that fits, from the
+config alone (pure arithmetic, driver side: no weights, no DeepSpeed, no process group).
 
     lmforge plan configs/pretrain_7b.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB
     lmforge plan configs/pretrain_7b.yaml --gpu-memory 80GiB --gpu H100 --json
@@ -41,8 +42,8 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .config import Config, ConfigError, build_ds_config
-from .model import flops_per_token, hf_config, max_positions
+from lmforge.training.config import Config, ConfigError, build_ds_config
+from lmforge.training.model import flops_per_token, hf_config, max_positions
 
 GIB = 2**30
 
@@ -151,7 +152,7 @@ def _meta_shape(conf, h, layers, heads, kv, hd, inter, vocab, tied) -> ModelShap
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .model import count_params
+    from lmforge.training.model import count_params
 
     with torch.device("meta"):  # shapes only: no memory is allocated
         model = AutoModelForCausalLM.from_config(conf)
@@ -170,7 +171,7 @@ def resolve_vocab(cfg: Config) -> tuple[int, str | None]:
     if cfg.data.tokenizer:
         path = Path(cfg.data.tokenizer).expanduser()
         if path.is_dir():
-            from .data import load_tokenizer
+            from lmforge.training.data import load_tokenizer
 
             return len(load_tokenizer(path)), None
         return cfg.data.vocab_size, (f"data.tokenizer {path} is not on this machine: vocabulary taken as "
@@ -178,10 +179,11 @@ def resolve_vocab(cfg: Config) -> tuple[int, str | None]:
     return cfg.data.vocab_size, None
 
 
-# --------------------------------------------------------------------------- layout and hardware
+# --------------------------------------------------------------------------- candidate and hardware
 
 @dataclass(frozen=True)
-class Layout:
+class Candidate:
+    """One way to lay the run out on the ranks, as the planner weighs it."""
     zero_stage: int
     offload_optimizer: bool
     offload_params: bool
@@ -215,11 +217,12 @@ class Hardware:
         return self.nodes * self.ranks_per_node
 
 
-def layout_of(cfg: Config) -> Layout:
+def candidate_of(cfg: Config) -> Candidate:
+    """The config's own layout."""
     p = cfg.parallel
-    return Layout(p.zero_stage, p.offload_optimizer, p.offload_params, cfg.train.micro_batch_size,
-                  bool(getattr(cfg.train, "activation_checkpointing", False)),
-                  int(getattr(p, "tensor", 1) or 1), int(getattr(p, "sequence", 1) or 1))
+    return Candidate(p.zero_stage, p.offload_optimizer, p.offload_params, cfg.train.micro_batch_size,
+                     bool(getattr(cfg.train, "activation_checkpointing", False)),
+                     int(getattr(p, "tensor", 1) or 1), int(getattr(p, "sequence", 1) or 1))
 
 
 def hardware(cfg: Config, nodes: int = 1, gpus_per_node: int | None = None, gpu_memory: int | str | None = None,
@@ -227,7 +230,7 @@ def hardware(cfg: Config, nodes: int = 1, gpus_per_node: int | None = None, gpu_
              runtime_overhead: int | str | None = None) -> Hardware:
     """GPU memory given → a CUDA plan (bf16 unless train.precision says otherwise); none → CPU
     ranks (fp32), the capacity being this host's RAM shared by its ranks."""
-    from .metrics import PEAK_TFLOPS
+    from lmforge.training.metrics import PEAK_TFLOPS
 
     if nodes < 1:
         raise ConfigError(f"--nodes must be >= 1 (got {nodes})")
@@ -268,7 +271,7 @@ def hardware(cfg: Config, nodes: int = 1, gpus_per_node: int | None = None, gpu_
 @dataclass
 class Estimate:
     shape: ModelShape
-    layout: Layout
+    candidate: Candidate
     hardware: Hardware
     seq_len: int
     optimizer: str
@@ -297,7 +300,7 @@ class Estimate:
     def to_dict(self) -> dict[str, Any]:
         hw = self.hardware
         return {
-            "model": asdict(self.shape), "layout": asdict(self.layout),
+            "model": asdict(self.shape), "layout": asdict(self.candidate),  # `lmforge plan --json` output: key kept
             "hardware": {**asdict(hw), "world_size": hw.world_size},
             "seq_len": self.seq_len, "optimizer": self.optimizer,
             "memory_per_rank_bytes": dict(self.terms), "total_per_rank_bytes": self.device_total,
@@ -334,20 +337,21 @@ def activation_bytes(s: ModelShape, tokens: int, w: int, checkpointing: bool, tp
 def estimate(cfg: Config, world_size: int | None = None, nodes: int = 1, gpus_per_node: int | None = None,
              gpu_memory: int | str | None = None, gpu: str | None = None, peak_tflops: float | None = None,
              mfu: float | None = None, runtime_overhead: int | str | None = None,
-             layout: Layout | None = None, vocab_size: int | None = None, hw: Hardware | None = None) -> Estimate:
+             candidate: Candidate | None = None, vocab_size: int | None = None, hw: Hardware | None = None) -> Estimate:
     """Per-rank memory and throughput of `cfg` on `nodes` x `gpus_per_node` ranks (world_size is a
-    shortcut for one node with that many ranks), for `layout` (default: the config's own)."""
+    shortcut for one node with that many ranks), for `candidate` (default: the config's own)."""
     if hw is None:
         if world_size is not None:
             if gpus_per_node is not None and nodes * gpus_per_node != world_size:
                 raise ConfigError(f"world size {world_size} != nodes {nodes} x gpus per node {gpus_per_node}")
             gpus_per_node = gpus_per_node or world_size // nodes
         hw = hardware(cfg, nodes, gpus_per_node, gpu_memory, gpu, peak_tflops, mfu, runtime_overhead)
-    lay = layout or layout_of(cfg)
+    cand = candidate or candidate_of(cfg)
     notes: list[str] = []
     source = None
     if cfg.model.init_from:
-        from .consolidate import source_meta  # reads config.json only: no weights, no DeepSpeed
+        # reads config.json only: no weights, no DeepSpeed
+        from lmforge.training.checkpoint.consolidate import source_meta
 
         source = source_meta(cfg.model.init_from)
         vocab_size = vocab_size or 0  # the model's own embedding size counts
@@ -362,24 +366,24 @@ def estimate(cfg: Config, world_size: int | None = None, nodes: int = 1, gpus_pe
     if max_pos is not None and seq > max_pos:
         raise ConfigError(f"data.seq_len ({seq}) exceeds the model's max positions ({max_pos})")
 
-    world, tp, sp = hw.world_size, lay.tensor_parallel, lay.sequence_parallel
+    world, tp, sp = hw.world_size, cand.tensor_parallel, cand.sequence_parallel
     if world % (tp * sp):
         raise ConfigError(f"world size {world} is not divisible by TP {tp} x SP {sp}")
     w = 4 if hw.precision == "fp32" else 2
     n = shape.n_params / tp                 # this rank's model-parallel slice
     z = world // tp                         # ZeRO partitions over data (and sequence) parallel ranks
-    stage = lay.zero_stage
+    stage = cand.zero_stage
     state_b = OPTIMIZER_STATE_BYTES.get(cfg.train.optimizer)
     if state_b is None:
         raise ConfigError(f"train.optimizer={cfg.train.optimizer}: no state size known to plan")
     zero = build_ds_config(cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update=dict(
-        zero_stage=stage, offload_optimizer=lay.offload_optimizer, offload_params=lay.offload_params))}),
-        world, hw.precision)["zero_optimization"] if _ds_buildable(cfg, lay, world) else {}
+        zero_stage=stage, offload_optimizer=cand.offload_optimizer, offload_params=cand.offload_params))}),
+        world, hw.precision)["zero_optimization"] if _ds_buildable(cfg, cand, world) else {}
 
     host: dict[str, int] = {}
     # Parameters: model dtype. ZeRO-3 keeps only this rank's 1/z shard resident.
     params = w * n / (z if stage == 3 else 1)
-    if lay.offload_params:
+    if cand.offload_params:
         host["parameters"], params = int(params), 0
     # Gradients: the model-dtype gradients autograd produces (ZeRO-1 keeps them whole until the
     # boundary; ZeRO-2/3 reduce-scatter them into the rank's partition), plus the flat fp32
@@ -389,15 +393,15 @@ def estimate(cfg: Config, world_size: int | None = None, nodes: int = 1, gpus_pe
     # Optimizer: the fp32 master partition (DeepSpeed clones it even when training in fp32) and
     # the optimizer's own state, both partitioned by every ZeRO stage.
     opt = (4 + state_b) * n / z
-    if lay.offload_optimizer:
+    if cand.offload_optimizer:
         host["optimizer state"], opt = int(opt), 0
         host["gradients (fp32 partition)"] = int(4 * n / z)
         grads -= 4 * n / z
 
-    tokens = lay.micro_batch_size * seq // sp
+    tokens = cand.micro_batch_size * seq // sp
     act_off = activation_bytes(shape, tokens, w, False, tp)
     act_on = activation_bytes(shape, tokens, w, True, tp)
-    acts = act_on if lay.activation_checkpointing else act_off
+    acts = act_on if cand.activation_checkpointing else act_off
 
     # Communication: the ZeRO reduce bucket (gradients are copied into it before each
     # reduce/reduce-scatter). On a GPU the caching allocator reserves the full bucket; on a CPU only
@@ -432,30 +436,30 @@ def estimate(cfg: Config, world_size: int | None = None, nodes: int = 1, gpus_pe
     tps = achieved = None
     if hw.peak_tflops:
         # Recompute spends a forward pass again: 8N instead of 6N hardware FLOPs per model FLOP.
-        recompute = 4 / 3 if lay.activation_checkpointing else 1.0
+        recompute = 4 / 3 if cand.activation_checkpointing else 1.0
         # Every rank's FLOPs count whatever the split (TP/SP ranks share each token's work).
         tps = world * hw.peak_tflops * 1e12 * hw.mfu / (fpt * recompute)
         achieved = hw.mfu / recompute
     else:
         notes.append("no peak TFLOP/s on this device: give --gpu NAME or --peak-tflops for tokens/s and MFU")
-    if lay.offload_optimizer:
+    if cand.offload_optimizer:
         notes.append("optimizer offload: the step runs on the host CPU (DeepSpeedCPUAdam); tokens/s assumes it overlaps")
-    return Estimate(shape, lay, hw, seq, cfg.train.optimizer, terms, host, act_off, act_on, fpt, tps, achieved, notes)
+    return Estimate(shape, cand, hw, seq, cfg.train.optimizer, terms, host, act_off, act_on, fpt, tps, achieved, notes)
 
 
-def _ds_buildable(cfg: Config, lay: Layout, world: int) -> bool:
+def _ds_buildable(cfg: Config, cand: Candidate, world: int) -> bool:
     """build_ds_config also checks batch divisibility; the plan only needs the ZeRO keys."""
     return cfg.train.global_batch_size % (cfg.train.micro_batch_size * world) == 0
 
 
 # --------------------------------------------------------------------------- recommendation
 
-def candidate_layouts(cfg: Config, hw: Hardware) -> list[Layout]:
-    """Layouts in order of expected speed: no offload before offload (host memory bandwidth),
+def candidates(cfg: Config, hw: Hardware) -> list[Candidate]:
+    """Candidates in order of expected speed: no offload before offload (host memory bandwidth),
     no recompute before activation checkpointing (+33% compute), lower ZeRO stage before higher
     (less communication), the configured micro batch before smaller ones. Micro batches are the
     divisors of the per-rank batch, so the global batch stays what the config says."""
-    base = layout_of(cfg)
+    base = candidate_of(cfg)
     dp = hw.world_size // (base.tensor_parallel * base.sequence_parallel)
     per_rank = cfg.train.global_batch_size // dp if cfg.train.global_batch_size % dp == 0 else cfg.train.micro_batch_size
     micro = sorted({m for m in range(1, per_rank + 1) if per_rank % m == 0 and m <= max(per_rank, 1)}, reverse=True)
@@ -472,12 +476,12 @@ def candidate_layouts(cfg: Config, hw: Hardware) -> list[Layout]:
 
 
 def recommend(cfg: Config, hw: Hardware, vocab_size: int | None = None) -> Estimate | None:
-    """The first candidate layout whose per-rank total fits the capacity; None if none does."""
+    """The first candidate whose per-rank total fits the capacity; None if none does."""
     if hw.capacity is None:
         return None
     vocab = vocab_size or (0 if cfg.model.init_from else resolve_vocab(cfg)[0])  # init_from: the model's own
-    for lay in candidate_layouts(cfg, hw):
-        est = estimate(cfg, layout=lay, vocab_size=vocab, hw=hw)
+    for cand in candidates(cfg, hw):
+        est = estimate(cfg, candidate=cand, vocab_size=vocab, hw=hw)
         if est.fits:
             return est
     return None
@@ -490,13 +494,13 @@ def _gib(b: float) -> str:
 
 
 def format_table(est: Estimate, rec: Estimate | None) -> str:
-    hw, s, lay = est.hardware, est.shape, est.layout
+    hw, s, cand = est.hardware, est.shape, est.candidate
     kind = "GPU" if hw.device == "cuda" else "CPU process"
     lines = [f"model     {s.model_type} {s.n_params / 1e6:,.2f}M params (hidden {s.hidden}, layers {s.layers}, "
              f"heads {s.heads}/{s.kv_heads} kv, intermediate {s.intermediate}, vocab {s.vocab})",
              f"ranks     {hw.nodes} node(s) x {hw.ranks_per_node} = {hw.world_size}, {kind}, {hw.precision}, "
              f"optimizer {est.optimizer}, seq_len {est.seq_len}",
-             f"layout    {lay.describe()}", "",
+             f"layout    {cand.describe()}", "",
              f"{'per-rank memory':<34}{'':>14}"]
     for name, value in est.terms.items():
         lines.append(f"  {name:<32}{_gib(value):>14}")
@@ -520,8 +524,8 @@ def format_table(est: Estimate, rec: Estimate | None) -> str:
     if rec is None:
         lines.append("recommended: no layout fits" if hw.capacity is not None else "recommended: give --gpu-memory")
     else:
-        same = rec.layout == lay
-        lines.append(f"recommended {rec.layout.describe()}")
+        same = rec.candidate == cand
+        lines.append(f"recommended {rec.candidate.describe()}")
         lines.append(f"  {_gib(rec.device_total).strip()} per rank" + (" (the configured layout)" if same else ""))
     return "\n".join(lines)
 
@@ -530,5 +534,5 @@ def plan_dict(est: Estimate, rec: Estimate | None) -> dict[str, Any]:
     return {"estimate": est.to_dict(), "recommended": None if rec is None else rec.to_dict()}
 
 
-__all__ = ["Estimate", "Hardware", "Layout", "ModelShape", "activation_bytes", "estimate", "format_table",
-           "hardware", "layout_of", "model_shape", "parse_memory", "plan_dict", "recommend"]
+__all__ = ["Candidate", "Estimate", "Hardware", "ModelShape", "activation_bytes", "candidate_of", "candidates",
+           "estimate", "format_table", "hardware", "model_shape", "parse_memory", "plan_dict", "recommend"]

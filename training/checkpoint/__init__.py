@@ -1,8 +1,8 @@
-"""Atomic, verified, sharded checkpoints on top of DeepSpeed's own save/load.
+"""Checkpoint storage: atomic, verified, sharded checkpoints on top of DeepSpeed's own save/load.
 
     lmforge train configs/debug.yaml checkpoint.interval=5    # writes runs/debug/checkpoints/step_5, …
 
-Layout of one checkpoint directory (`<checkpoint_dir>/step_N/`):
+One checkpoint, `<checkpoint_dir>/step_N/`:
   DeepSpeed's sharded files (model + optimizer partitions of every rank),
   rng_rank<R>.pt   the RNG state of every rank,
   client.json      step, tokens seen, sampler position, config hash,
@@ -11,27 +11,22 @@ Layout of one checkpoint directory (`<checkpoint_dir>/step_N/`):
   adapter/         peft runs: the adapter as peft writes it (the DeepSpeed files then hold only
                    the trainable parameters: the frozen base comes from model.init_from),
   manifest.json    every file's size; written last, so its presence means "complete".
+Beside the steps: `latest` (DeepSpeed's pointer file, so its zero_to_fp32.py works on the
+directory), `best.json` (the checkpoint with the best eval.early_stopping.metric, never pruned) and
+the directories derived from a step (DERIVED: `step_N_universal`, `step_N_hf`), which are stale
+when their step is saved again and pruned with it.
 
-`best.json` (beside `latest`) names the checkpoint with the best eval.early_stopping.metric;
-pruning never removes it.
+Publishing: everything is written into `.tmp_<name>` (temp_dir), then the manifest, fsync, one
+rename, and the pointer file moves last (publish). A reader never sees half a checkpoint; one whose
+files do not match its manifest (truncated copy, crash mid-write) is skipped with a warning.
 
-Every rank writes into `.tmp_step_N`; after a barrier rank 0 verifies the files, writes the
-manifest and publishes the directory by rename; `latest` (DeepSpeed's pointer file, so its
-zero_to_fp32.py works on the directory) moves last. A reader never sees half a checkpoint, and a
-directory whose files do not match its manifest (truncated copy, crash mid-write) is skipped with a
-warning in favour of the previous one.
-
-DeepSpeed loads these sharded files only on the layout that wrote them: the same world size, ZeRO
-stage, tensor-parallel and sequence-parallel degree (across ZeRO stages it fails with a bare
-AssertionError in check_ckpt_list). `layout_change` says how a checkpoint's layout (client.json's
-world size, config.yaml's parallel section) differs from this run's; such a checkpoint is resumed
-through DeepSpeed's universal format: training/universal.py converts `step_N` once into
-`step_N_universal` beside it (pruned with it), or refuses in preflight what DeepSpeed cannot load.
-The layout keys are therefore not config incompatibilities (config.COMPAT_KEYS).
+Submodules: universal.py (resume on another SavedLayout through DeepSpeed's universal format),
+consolidate.py (a checkpoint → a Hugging Face model directory).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -43,9 +38,41 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, config_hash, incompatible_keys, yaml_load
+from ..config import Config, config_hash, incompatible_keys, yaml_load
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def tag(step: int) -> str:
+    """The name of step N's checkpoint directory (and of best.json's tag)."""
+    return f"step_{step}"
+
+# Directories derived from a checkpoint step_N, written beside it as step_N<suffix>: the one place
+# their names are declared. save() drops them when step_N is written again, prune() with step_N.
+DERIVED = {
+    "universal": "_universal",  # universal.py: DeepSpeed's universal format, for a resume on another layout
+    "hf": "_hf",                # consolidate.py: a Hugging Face copy, for model.init_from
+}
+
+
+def derived_dir(ckpt: Path, kind: str) -> Path:
+    """Where the `kind` (a DERIVED key) of checkpoint `ckpt` lives: step_N → step_N<suffix>."""
+    return ckpt.with_name(ckpt.name + DERIVED[kind])
+
+
+def drop_derived(ckpt: Path) -> None:
+    for kind in DERIVED:
+        shutil.rmtree(derived_dir(ckpt, kind), ignore_errors=True)
+
+
+def temp_dir(final: Path) -> Path:
+    """Where `final` is written before publish(): `.tmp_<name>` beside it (never read as a checkpoint)."""
+    return final.with_name(".tmp_" + final.name)
+
+
+def source_id(ckpt: Path) -> str:
+    """Identifies one save of `ckpt` (its manifest's hash): a derived directory stamped with it is current."""
+    return hashlib.sha256((ckpt / "manifest.json").read_bytes()).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,6 +90,23 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_manifest(tmp: Path, step: int | None, **extra) -> None:
+    """manifest.json in `tmp`: every file's size (what verify checks), `extra` keys before them."""
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    _write_atomic(tmp / "manifest.json", json.dumps({"step": step, **extra, "files": files}, indent=1))
+
+
+def publish(tmp: Path, final: Path, pointer: str) -> None:
+    """Make the complete directory `tmp` (manifest written) visible as `final`, replacing an earlier
+    one, then point the file `pointer` beside it at it: the pointer moves last."""
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving (e.g. a resumed run reaching the same step again): replace whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic(final.parent / pointer, final.name)
+    _fsync_dir(final.parent)
 
 
 def rng_state() -> dict:
@@ -91,52 +135,43 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
     is called on every rank after DeepSpeed's save (it may gather; rank 0 writes)."""
     root = cfg.checkpoint_dir
     root.mkdir(parents=True, exist_ok=True)
-    tmp_tag, tag = f".tmp_step_{step}", f"step_{step}"
-    tmp = root / tmp_tag
+    final = root / tag(step)
+    tmp = temp_dir(final)
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)  # left by a crash mid-save
     torch.distributed.barrier()
     client = dict(client, step=step, world_size=world_size, config_hash=config_hash(cfg))
     # An adapter run saves only what trains; the frozen base is rebuilt from model.init_from.
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={"lmforge": client}, save_latest=False,
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"lmforge": client}, save_latest=False,
                            exclude_frozen_parameters=_has_frozen(engine))
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if write_extra is not None:
         write_extra(tmp)
     torch.distributed.barrier()
-    final = root / tag
     if rank == 0:
         missing = [f"rng_rank{r}.pt" for r in range(world_size) if not (tmp / f"rng_rank{r}.pt").is_file()]
         if missing or not any(tmp.glob("*model_states.pt")):
             raise RuntimeError(f"checkpoint {tmp} is incomplete after save (missing {missing or 'model states'})")
         (tmp / "client.json").write_text(json.dumps(client, indent=1))
         (tmp / "config.yaml").write_text(cfg.to_yaml())
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _write_atomic(tmp / "manifest.json", json.dumps({"step": step, "files": files}, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. resumed run reaching it again): replace whole
-            shutil.rmtree(final)
-        # a universal conversion of the step being replaced (universal.py) would be stale
-        shutil.rmtree(root / f"{tag}_universal", ignore_errors=True)
-        shutil.rmtree(root / f"{tag}_hf", ignore_errors=True)  # consolidate.py's copy for init_from
-        os.replace(tmp, final)
-        _write_atomic(root / "latest", tag)
-        _fsync_dir(root)
-        _prune(root, cfg.checkpoint.keep)
+        write_manifest(tmp, step)
+        drop_derived(final)  # converted from the save of this step being replaced: stale
+        publish(tmp, final, "latest")
+        prune(root, cfg.checkpoint.keep)
         log.info(f"checkpoint saved: {final}")
     torch.distributed.barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (and the early-stopping best); the rest go with their derived dirs."""
     steps = sorted(_step_dirs(root), key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
     best = (read_best(root) or {}).get("tag")
     for old in steps[:-keep]:
         if old.name == best:
             continue  # the early-stopping best is kept beyond checkpoint.keep
         shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)  # universal.py's conversion
-        shutil.rmtree(old.with_name(old.name + "_hf"), ignore_errors=True)  # consolidate.py's
+        drop_derived(old)
 
 
 def mark_best(root: Path, tag: str, metric: str, value: float, step: int) -> None:
@@ -152,6 +187,7 @@ def read_best(root: Path) -> dict | None:
 
 
 def _step_dirs(root: Path) -> list[Path]:
+    """The step_N directories under root (published or not; derived and temporary ones excluded)."""
     return [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)] if root.is_dir() else []
 
 
@@ -200,21 +236,22 @@ class IncompatibleCheckpoint(ValueError):
 
 
 @dataclass(frozen=True)
-class Layout:
+class SavedLayout:
     """How a run's ranks hold the model and optimizer state: what DeepSpeed's sharded checkpoint
-    files depend on besides the config."""
+    files depend on besides the config (the config's keys for it are no incompatibility)."""
     world_size: int
     zero_stage: int
     tensor: int = 1
     sequence: int = 1
 
     @classmethod
-    def of(cls, cfg: Config, world_size: int) -> "Layout":
+    def of(cls, cfg: Config, world_size: int) -> "SavedLayout":
+        """The layout a run of `cfg` on `world_size` ranks saves with."""
         p = cfg.parallel
         return cls(world_size, p.zero_stage, p.tensor, p.sequence)
 
     @classmethod
-    def saved(cls, path: Path) -> "Layout":
+    def read(cls, path: Path) -> "SavedLayout":
         """The layout that wrote checkpoint `path` (client.json: ranks; config.yaml: the rest)."""
         p = yaml_load((path / "config.yaml").read_text()).get("parallel", {})
         return cls(json.loads((path / "client.json").read_text())["world_size"], p.get("zero_stage", 3),
@@ -231,20 +268,18 @@ class Layout:
 
 @dataclass(frozen=True)
 class LayoutChange:
-    saved: Layout
-    now: Layout
+    saved: SavedLayout
+    now: SavedLayout
 
     def __str__(self) -> str:
         return f"{self.saved}; this run: {self.now}"
 
 
 def layout_change(path: Path, cfg: Config, world_size: int) -> LayoutChange | None:
-    """How the layout (world size, ZeRO stage, TP and SP degree) that wrote `path` differs from this
-    run's; None: the same. DeepSpeed loads its sharded files only on the layout that wrote them
-    (across ZeRO stages it fails with a bare AssertionError in check_ckpt_list); another one
-    resumes through the universal format (training/universal.py), which refuses what DeepSpeed
-    cannot load (universal.unsupported)."""
-    saved, now = Layout.saved(path), Layout.of(cfg, world_size)
+    """How the layout that wrote `path` differs from this run's; None: the same. DeepSpeed loads
+    its sharded files only on the layout that wrote them (docs/deepspeed_workarounds.md#same-layout-only);
+    another one resumes through universal.load, after universal.unsupported in preflight."""
+    saved, now = SavedLayout.read(path), SavedLayout.of(cfg, world_size)
     return None if saved == now else LayoutChange(saved, now)
 
 

@@ -2,22 +2,22 @@
 directory: safetensors weights, config and tokenizer; LoRA/QLoRA/AdaLoRA adapters merged.
 
     lmforge export runs/debug --out /tmp/debug-hf         # the newest checkpoint of a run
-    python -m lmforge.training.consolidate runs/debug/checkpoints/step_30 /tmp/step30-hf
+    python -m lmforge.training.checkpoint.consolidate runs/debug/checkpoints/step_30 /tmp/step30-hf
 
 Full weights come from DeepSpeed's own `zero_to_fp32` (the fp32 master weights, gathered from
-every rank's optimizer partition). An adapter run saves only its adapter (and task head) in the
-checkpoint, as peft writes it (`adapter/`), so its consolidation is: the base model the run
-started from (model.init_from) + the adapter, merged with peft's `merge_and_unload`.
+every rank's optimizer partition; AutoTP checkpoints from their universal conversion). An adapter
+run saves only its adapter (and task head), as peft writes it (`adapter/`), so its consolidation is
+the base model the run started from (model.init_from) + the adapter, merged with peft's
+`merge_and_unload`.
 
-`model.init_from` may name an lmforge run or checkpoint: it is consolidated once into
-`step_N_hf/` beside the checkpoint (under a file lock, so every rank may ask; reused while the
-checkpoint is unchanged, pruned with it).
+`model.init_from` may name an lmforge run or checkpoint: it is consolidated once into `step_N_hf/`
+beside the checkpoint (checkpoint.derived_dir; under a file lock, so every rank may ask; reused
+while the checkpoint is unchanged, pruned with it).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -28,10 +28,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from . import checkpoint, model as model_lib
-from .config import Config, ConfigError, yaml_load
-
-HF_SUFFIX = "_hf"
+from .. import checkpoint, model as model_lib
+from ..config import Config, ConfigError, yaml_load
 
 
 def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
@@ -60,10 +58,6 @@ def saved_config(ckpt: Path) -> Config:
     return Config.model_validate(yaml_load((ckpt / "config.yaml").read_text()))
 
 
-def _source_id(ckpt: Path) -> str:
-    return hashlib.sha256((ckpt / "manifest.json").read_bytes()).hexdigest()
-
-
 def source_meta(init_from: str | Path) -> Path:
     """model.init_from → a directory with its HF config.json and tokenizer, without consolidating
     any weights (preflight runs in launchers too): the HF directory itself, or a checkpoint's hf/."""
@@ -87,14 +81,15 @@ def resolve_source(init_from: str | Path) -> Path:
     if not p.exists():
         raise ConfigError(f"model.init_from: {p} does not exist")
     ckpt = find_checkpoint(p)
-    out = ckpt.with_name(ckpt.name + HF_SUFFIX)
+    out = checkpoint.derived_dir(ckpt, "hf")
     with FileLock(str(out) + ".lock"):
         stamp = out / "lmforge_source.json"
-        if not (stamp.is_file() and json.loads(stamp.read_text()).get("source") == _source_id(ckpt)):
-            tmp = out.with_name(".tmp_" + out.name)
+        if not (stamp.is_file() and json.loads(stamp.read_text()).get("source") == checkpoint.source_id(ckpt)):
+            tmp = checkpoint.temp_dir(out)
             shutil.rmtree(tmp, ignore_errors=True)
             to_hf(ckpt, tmp)
-            (tmp / "lmforge_source.json").write_text(json.dumps({"source": _source_id(ckpt), "checkpoint": str(ckpt)}))
+            (tmp / "lmforge_source.json").write_text(json.dumps({"source": checkpoint.source_id(ckpt),
+                                                                 "checkpoint": str(ckpt)}))
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
     return out
@@ -172,11 +167,13 @@ def _stream_weights(ckpt: Path, out: Path, max_shard_size: str, dtype: torch.dty
         convert_zero_checkpoint_to_state_dict(str(ckpt.parent), str(out), dtype=dtype, max_shard_size=max_shard_size,
                                               safe_serialization=True, tag=ckpt.name)
         return
-    # zero_to_fp32 cannot read AutoTP checkpoints (each rank holds slices of the same parameters).
-    # DeepSpeed's universal conversion merges the slices into whole fp32 parameters: read those.
+    # zero_to_fp32 cannot read AutoTP slices: read the universal conversion's whole fp32 parameters
+    # (docs/deepspeed_workarounds.md#zero-to-fp32-autotp), which a ZeRO-3 x TP source cannot have
+    # (docs/deepspeed_workarounds.md#zero3-tp-source)
     if cfg.parallel.zero_stage == 3:
         raise ConfigError(f"{ckpt}: exporting a ZeRO-3 x tensor-parallel checkpoint is not supported: DeepSpeed "
-                          "0.19's universal converter mis-sizes its replicated parameters (see training/universal.py)")
+                          "0.19's universal converter mis-sizes its replicated parameters "
+                          "(see docs/deepspeed_workarounds.md#zero3-tp-source)")
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
@@ -220,7 +217,8 @@ def _check_keys(ckpt: Path, conf, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmforge.training.consolidate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lmforge.training.checkpoint.consolidate",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="run directory, checkpoints/ or step_N")
     parser.add_argument("out", help="output Hugging Face directory")
     args = parser.parse_args(argv)

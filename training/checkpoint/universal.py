@@ -1,75 +1,18 @@
-"""Resume on another layout: a checkpoint written by a different world size, ZeRO stage, AutoTP
-(tensor-parallel) degree or Ulysses SP (sequence-parallel) degree (checkpoint.layout_change) is
-converted once to DeepSpeed's universal format (per-parameter fp32 weights and Adam moments,
-independent of how ranks partitioned them) and loaded through DeepSpeed's universal load path.
+"""Resume on another layout: a checkpoint whose SavedLayout (world size, ZeRO stage, AutoTP or
+Ulysses SP degree) differs from the run's (checkpoint.layout_change) is converted once, by rank 0,
+to DeepSpeed's universal format in `step_N_universal/` beside it (checkpoint.derived_dir), and
+loaded through DeepSpeed's universal load path; what cannot convert is refused in preflight
+(`unsupported`). What resumes, and each place DeepSpeed 0.19.8 needs help:
+docs/deepspeed_workarounds.md.
 
     lmforge train configs/debug.yaml --nproc 2 train.steps=40     # kill it after step_20 …
     lmforge train configs/debug.yaml --nproc 1 train.steps=40     # … continues on 1 rank
-    lmforge train configs/debug.yaml --nproc 2 parallel.zero_stage=2 parallel.sequence=2   # or on another layout
-
-What resumes (measured on 2 gloo ranks, tests/test_universal.py; AdamW within 1e-6 of the
-uninterrupted run, AdamW8bit within its own 8-bit noise):
-  world size        2 → 1 → 2 ranks (ZeRO-3; AdamW8bit too)
-  ZeRO stage        3 → 2, 2 → 3 (AdamW8bit too), 2 → 1, 3 → 1, 1 → 3 (one stage_neutral
-                    conversion serves every target stage)
-  Ulysses SP        SP=2 ↔ SP=1 on ZeRO-3 (AdamW8bit too) and on ZeRO-2
-  AutoTP            TP=2 → TP=1 on ZeRO-1 (AdamW8bit too), TP=1 → TP=2 onto ZeRO-1 and ZeRO-3,
-                    TP=2 ZeRO-1 on 2 ranks → 1 rank ZeRO-3
-What is refused in preflight, before any model is built (`unsupported`): a ZeRO-3 x TP>1 source
-(DeepSpeed's converter misreads it, see there); it resumes only on the layout that wrote it.
-
-Layout on disk: `step_N/` stays as written; the conversion goes to `step_N_universal/` beside it
-(written to `.tmp_step_N_universal`, then renamed, like every checkpoint), with lmforge's
-client.json and config.yaml and a manifest.json that also records the source checkpoint's manifest
-hash and this module's FORMAT: a later resume from the same `step_N` (e.g. after a second crash
-before the next save, or on yet another layout: one conversion serves every target layout) reuses
-it, a re-saved `step_N` makes it stale and it is converted again. checkpoint.py prunes it together
-with its step.
-
-Where: inside the ranks, after the process group is up: rank 0 converts, the others wait for its
-result (a broadcast, so a failed conversion fails every rank with rank 0's message instead of
-hanging them at a barrier). Not in the launcher, because torchrun/srun/`deepspeed` starts never go
-through it and the Ray driver must not import DeepSpeed (or see the run's filesystem at all); the
-ranks are where the checkpoint was written and where it is read.
-
-The conversion is DeepSpeed's own `deepspeed.checkpoint.ds_to_universal.main` (in-process, one
-worker, `inject_missing_state` so ZeRO-1/2 checkpoints convert too), completed by lmforge where
-DeepSpeed 0.19.8 falls short (measured; each point is where the code handles it):
-  - Its output loads only under the ZeRO stage that wrote the source: the ZeRO-1/2 loader wants
-    mp_rank_XX_model_states.pt, {"param": tensor} state files, a step.pt per parameter and
-    ds_version in zero/optimizer_state.pt, which a ZeRO-3 conversion lacks; the ZeRO-3 loader
-    wants zero_pp_rank_0_mp_rank_XX_model_states.pt and optimizer_state_dict's step, which a
-    ZeRO-1/2 conversion lacks. `make_stage_neutral` adds both sides.
-  - A Ulysses SP ZeRO-1/2 checkpoint records the SP degree as its tp_degree (DeepSpeed's SP mpu
-    aliases get_model_parallel_world_size to the SP size), and the converter then fails ("model-state
-    file count 1 does not match pp_degree=1 * tp_degree=2"): `_prepared_input` relabels a copy.
-  - DeepSpeed's ZeRO-1/2 universal LOAD under Ulysses SP asks the SP mpu for
-    get_tensor_model_parallel_world_size, which it lacks (AttributeError):
-    `_sequence_parallel_is_not_tensor_parallel` answers 1 for the duration of the load.
-  - ZeRO-3's universal load copies param group 0's hyperparameters onto every group and shares one
-    `step` tensor between sub-groups: `_repair_optimizer_state`.
-  - bitsandbytes state: the converter only knows Adam state (`exp_avg`, `exp_avg_sq`) and fails on
-    bitsandbytes' (`KeyError: 'exp_avg'`), so for a bnb optimizer lmforge first writes a
-    dequantized copy of the optimizer shards (state1/state2 → fp32 exp_avg/exp_avg_sq, blockwise
-    256 with their absmax and qmap; 32-bit bnb state, used for partitions under bnb's
-    min_8bit_size, is copied) and converts that. On load, DeepSpeed puts fp32
-    `exp_avg`/`exp_avg_sq` into the bnb optimizer's state; `requantize_bnb_state` turns them back
-    into bnb's own state (its init_state, then blockwise quantization on the new partition's
-    blocks). Blocks of 256 now fall on other element boundaries, so the moments are re-rounded
-    once: the resumed run is within the 8-bit optimizer's own noise, not bitwise (measured: ZeRO
-    stage change 5e-7, TP=2 → 1 1.4e-5; the same layout, which never comes here, stays bitwise).
-
-RNG: per-rank torch/numpy/python generator states cannot be mapped onto another layout; every
-rank is reseeded deterministically from (train.seed, step, rank). The data order does not depend
-on them (the sampler's state is the global `consumed` count, re-sharded on the new data-parallel
-size), and nothing in the tiny recipes draws random numbers while training (no dropout), so losses
-continue; a model with dropout sees a different but reproducible mask stream.
+    pytest tests/test_universal.py -m "not slow"                  # layout_change, refusals, bnb round trip
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -82,33 +25,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
-from .config import Config
+from .. import checkpoint
+from ..config import Config
 
-SUFFIX = "_universal"
 FORMAT = 2  # 2: made loadable by every ZeRO stage (make_stage_neutral); a format-1 conversion is redone
 BNB_BLOCKSIZE = 256  # bitsandbytes' 8-bit optimizers quantize their state in blocks of 256
 _BNB_WRAP = "__bnb_optimizer_quant_state__"  # bnb's state_dict() nests its quant state under this key
 
 
-def universal_dir(ckpt: Path) -> Path:
-    return ckpt.with_name(ckpt.name + SUFFIX)
-
-
-def _source_id(ckpt: Path) -> str:
-    return hashlib.sha256((ckpt / "manifest.json").read_bytes()).hexdigest()
-
-
 def is_converted(ckpt: Path) -> bool:
     """A complete conversion of exactly this checkpoint (same manifest), in this FORMAT, exists beside it."""
-    out = universal_dir(ckpt)
+    out = checkpoint.derived_dir(ckpt, "universal")
     if checkpoint.verify(out) is not None:
         return False
     try:
         manifest = json.loads((out / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return manifest.get("source") == _source_id(ckpt) and manifest.get("format") == FORMAT
+    return manifest.get("source") == checkpoint.source_id(ckpt) and manifest.get("format") == FORMAT
 
 
 # --------------------------------------------------------------------------- bitsandbytes state
@@ -134,7 +68,8 @@ def is_bnb_state(entry: dict) -> bool:
 
 
 def dequantize_bnb_entry(entry: dict) -> dict:
-    """One bnb parameter state (8-bit blockwise or 32-bit) → {step, exp_avg, exp_avg_sq} in fp32.
+    """One bnb parameter state (8-bit blockwise or 32-bit) → {step, exp_avg, exp_avg_sq} in fp32,
+    the only state DeepSpeed's converter knows (docs/deepspeed_workarounds.md#bnb-state).
     One-state optimizers (Lion) get a zero exp_avg_sq, which the converter requires and
     `requantize_bnb_state` drops again."""
     import bitsandbytes.functional as F
@@ -160,16 +95,14 @@ def dequantize_bnb_entry(entry: dict) -> dict:
 def _prepared_input(ckpt: Path, scratch: Path) -> tuple[Path, int]:
     """The folder ds_to_universal can read: `ckpt` itself, or `scratch` holding its DeepSpeed files
     (linked) except those it cannot read as written:
-      - a bitsandbytes optimizer's shards, with their state dequantized;
-      - the model states of a Ulysses SP ZeRO-1/2 checkpoint: DeepSpeed records the SP degree as
-        checkpoint_parallel_dimensions.tp_degree there (its SP mpu answers the model-parallel
-        world size question with the SP degree) and the converter then looks for one model-states
-        file per "TP rank" ("model-state file count 1 does not match pp_degree=1 * tp_degree=2");
-        rewritten with the real tensor-parallel degree.
+      - a bitsandbytes optimizer's shards, with their state dequantized
+        (docs/deepspeed_workarounds.md#bnb-state);
+      - the model states of a Ulysses SP ZeRO-1/2 checkpoint, which record the SP degree as the
+        TP degree: rewritten with the real one (docs/deepspeed_workarounds.md#sp-recorded-as-tp).
     Returns the folder and how many parameter states were dequantized."""
     from deepspeed.checkpoint.constants import CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_TP_DEGREE
 
-    layout = checkpoint.Layout.saved(ckpt)
+    layout = checkpoint.SavedLayout.read(ckpt)
     bnb = _has_bnb_state(ckpt)
     relabel = layout.sequence > 1 and layout.zero_stage < 3
     if not (bnb or relabel):
@@ -205,9 +138,8 @@ def _has_bnb_state(ckpt: Path) -> bool:
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = BNB_BLOCKSIZE):
     """x (1-D fp32) → (uint8 codes, fp32 absmax per block) for bnb's blockwise dynamic maps.
-    Unlike F.quantize_blockwise, the scale of a block uses the map's asymmetric range (the signed
-    dynamic map ends at -0.99297 and +1.0), so dequantize → quantize of a state on the same blocks
-    gives back the very same codes and absmax."""
+    Unlike F.quantize_blockwise, a block's scale uses the map's asymmetric range, so dequantize →
+    quantize on the same blocks gives back the same codes (docs/deepspeed_workarounds.md#bnb-state)."""
     n = x.numel()
     blocks = -(-n // blocksize)
     padded = torch.zeros(blocks * blocksize, dtype=torch.float32, device=x.device)
@@ -224,8 +156,8 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = BNB
 
 def _owners(optimizer, zero_optimizer=None) -> dict[int, tuple[int, int]]:
     """id(param) → (group index, index in group) for every parameter the optimizer steps. ZeRO-3
-    empties the param groups between steps (it puts a sub-group's flat fp32 partition in only for
-    its optimizer step), so its partitions are added from the ZeRO optimizer's own bookkeeping."""
+    empties the param groups between steps, so its partitions are added from the ZeRO optimizer's
+    own bookkeeping (docs/deepspeed_workarounds.md#bnb-state)."""
     owners = {id(p): (g, i) for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])}
     flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None) or []
     to_group = getattr(zero_optimizer, "sub_group_to_group_id", {}) or {}
@@ -299,25 +231,15 @@ def _first_step(inner_state: dict):
 
 def make_stage_neutral(out: Path, ckpt: Path) -> None:
     """Complete DeepSpeed's conversion `out` of `ckpt` so that every ZeRO stage loads it, not only
-    the one that wrote it. DeepSpeed's two universal loaders want different files:
-
-      ZeRO-1/2 (base_optimizer.load_hp_checkpoint_state_from_checkpoint_dir): mp_rank_XX_model_states.pt;
-        per parameter zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt as {"param": tensor} plus a step.pt;
-        zero/optimizer_state.pt with ds_version and param_groups at the top level.
-      ZeRO-3 (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3): zero_pp_rank_0_mp_rank_XX_model_states.pt;
-        the per-parameter states as a tensor or {"param": tensor}; the step and param groups from
-        zero/optimizer_state.pt's optimizer_state_dict.
-
-    A ZeRO-3 conversion writes bare flat tensors and no step.pt; a ZeRO-1/2 one has no
-    optimizer_state_dict. Both loaders take the weights from zero/ (never from the model-states
-    file, which only supplies the scheduler, the step counters and the source's mp degree), so the
-    missing model-states name is a hard link to the present one."""
+    the one that wrote it: each stage's universal loader wants files the other's conversion lacks
+    (docs/deepspeed_workarounds.md#stage-neutral)."""
     from deepspeed import __version__ as ds_version
     from deepspeed.checkpoint.constants import DS_VERSION, FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, PARAM, PARAM_SHAPES
 
     names = [f.name for f in out.iterdir()]
     zero3 = {m.group(1): n for n in names if (m := _ZERO3_MODEL_STATES.match(n))}
     zero12 = {m.group(1): n for n in names if (m := _ZERO12_MODEL_STATES.match(n))}
+    # weights load from zero/ under every stage: the other stage's model-states name can be a link
     for mp, name in zero3.items():
         if mp not in zero12:
             _link(out / name, out / f"mp_rank_{mp}_model_states.pt")
@@ -325,6 +247,8 @@ def make_stage_neutral(out: Path, ckpt: Path) -> None:
         if mp not in zero3:
             _link(out / name, out / f"zero_pp_rank_0_mp_rank_{mp}_model_states.pt")
 
+    # the ZeRO-3 loader reads step and param groups from optimizer_state_dict, the ZeRO-1/2 one
+    # wants ds_version at the top level
     zero = out / "zero"
     optim = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
     if OPTIMIZER_STATE_DICT in optim:  # a ZeRO-3 source: its rank 0's whole optimizer state, keep only the step
@@ -344,6 +268,7 @@ def make_stage_neutral(out: Path, ckpt: Path) -> None:
         states = torch.load(out / zero3[min(zero3)], map_location="cpu", weights_only=False)
         for group in states[PARAM_SHAPES]:
             shapes.update(group)
+    # the ZeRO-1/2 loader wants {"param": tensor} state files and a step.pt per parameter
     for folder in sorted(d for d in zero.iterdir() if d.is_dir()):
         for f in _STATE_FILES:
             path = folder / f
@@ -362,17 +287,19 @@ def convert(ckpt: Path, log) -> Path:
     step_N_universal (reused if already converted from this very checkpoint). Single process."""
     from deepspeed.checkpoint import ds_to_universal
 
-    out = universal_dir(ckpt)
+    out = checkpoint.derived_dir(ckpt, "universal")
     if is_converted(ckpt):
         log.info(f"universal checkpoint {out} is up to date: reusing it")
         return out
-    root = ckpt.parent
-    tmp, scratch = root / f".tmp_{out.name}", root / f".tmp_{out.name}_input"
+    tmp = checkpoint.temp_dir(out)
+    scratch = tmp.with_name(tmp.name + "_input")
     for d in (tmp, scratch):
         if d.exists():
             shutil.rmtree(d)  # left by a crash mid-conversion
     try:
         src, dequantized = _prepared_input(ckpt, scratch)
+        # inject_missing_state: a plain ZeRO-1/2 save lacks the converter's required metadata
+        # (docs/deepspeed_workarounds.md#inject-missing-state)
         args = Namespace(input_folder=str(src), output_folder=str(tmp), num_extract_workers=1,
                          num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         chatter = io.StringIO()  # the converter prints and draws progress bars
@@ -385,31 +312,29 @@ def convert(ckpt: Path, log) -> Path:
     finally:
         if scratch.exists():
             shutil.rmtree(scratch)
-    make_stage_neutral(tmp, ckpt)
+    make_stage_neutral(tmp, ckpt)  # loadable by every ZeRO stage (docs/deepspeed_workarounds.md#stage-neutral)
     for name in ("client.json", "config.yaml"):
         shutil.copy2(ckpt / name, tmp / name)
     source = json.loads((ckpt / "client.json").read_text())
     (tmp / "universal.json").write_text(json.dumps(
         {"source": ckpt.name, "source_world_size": source.get("world_size"),
-         "source_layout": str(checkpoint.Layout.saved(ckpt)),
+         "source_layout": str(checkpoint.SavedLayout.read(ckpt)),
          "bnb_states_dequantized": dequantized}, indent=1))
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    checkpoint._write_atomic(tmp / "manifest.json", json.dumps(
-        {"step": source.get("step"), "source": _source_id(ckpt), "format": FORMAT, "files": files}, indent=1))
-    checkpoint._fsync_dir(tmp)
-    if out.exists():
-        shutil.rmtree(out)  # a stale conversion of an earlier save of this step
-    os.replace(tmp, out)
-    # ds_to_universal pointed `latest_universal` at the temporary name; point it at the real one
-    checkpoint._write_atomic(root / "latest_universal", out.name)
-    checkpoint._fsync_dir(root)
+    # the source's manifest hash makes the conversion stale once step_N is saved again (is_converted)
+    checkpoint.write_manifest(tmp, source.get("step"), source=checkpoint.source_id(ckpt), format=FORMAT)
+    # replaces a stale conversion; ds_to_universal's `latest_universal` named the temporary
+    # directory: it now names the published one (docs/deepspeed_workarounds.md#latest-universal)
+    checkpoint.publish(tmp, out, "latest_universal")
     log.info(f"converted {ckpt} to DeepSpeed's universal format: {out}"
              + (f" ({dequantized} bitsandbytes 8-bit states dequantized)" if dequantized else ""))
     return out
 
 
 def convert_collective(ckpt: Path, rank: int, log) -> Path:
-    """Every rank calls it: rank 0 converts (or reuses), the others receive the outcome."""
+    """Every rank calls it: rank 0 converts (or reuses), the others receive the outcome (a
+    broadcast, so a failed conversion fails every rank with rank 0's message instead of hanging
+    them at a barrier). In the ranks, not the launcher: torchrun/srun starts never go through the
+    launcher, and the Ray driver must not import DeepSpeed nor see the run's filesystem."""
     outcome = [None]
     if rank == 0:
         try:
@@ -423,6 +348,8 @@ def convert_collective(ckpt: Path, rank: int, log) -> Path:
 
 
 def reseed(cfg: Config, step: int, rank: int) -> None:
+    """Per-rank RNG states do not map onto another layout: reseed from (train.seed, step, rank)
+    (docs/deepspeed_workarounds.md#what-resumes)."""
     seed = int(np.random.SeedSequence([cfg.train.seed, step, rank]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
@@ -430,17 +357,16 @@ def reseed(cfg: Config, step: int, rank: int) -> None:
 
 
 def _repair_optimizer_state(optimizer, path: Path) -> None:
-    """DeepSpeed's ZeRO-3 universal load copies the hyperparameters of param group 0 onto every
-    group, so lmforge's no-decay group (norms, biases) would resume with weight decay. Put each
-    group's saved hyperparameters back (ZeRO-1/2 already match them by index: a no-op there)."""
+    """Put each param group's saved hyperparameters back: ZeRO-3's universal load copies group 0's
+    onto every group (the no-decay group would resume with weight decay); a no-op on ZeRO-1/2
+    (docs/deepspeed_workarounds.md#zero3-param-groups)."""
     saved = torch.load(path / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)["param_groups"]
     if len(saved) != len(optimizer.param_groups):
         raise RuntimeError(f"{path} has {len(saved)} optimizer param groups, this optimizer {len(optimizer.param_groups)}")
     for group, old in zip(optimizer.param_groups, saved):
         group.update({k: v for k, v in old.items() if k != "params"})
-    # ZeRO-3's universal load also hands every sub-group the SAME `step` tensor: torch's Adam
-    # increments it in place once per group and step, so the later groups' bias correction would
-    # run ahead. One tensor each.
+    # one `step` tensor each: ZeRO-3's load shares one, which Adam would advance once per group
+    # (docs/deepspeed_workarounds.md#zero3-param-groups)
     for state in optimizer.state.values():
         if isinstance(state, dict) and torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
@@ -465,10 +391,8 @@ class _NoTensorParallel:
 
 @contextlib.contextmanager
 def _sequence_parallel_is_not_tensor_parallel(zero_optimizer):
-    """DeepSpeed's ZeRO-1/2 universal loader asks its mpu for the tensor-parallel degree
-    (mpu.get_tensor_model_parallel_world_size); the Ulysses SP mpu has no such function and fails
-    with AttributeError (it even aliases get_model_parallel_rank to the SP rank). Under SP the
-    tensor-parallel degree is 1: say so for the duration of the load."""
+    """Under SP the tensor-parallel degree is 1: say so to DeepSpeed's ZeRO-1/2 universal loader,
+    which asks the Ulysses mpu for it and fails (docs/deepspeed_workarounds.md#sp-mpu-has-no-tp)."""
     mpu = getattr(zero_optimizer, "mpu", None)
     if mpu is None or hasattr(mpu, "get_tensor_model_parallel_world_size") or hasattr(mpu, "get_slice_parallel_world_size"):
         yield
@@ -498,8 +422,8 @@ def load(engine, ckpt: Path, cfg: Config, rank: int, log) -> dict:
     _repair_optimizer_state(base, path)
     if type(base).__module__.startswith("bitsandbytes"):
         n = requantize_bnb_state(base, engine.optimizer)
-        # DeepSpeed keeps views of the fp32 moments for its safe_get_full_optimizer_state API;
-        # they would pin 8 bytes/parameter that the 8-bit optimizer exists to save.
+        # DeepSpeed's views of the fp32 moments would pin the 8 B/param the 8-bit optimizer saves
+        # (docs/deepspeed_workarounds.md#bnb-state)
         for p in engine.module.parameters():
             mapping = getattr(p, "_hp_mapping", None)
             if mapping is not None and hasattr(mapping, "optim_fragment"):
@@ -511,14 +435,8 @@ def load(engine, ckpt: Path, cfg: Config, rank: int, log) -> dict:
 
 def unsupported(change: checkpoint.LayoutChange) -> str | None:
     """Why a resume across `change` cannot go through DeepSpeed's universal format (None: it can),
-    with what the user can do instead. Called in preflight, before any model is built.
-
-    Measured on 2 gloo ranks (tests/test_universal.py): world size, ZeRO stage 1/2/3 in every
-    direction, Ulysses SP degree (ZeRO-2 and -3) and AutoTP degree (TP=2 -> 1 and 1 -> 2, ZeRO-1
-    and ZeRO-3 targets) all convert and load. What does not is a ZeRO-3 x AutoTP SOURCE: ZeRO-3
-    partitions the tensor-replicated parameters (embeddings, norms) over all ranks but records
-    partition_count = the data-parallel degree, so ds_to_universal slices them wrongly ("start (0)
-    + length (32768) exceeds dimension size (16384)" for the debug model's embedding)."""
+    with what the user can do instead. Called in preflight, before any model is built. Everything
+    measured converts except a ZeRO-3 x AutoTP source (docs/deepspeed_workarounds.md#zero3-tp-source)."""
     saved = change.saved
     if saved.tensor > 1 and saved.zero_stage == 3:
         return (f"DeepSpeed's universal conversion (ds_to_universal) cannot read a ZeRO-3 x tensor-parallel "
