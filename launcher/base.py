@@ -1,11 +1,71 @@
 """What every launcher shares: the error a launcher raises for a request it cannot start (the CLI
-prints it on one line and exits 2, like a config error).
+prints it on one line and exits 2, like a config error), the driver-side graceful stop, and the
+steps before any rank starts (preflight → absolute paths → config.yaml).
 
     lmforge launch --on ray configs/debug.yaml --address 127.0.0.5:6379   # "launch error: cannot reach …"
+    kill -TERM <lmforge pid>                                              # ranks checkpoint, exit 75
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+from pathlib import Path
+
+from lmforge.training.config import Config, dump_config
+from lmforge.training.preflight import EXIT_STOPPED, STOP_SIGNALS, preflight, request_stop, stop_file
+
 
 class LaunchError(RuntimeError):
     pass
+
+
+def prepare(cfg: Config, world_size: int, log, absolute: bool = True, dump: bool = True) -> Config:
+    """Before any rank starts: every check bad config or data can fail (training.preflight), paths
+    made absolute for ranks that start elsewhere (Ray workers, batch jobs), the resolved config
+    written to RUN_DIR/config.yaml for the ranks to read. Returns the config the ranks run."""
+    preflight(cfg, world_size, log)
+    if absolute:
+        cfg = cfg.with_absolute_paths()
+    if dump:
+        dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    return cfg
+
+
+class StopOnSignal:
+    """Driver-side graceful stop, shared by the local and Ray launchers: SIGTERM/SIGUSR1 write the
+    run's STOP file (the ranks checkpoint and exit at the next step) instead of being forwarded,
+    because torchrun kills its ranks 30 s after forwarding a signal, which may be mid-save.
+    SIGINT (Ctrl-C) still goes straight to `interrupt`, for a fast abort."""
+
+    def __init__(self, run_dir: str | Path, interrupt=None):
+        self.run_dir = run_dir
+        self.interrupt = interrupt
+        self.requested = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        self._previous = {s: signal.signal(s, self._on_stop) for s in STOP_SIGNALS}
+        if self.interrupt is not None:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda signum, _f: self.interrupt(signum))
+        return self
+
+    def _on_stop(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        print(f"lmforge: {name}: asking the ranks to checkpoint and stop", file=sys.stderr, flush=True)
+        request_stop(self.run_dir, f"{name} to the launcher (pid {os.getpid()})")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def outcome(self, rc: int) -> int:
+        """EXIT_STOPPED when the ranks honoured our request (they consume the STOP file after the
+        checkpoint); otherwise the job's own status, and an unhonoured request is withdrawn."""
+        if self.requested:
+            if not stop_file(self.run_dir).exists():
+                return EXIT_STOPPED
+            stop_file(self.run_dir).unlink(missing_ok=True)
+        return rc

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from lmforge.launcher.base import LaunchError
-from lmforge.training.config import Config, ConfigError, build_ds_config, dump_config, load_config
+from lmforge.training.config import Config, ConfigError, build_ds_config, load_config
 
 EXIT_CONFIG = 2
 
@@ -46,14 +46,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_config(args) -> int:
-    from lmforge.training.dist import select_runtime
+    from lmforge.training.preflight import select_runtime
 
     cfg = load_config(args.config, args.overrides)
     nproc = args.nproc or cfg.launch.workers or _default_nproc()
-    try:
-        runtime = select_runtime(cfg.train.precision, cfg.model.attention)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    runtime = select_runtime(cfg)
     ds = build_ds_config(cfg, nproc, runtime.precision)
     print(f"# resolved config ({runtime.describe()}, {nproc} rank(s), "
           f"gradient accumulation {cfg.grad_accum(cfg.data_parallel_size(nproc))}, {cfg.total_steps()} steps)")
@@ -80,13 +77,11 @@ def _stdout_to_stderr():
 def cmd_prepare(args) -> int:
     """The task's prepare, as preflight runs it: pretrain's tokenizer and token files; a record task's
     tokenized examples (checks labels, template, columns)."""
-    from lmforge.training import tasks
-    from lmforge.training.checkpoint.consolidate import source_meta
-    from lmforge.training.dist import get_logger
+    from lmforge.training.preflight import get_logger, prepare_data
 
     cfg = load_config(args.config, args.overrides)
     with _stdout_to_stderr():  # the tokenizer trainer prints progress on fd 1; stdout stays JSON
-        prepared = tasks.prepare(cfg, source_meta(cfg.model.init_from) if cfg.model.init_from else None, get_logger(0))
+        prepared, _ = prepare_data(cfg, get_logger(0))
     print(json.dumps(prepared.summary, indent=1))
     return 0
 
@@ -111,15 +106,13 @@ def cmd_launch(args) -> int:
 
         return slurm.launch(cfg, dry_run=getattr(args, "dry_run", False), follow_log=getattr(args, "follow", False))
     from lmforge.launcher import local
-    from lmforge.training.dist import get_logger
-    from lmforge.training.train import preflight
+    from lmforge.launcher.base import prepare
+    from lmforge.training.preflight import get_logger
 
     nproc = cfg.launch.workers or _default_nproc()
     # All validation (data included) happens here, before any rank or GPU is started.
-    preflight(cfg, nproc, get_logger(0))
-    config_path = Path(cfg.run_dir) / "config.yaml"
-    dump_config(cfg, config_path)
-    return local.launch(cfg, config_path, nproc)
+    cfg = prepare(cfg, nproc, get_logger(0), absolute=False)
+    return local.launch(cfg, Path(cfg.run_dir) / "config.yaml", nproc)
 
 
 def cmd_plan(args) -> int:
@@ -153,14 +146,12 @@ def cmd_sweep(args) -> int:
     return sweep(_load_with_flags(args), args.param, args.trials)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="Distributed LLM training on DeepSpeed ZeRO.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train with N ranks on this machine (or where launch.backend says)")
+def _train_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=None, help="ranks = launch.workers (default: number of GPUs, else 1)")
-    p.set_defaults(func=cmd_launch)
-    p = sub.add_parser("launch", help="train on this machine (--on local), a Ray cluster (--on ray) or Slurm (--on slurm)")
+
+
+def _launch_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--on", choices=["local", "ray", "slurm"], default=None, help="= launch.backend (default: local)")
     p.add_argument("--address", default=None, help="= launch.address: Ray cluster (default $RAY_ADDRESS, else a local Ray)")
@@ -173,22 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--account", default=None, help="= slurm.account")
     g.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     g.add_argument("--follow", action="store_true", help="tail the job's log until it ends; exit with its status")
-    p.set_defaults(func=cmd_launch)
-    p = sub.add_parser("sweep", help="Ray Tune sweep over whole runs (ASHA on eval loss)")
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--param", action="append", default=[], metavar="KEY=DIST:ARGS",
                    help="e.g. train.lr=loguniform:1e-4:3e-3, train.warmup=choice:50,100")
     p.add_argument("--trials", type=int, default=4)
     p.add_argument("--address", default=None, help="= launch.address")
-    p.set_defaults(func=cmd_sweep)
-    p = sub.add_parser("config", help="print the resolved config tree and the DeepSpeed JSON")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=None, help="ranks to resolve gradient accumulation for")
-    p.set_defaults(func=cmd_config)
-    p = sub.add_parser("prepare", help="build the tokenizer and token cache for a config's data")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_prepare)
-    p = sub.add_parser("plan", help="per-rank memory, tokens/s and a layout that fits, from the config alone")
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node (default launch.workers, else 1)")
@@ -199,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-overhead", default=None, help="fixed per-rank memory before the model, e.g. 1GiB")
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size (default: data.tokenizer's, else data.vocab_size)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("export", help="a run or checkpoint -> a Hugging Face directory (adapters merged), GGUF or ONNX")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="run directory, its checkpoints/, a step_N checkpoint, or (with --format gguf/onnx) "
                                 "a Hugging Face directory lmforge wrote")
     p.add_argument("--out", required=True, help="output directory")
@@ -212,13 +204,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: transformers/vLLM directory; gguf: one file for llama.cpp/Ollama; onnx: ONNX Runtime")
     p.add_argument("--quant", default=None, help="with --format gguf: f32, f16 (default), q8_0 or q4_k_m")
     p.add_argument("--int8", action="store_true", help="with --format onnx: int8 weights (onnxruntime quantize_dynamic)")
-    p.set_defaults(func=cmd_export, overrides=[])
-    # After training: compression, pruning and the before/after report. Each tool adds its own
-    # subcommand; its heavy imports (torch, llm-compressor, onnxruntime) happen only when it runs.
-    from lmforge.tools import compress, prune, report, serve
+    p.set_defaults(overrides=[])
 
-    for tool in (compress, prune, report, serve):
-        tool.register(sub)
+
+# One table from command to function: (function, its arguments, help). The tools after training
+# (tools/compress, prune, report, serve) each add their own row through register(sub), keeping their
+# heavy imports (torch, llm-compressor, onnxruntime) until they run.
+COMMANDS = {
+    "train": (cmd_launch, _train_args, "train with N ranks on this machine (or where launch.backend says)"),
+    "launch": (cmd_launch, _launch_args, "train on this machine (--on local), a Ray cluster (--on ray) or Slurm (--on slurm)"),
+    "sweep": (cmd_sweep, _sweep_args, "Ray Tune sweep over whole runs (ASHA on eval loss)"),
+    "config": (cmd_config, _config_args, "print the resolved config tree and the DeepSpeed JSON"),
+    "prepare": (cmd_prepare, _add_config_args, "build the tokenizer and token cache for a config's data"),
+    "plan": (cmd_plan, _plan_args, "per-rank memory, tokens/s and a layout that fits, from the config alone"),
+    "export": (cmd_export, _export_args, "a run or checkpoint -> a Hugging Face directory (adapters merged), GGUF or ONNX"),
+}
+TOOLS = ("compress", "prune", "report", "serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="lmforge", description="Distributed LLM training on DeepSpeed ZeRO.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (func, add_args, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        add_args(p)
+        p.set_defaults(func=func)
+    for tool in TOOLS:
+        importlib.import_module(f"lmforge.tools.{tool}").register(sub)
     return parser
 
 

@@ -14,13 +14,13 @@ and the command exits 75; running it again resumes. Ctrl-C aborts at once.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from lmforge.training.config import Config
-from lmforge.training.dist import EXIT_STOPPED, STOP_SIGNALS, free_port, request_stop, stop_file
+from lmforge.launcher.base import StopOnSignal
+from lmforge.training.preflight import EXIT_STOPPED, free_port
 
 
 def torchrun_command(config_path: Path, nproc: int, port: int) -> list[str]:
@@ -41,41 +41,3 @@ def launch(cfg: Config, config_path: Path, nproc: int) -> int:
     with StopOnSignal(cfg.run_dir, interrupt=child.send_signal) as stopper:
         rc = child.wait()
     return stopper.outcome(rc)
-
-
-class StopOnSignal:
-    """Driver-side graceful stop, shared by the local and Ray launchers: SIGTERM/SIGUSR1 write the
-    run's STOP file (the ranks checkpoint and exit at the next step) instead of being forwarded,
-    because torchrun kills its ranks 30 s after forwarding a signal, which may be mid-save.
-    SIGINT (Ctrl-C) still goes straight to `interrupt`, for a fast abort."""
-
-    def __init__(self, run_dir: str | Path, interrupt=None):
-        self.run_dir = run_dir
-        self.interrupt = interrupt
-        self.requested = False
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopOnSignal":
-        self._previous = {s: signal.signal(s, self._on_stop) for s in STOP_SIGNALS}
-        if self.interrupt is not None:
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda signum, _f: self.interrupt(signum))
-        return self
-
-    def _on_stop(self, signum, _frame) -> None:
-        name = signal.Signals(signum).name
-        print(f"lmforge: {name}: asking the ranks to checkpoint and stop", file=sys.stderr, flush=True)
-        request_stop(self.run_dir, f"{name} to the launcher (pid {os.getpid()})")
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def outcome(self, rc: int) -> int:
-        """EXIT_STOPPED when the ranks honoured our request (they consume the STOP file after the
-        checkpoint); otherwise the job's own status, and an unhonoured request is withdrawn."""
-        if self.requested:
-            if not stop_file(self.run_dir).exists():
-                return EXIT_STOPPED
-            stop_file(self.run_dir).unlink(missing_ok=True)
-        return rc

@@ -164,11 +164,8 @@ def launch(cfg: Config) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from lmforge.launcher.local import StopOnSignal
-    from lmforge.training.checkpoint import find_latest
-    from lmforge.training.config import dump_config
-    from lmforge.training.dist import get_logger
-    from lmforge.training.train import preflight
+    from lmforge.launcher.base import StopOnSignal, prepare
+    from lmforge.training.preflight import find_latest, get_logger
 
     log = get_logger(0)
     with session(cfg, log) as nodes:
@@ -177,10 +174,8 @@ def launch(cfg: Config) -> int:
             gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
             workers = int(gpus // cfg.launch.gpus_per_worker) if cfg.launch.gpus_per_worker and gpus else 1
         check_fits(cfg, workers, nodes)
-        preflight(cfg, workers, log)  # bad config/data fail here, before any worker starts
-        cfg = cfg.with_absolute_paths()  # workers may start in another directory
+        cfg = prepare(cfg, workers, log)  # bad config/data fail here, before any worker starts
         run_dir = Path(cfg.run_dir)
-        dump_config(cfg, run_dir / "config.yaml")
         use_gpu = cfg.launch.gpus_per_worker > 0
         trainer = TorchTrainer(
             _worker_loop,

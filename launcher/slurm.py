@@ -241,12 +241,13 @@ def launch(cfg: Config, dry_run: bool = False, follow_log: bool = False) -> int:
     if dry_run:
         print(render(resolve(cfg)), end="")
         return 0
-    from lmforge.training.dist import get_logger
-    from lmforge.training.train import preflight
+    from lmforge.launcher.base import prepare
+    from lmforge.training.preflight import get_logger
 
     find_sbatch()
     check_request(cfg)
-    preflight(cfg, world_size(cfg), get_logger(0))  # bad config or data fail here, not on the nodes
+    # bad config or data fail here, not on the nodes; the job script writes config.yaml when it starts
+    prepare(cfg, world_size(cfg), get_logger(0), absolute=False, dump=False)
     cfg = resolve(cfg)
     run_dir = Path(cfg.run_dir)
     text = render(cfg)

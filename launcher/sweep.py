@@ -64,8 +64,7 @@ def sweep(cfg: Config, specs: list[str], trials: int) -> int:
     from ray.tune.schedulers import ASHAScheduler
 
     from lmforge.launcher.ray import session
-    from lmforge.training.dist import get_logger
-    from lmforge.training.train import preflight
+    from lmforge.training.preflight import get_logger, preflight
 
     log = get_logger(0)
     params = dict(parse_param(s) for s in specs)

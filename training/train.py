@@ -32,67 +32,8 @@ from tqdm import tqdm
 
 from . import checkpoint, data, dist, engine as engine_lib, metrics as metrics_lib, model as model_lib
 from . import distill as distill_lib, parallel, tasks as tasks_lib
-from .config import Config, ConfigError, build_ds_config, dump_config, load_config
-
-
-@dataclass
-class Plan:
-    """What preflight established: everything a rank needs that could have failed on bad input."""
-    runtime: dist.Runtime
-    data: tasks_lib.TaskData             # the task's tokenizer and train/eval examples (tasks.prepare)
-    hf_config: object
-    ds_config: dict
-    resume_from: Path | None
-    layout_change: checkpoint.LayoutChange | None = None  # resume_from's layout differs: universal resume
-
-
-def preflight(cfg: Config, world_size: int, log) -> Plan:
-    """Every check that bad config or bad data can fail, run before any rank starts (by the
-    launcher) and again, cheaply, inside each rank (for torchrun/srun starts): data are prepared
-    and cached, the model config resolved, the DeepSpeed config built, the resume point chosen."""
-    try:
-        runtime = dist.select_runtime(cfg.train.precision, cfg.model.attention)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    ds_config = build_ds_config(cfg, world_size, runtime.precision)
-    meta = None
-    if cfg.model.init_from:
-        from .checkpoint.consolidate import source_meta
-
-        meta = source_meta(cfg.model.init_from)  # config + tokenizer; weights are consolidated in the ranks
-    prepared = tasks_lib.prepare(cfg, meta, log)
-    conf = model_lib.hf_config(cfg.model, prepared.vocab_size, prepared.eos_id, meta, prepared.labels, prepared.pad_id)
-    model_lib.check_finetune(conf, cfg.task, cfg.finetune)
-    if cfg.distill.teacher:
-        distill_lib.check_teacher(cfg.distill, conf, prepared.tokenizer)
-    parallel.check_model(cfg, conf)
-    max_pos = model_lib.max_positions(conf)
-    if max_pos is not None and cfg.data.seq_len > max_pos:
-        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the model's max positions ({max_pos})")
-    resume, change = None, None
-    if cfg.checkpoint.resume == "auto":
-        resume = checkpoint.find_latest(cfg.checkpoint_dir, log)
-        if resume is not None:
-            try:
-                checkpoint.check_compatible(resume, cfg, world_size)
-            except checkpoint.IncompatibleCheckpoint as e:
-                raise ConfigError(str(e)) from None
-            change = checkpoint.layout_change(resume, cfg, world_size)
-            if change is not None:
-                from .checkpoint import universal  # imports no DeepSpeed: the launcher's driver runs this too
-
-                problem = universal.unsupported(change)
-                if problem is None and cfg.finetune.method != "full":
-                    problem = (f"finetune.method={cfg.finetune.method} checkpoints hold only adapter weights, which "
-                               "the universal conversion does not cover: resume on the layout that wrote it")
-                if problem is not None:
-                    raise ConfigError(f"{resume} was written by {change.saved}; this run: {change.now}. {problem}")
-                # Resumed through DeepSpeed's universal format (universal.load converts it once).
-                # DeepSpeed reads this flag from the engine's config when it loads; a copy, so
-                # the run config's own DeepSpeed dict is untouched.
-                log.info(f"{resume} was written by {change}: resuming through a universal checkpoint")
-                ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    return Plan(runtime, prepared, conf, ds_config, resume, change)
+from .config import Config, ConfigError, dump_config, load_config
+from .preflight import Prepared, preflight
 
 
 def seed_everything(seed: int) -> None:
@@ -317,7 +258,7 @@ class Run:
         return verdict == "stop"
 
 
-def setup(cfg: Config, d: dist.DistInfo, plan: Plan, log) -> Run:
+def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
     """Model, engine, data, sampler, metrics and checkpointer for the loop; a resumed run's state."""
     total_steps = cfg.total_steps()
     groups = parallel.RankGroups.of(cfg, d.rank, d.world_size)
