@@ -44,7 +44,8 @@ class Pretrain:
         return TaskData(data.load_tokenizer(prepared.tokenizer_dir), train, val, prepared.vocab_size, prepared.eos_id,
                         summary=summary)
 
-    def model_inputs(self, inputs: torch.Tensor, targets: torch.Tensor, device, layout=None) -> tuple[dict, torch.Tensor]:
+    def model_inputs(self, inputs: torch.Tensor, targets: torch.Tensor, device,
+                     layout=None) -> tuple[dict, torch.Tensor]:
         from ..evaluate import model_inputs
 
         return model_inputs(inputs, targets, device, layout)
