@@ -135,7 +135,7 @@ def require_causal(cfg: Config, what: str) -> None:
     from lmforge.training import tasks
 
     if not tasks.get(cfg.task).causal:
-        raise ConfigError(f"{what} works on causal language models (task {' or '.join(tasks.causal())}); "
+        raise ConfigError(f"{what} works on causal language models (task {' or '.join(tasks.causal_names())}); "
                           f"this artifact was trained with task={cfg.task}")
 
 

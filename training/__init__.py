@@ -1,4 +1,4 @@
-"""lmforge.training: what every rank does (config, dist, data, model, engine, checkpoint, metrics, evaluate, train)."""
+"""lmforge.training: what every rank does (config, dist, data, tasks, model, engine, checkpoint, metrics, evaluate, train)."""
 
 import logging as _logging
 

@@ -312,8 +312,8 @@ class DistillConfig(_Section):
 
 class Config(_Section):
     run_dir: str = Field("runs/debug", description="everything a run writes goes under here")
-    task: str = Field("pretrain", description="what the run learns, a task of the registry in training/tasks/ "
-                                              "(README's task table lists them); pretrain: causal LM on packed documents")
+    task: str = Field("pretrain", description="what the run learns, a task of the registry in training/tasks/ (README's "
+                                              "task table lists them); pretrain: causal LM on packed documents")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -363,7 +363,7 @@ class Config(_Section):
         if self.distill.teacher is not None:
             if not task.causal:
                 raise ValueError(f"distill.teacher: distillation matches next-token distributions, for task "
-                                 f"{' or '.join(tasks.causal())}; this run has task={self.task}")
+                                 f"{' or '.join(tasks.causal_names())}; this run has task={self.task}")
             if self.parallel.sequence * self.parallel.tensor > 1:
                 raise ValueError("distill.teacher is not combined with parallel.sequence/tensor > 1: the teacher runs "
                                  "unsharded on the whole micro batch, while SP/TP ranks hold a chunk or a shard of it")

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from .. import checkpoint, model as model_lib
+from .. import checkpoint, model as model_lib, tasks
 from ..config import Config, ConfigError, yaml_load
 
 
@@ -144,7 +144,7 @@ def to_hf(ckpt: Path, out: Path, max_shard_size: str = "2GB", dtype: torch.dtype
         conf.dtype = dtype
         conf.use_cache = True
         conf.save_pretrained(str(out))
-        if saved_config(ckpt).task in ("pretrain", "sft"):
+        if tasks.get(saved_config(ckpt).task).causal:
             GenerationConfig.from_model_config(conf).save_pretrained(str(out))
     AutoTokenizer.from_pretrained(str(ckpt / "hf"), local_files_only=True).save_pretrained(str(out))
     return out

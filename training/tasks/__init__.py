@@ -30,6 +30,7 @@ TASKS = ("pretrain", "sft", "classification", "ner")
 
 
 class Task(Protocol):
+    """What a task module's TASK provides; train, model, config and the tools use nothing else of it."""
     name: str                  # the config's `task:` value, and the module's name
     recipe: str                # the configs/ file that runs it (README's task table, tests/test_tasks.py)
     headline: str              # the eval metric a run's summary reports, before -> after
@@ -78,7 +79,7 @@ def get(name: str) -> Task:
         raise ValueError(f"unknown task {name!r}; the registry (training/tasks/) has {', '.join(TASKS)}") from None
 
 
-def causal() -> tuple[str, ...]:
+def causal_names() -> tuple[str, ...]:
     """The tasks that train a causal LM (pretrain, sft): what distillation and the deployment tools take."""
     return tuple(n for n in TASKS if _REGISTRY[n].causal)
 

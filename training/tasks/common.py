@@ -208,7 +208,8 @@ class RecordTask:
         """The text of each training record, for a tokenizer trained here."""
         raise NotImplementedError
 
-    def examples(self, cfg: Config, tok, train: list[dict], held: list[dict], log) -> tuple[object, object, list[str] | None]:
+    def examples(self, cfg: Config, tok, train: list[dict], held: list[dict],
+                 log) -> tuple[object, object, list[str] | None]:
         """(train examples, eval examples, head labels or None) from the records; bad records raise ConfigError."""
         raise NotImplementedError
 
