@@ -16,19 +16,25 @@ COMPRESS_VENV ?= .venv-compress
 LLMCOMPRESSOR_VERSION := 0.14.0.1
 COMPRESS_STAMP := $(COMPRESS_VENV)/.lmforge-compress-setup
 
-.PHONY: setup compress-env demo test bench clean
+.PHONY: setup compress-env demo test test-fast bench clean
 
 setup: $(STAMP)
 
 # torch first (the pinned CPU wheel on CI); DeepSpeed's setup.py imports torch, so it is installed
 # without build isolation and with its JIT ops (DS_BUILD_OPS=0): ops are built on first use into a
-# persistent TORCH_EXTENSIONS_DIR (see training/dist.py).
+# persistent TORCH_EXTENSIONS_DIR (see training/dist.py). The two ops the CPU path uses, DeepSpeed's
+# shared-memory comm op (every rank's start) and CPU Adam (optimizer offload), are built here, both at
+# once, so that the first training run (a test, `make demo`) does not stop 1-2 minutes to compile them.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet 'setuptools>=68' wheel ninja py-cpuinfo packaging setuptools_scm
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
 	$(PIP) install --quiet --no-build-isolation -e '.[dev,ray,compress]'
+	ops=$$($(PY) -c 'from lmforge.training.dist import default_extensions_dir as d; print(d())') && \
+	{ TORCH_EXTENSIONS_DIR=$$ops $(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' & } && \
+	TORCH_EXTENSIONS_DIR=$$ops $(PY) -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()' && \
+	wait $$!
 	touch $(STAMP)
 
 compress-env: $(COMPRESS_STAMP)
@@ -52,6 +58,16 @@ demo: setup
 test: setup compress-env
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
+
+# The inner loop (< 3 min on 2 cores): every test not marked `slow`. `slow` marks what starts a
+# training run, a cluster or the compression tools: tests/test_{ray,slurm,compress}.py, every test that
+# needs a session's trained model or reference runs (tests/conftest.py marks those), and the tests
+# that run `lmforge train` themselves. Left: config, data, plan and tool logic in process, the CLI's
+# refusals (exit 2), and the unit tests of the distributed pieces on 2 in-process gloo ranks
+# (tests/harness.py, tests/test_units_*.py). `make test` stays the full check.
+test-fast: setup
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m 'not slow' $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 
 # llama.cpp for GGUF: its quantizer (`lmforge export --format gguf --quant q4_k_m`) and runtime (`lmforge
 # report` scores .gguf files in it when present). Optional and kept out of `make setup`/`make test`:

@@ -75,8 +75,19 @@ def pytest_report_header(config) -> list[str]:
     return lines
 
 
+# `make test-fast` deselects `slow`: every test that trains (a CLI run, or a fixture below that trains
+# once per session), starts a cluster or runs the compression tools. A test that needs one of these
+# fixtures is slow without saying so; a test that starts `lmforge train` itself is marked by hand.
+TRAINS = {"debug_run", "lm_run", "lm_hf"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
     import torch
+
+    for item in items:
+        if TRAINS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA")

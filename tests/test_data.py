@@ -4,6 +4,7 @@ and the bad-data errors (these go through `lmforge train`, which must fail befor
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -122,25 +123,30 @@ def test_sampler_shards_are_disjoint_and_cover_an_epoch(dp, accum):
     assert s.next_step() == samplers[0].next_step()
 
 
-def test_bad_data_fails_before_any_rank(tmp_path, data_cache):
-    def train(*extra):
-        return lmforge("train", DEBUG, *debug_overrides(tmp_path / "r", data_cache, *extra), "--nproc", "2",
-                       check=False)
+@pytest.mark.parametrize("case", ["no-match", "missing", "empty", "filtered", "seq-len", "batch"])
+def test_bad_data_fails_before_any_rank(case, tmp_path, data_cache):
+    """The launcher's preflight refuses bad data with a ConfigError naming it; through the CLI (the
+    first case): exit 2, and no run directory written."""
+    from lmforge.training.config import load_config
+    from lmforge.training.train import preflight
 
-    proc = train(f"data.paths=[{tmp_path}/nope/*.txt]")
-    assert proc.returncode == 2 and "data.paths: " in proc.stderr and "matches no files" in proc.stderr
-    proc = train(f"data.paths=[{tmp_path}/missing.txt]")
-    assert proc.returncode == 2 and "missing.txt does not exist" in proc.stderr
     (tmp_path / "empty.txt").write_text("")
-    proc = train(f"data.paths=[{tmp_path}/empty.txt]")
-    assert proc.returncode == 2 and "every file is empty" in proc.stderr
-    proc = train("data.min_doc_chars=100000000")
-    assert proc.returncode == 2 and "no documents left after filtering (data.min_doc_chars=100000000)" in proc.stderr
-    proc = train("data.seq_len=1024")
-    assert proc.returncode == 2 and "data.seq_len (1024) exceeds the model's max positions (512)" in proc.stderr
-    proc = train("train.global_batch_size=12")
-    assert proc.returncode == 2 and "train.micro_batch_size (4) x data-parallel size (2) = 8" in proc.stderr
-    assert not (tmp_path / "r").exists()
+    extra, expected = {
+        "no-match": (f"data.paths=[{tmp_path}/nope/*.txt]", ["data.paths: ", "matches no files"]),
+        "missing": (f"data.paths=[{tmp_path}/missing.txt]", ["missing.txt does not exist"]),
+        "empty": (f"data.paths=[{tmp_path}/empty.txt]", ["every file is empty"]),
+        "filtered": ("data.min_doc_chars=100000000", ["no documents left after filtering (data.min_doc_chars=100000000)"]),
+        "seq-len": ("data.seq_len=1024", ["data.seq_len (1024) exceeds the model's max positions (512)"]),
+        "batch": ("train.global_batch_size=12", ["train.micro_batch_size (4) x data-parallel size (2) = 8"]),
+    }[case]
+    args = debug_overrides(tmp_path / "r", data_cache, extra)
+    if case == "no-match":
+        proc = lmforge("train", DEBUG, *args, "--nproc", "2", check=False)
+        assert proc.returncode == 2 and all(e in proc.stderr for e in expected), proc.stderr[-2000:]
+        assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError) as err:
+        preflight(load_config(DEBUG, args), 2, logging.getLogger("test_data"))
+    assert all(e in str(err.value) for e in expected), str(err.value)
 
 
 def test_cli_prepare_builds_the_cache(tmp_path):

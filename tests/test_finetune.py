@@ -1,7 +1,8 @@
 """Fine-tuning tasks on real DeepSpeed, peft and datasets: LoRA under ZeRO-3 on 2 gloo ranks
 (adapter reload and merge), QLoRA / AdaLoRA under ZeRO-2, classification and NER on the embedded
 stdlib tasks against their baselines, SFT loss masking and packing, early stopping, and the bad
-inputs that must fail before training."""
+inputs that must fail before training. The tests that train are `slow` (`make test-fast` leaves
+them out); the distributed evaluation of these tasks has in-process unit tests (tests/test_units_tasks.py)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ def lora_zero3(tmp_path_factory, data_cache, base) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_lora_zero3_trains_only_adapters(lora_zero3):
     ls = losses(lora_zero3)
     assert np.mean([ls[s] for s in (14, 15, 16)]) < np.mean([ls[s] for s in (1, 2, 3)]) - 0.05, ls
@@ -84,6 +86,7 @@ def test_lora_zero3_trains_only_adapters(lora_zero3):
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: every adapter moved
 
 
+@pytest.mark.slow
 def test_lora_adapter_reloads_and_merges(lora_zero3):
     """peft reload of the saved adapter reproduces the run's own final eval loss (computed by the
     training engine on 2 ZeRO-3 ranks); the merged export gives the same logits."""
@@ -151,6 +154,7 @@ def test_qlora_and_adalora_zero2(tmp_path, data_cache, request, method):
     assert type(consolidate.load_merged(run_dir / "checkpoints" / "step_20")).__name__ == "LlamaForCausalLM"
 
 
+@pytest.mark.slow
 def test_classification_beats_majority_baseline(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     proc = lmforge("train", CONFIGS / "classification.yaml",
@@ -179,6 +183,7 @@ def test_classification_beats_majority_baseline(tmp_path, data_cache):
     assert abs(accuracy - evals(run_dir)[best["step"]]["eval/accuracy"]) < 1e-9
 
 
+@pytest.mark.slow
 def test_encoder_classifier_trains_and_exports(tmp_path, data_cache):
     """An encoder (a BERT config given as model.path) goes through the same task path: trains a few
     steps, exports, and plain transformers reproduces the run's eval accuracy. (Learning itself is
@@ -204,6 +209,7 @@ def test_encoder_classifier_trains_and_exports(tmp_path, data_cache):
     assert abs(float(np.mean(np.array(preds) == task.eval.labels)) - evals(run_dir)[6]["eval/accuracy"]) < 1e-9
 
 
+@pytest.mark.slow
 def test_ner_beats_all_outside_baseline(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     lmforge("train", CONFIGS / "ner.yaml", *debug_overrides(run_dir, data_cache, "train.steps=40", "eval.interval=40",
@@ -213,6 +219,7 @@ def test_ner_beats_all_outside_baseline(tmp_path, data_cache):
     assert final["eval/entity_f1"] > 0.6 and final["eval/token_accuracy"] > 0.8, final
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_and_keeps_the_best(tmp_path, data_cache):
     """lr ~0: the metric plateaus, so the first evaluation is the best and `patience` evaluations
     later the run stops; the best checkpoint survives checkpoint.keep=1 and a rerun does nothing."""
@@ -314,7 +321,22 @@ def _jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def test_bad_task_inputs_fail_before_training(tmp_path, data_cache, base):
+@pytest.fixture(scope="module")
+def tiny_base(tokenizer, tmp_path_factory) -> Path:
+    """A Hugging Face Llama directory with its tokenizer: a model.init_from for preflight, which reads its
+    config and tokenizer only (no training run needed to refuse bad inputs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-base")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1,
+                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_bad_task_inputs_fail_before_training(tmp_path, data_cache, tiny_base):
+    base = tiny_base
     cls = CONFIGS / "classification.yaml"
     train = _jsonl(tmp_path / "train.jsonl", [{"text": f"x = {i}", "label": "a" if i % 2 else "b"} for i in range(40)])
     unseen = _jsonl(tmp_path / "eval.jsonl", [{"text": "y = 1", "label": "c"}])
