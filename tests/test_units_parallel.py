@@ -1,4 +1,4 @@
-"""Sequence-parallel chunking and loss weighting, in process: Layout.chunk cuts a batch into chunks
+"""Sequence-parallel chunking and loss weighting, in process: RankGroups.chunk cuts a batch into chunks
 that concatenate back to it with their global position ids, and on 2 in-process gloo ranks
 (tests/harness.py) the token-weighted eval loss, the logged train loss and, with engine.loss_scale,
 the gradients of 2 SP ranks equal those of 1 rank on the whole batch. DeepSpeed's gradient averaging
@@ -19,8 +19,7 @@ from harness import run_ranks
 # every lmforge name this file uses (one place to follow a rename)
 from lmforge.training.config import build_ds_config, load_config
 from lmforge.training.data import PackedTokens, eval_indices
-from lmforge.training.dist import Layout
-from lmforge.training.engine import loss_scale
+from lmforge.training.parallel import RankGroups, loss_scale
 from lmforge.training.evaluate import evaluate, model_inputs, token_loss
 
 VOCAB, SEQ, MICRO = 50, 16, 3
@@ -29,9 +28,9 @@ ZERO = {"zero2": (2, {}), "zero3": (3, {}), "zero3-allreduce": (3, {"reduce_scat
 
 def test_chunks_concatenate_back_to_the_batch_with_global_positions():
     inputs, targets = torch.arange(2 * 12).reshape(2, 12), torch.arange(2 * 12).reshape(2, 12) + 100
-    assert Layout(0, 2).chunk(inputs, targets) == (inputs, targets, None)  # no SP: the batch itself
+    assert RankGroups(0, 2).chunk(inputs, targets) == (inputs, targets, None)  # no SP: the batch itself
     for sp in (2, 3, 4):
-        parts = [Layout(r, sp, sequence=sp).chunk(inputs, targets) for r in range(sp)]
+        parts = [RankGroups(r, sp, sequence=sp).chunk(inputs, targets) for r in range(sp)]
         assert all(p[0].shape == (2, 12 // sp) for p in parts)
         for k, whole in enumerate((inputs, targets, torch.arange(12).expand(2, 12))):
             assert torch.equal(torch.cat([p[k] for p in parts], dim=1), whole)
@@ -39,10 +38,10 @@ def test_chunks_concatenate_back_to_the_batch_with_global_positions():
 
 def test_layout_groups_consecutive_ranks():
     # 4 ranks, SP 2: ranks 0,1 and 2,3 are SP peers reading the same sequences (data-parallel rank 0 and 1)
-    assert [(Layout(r, 4, sequence=2).dp_rank, Layout(r, 4, sequence=2).sp_rank) for r in range(4)] == [
+    assert [(RankGroups(r, 4, sequence=2).dp_rank, RankGroups(r, 4, sequence=2).sp_rank) for r in range(4)] == [
         (0, 0), (0, 1), (1, 0), (1, 1)]
-    assert Layout(3, 4, sequence=2).dp_size == 2 and Layout(1, 2, tensor=2).dp_rank == 0
-    assert Layout(1, 2, tensor=2).dp_size == 1 and Layout(1, 2, tensor=2).group == 2
+    assert RankGroups(3, 4, sequence=2).dp_size == 2 and RankGroups(1, 2, tensor=2).dp_rank == 0
+    assert RankGroups(1, 2, tensor=2).dp_size == 1 and RankGroups(1, 2, tensor=2).group == 2
 
 
 class CausalLM(torch.nn.Module):
@@ -75,7 +74,7 @@ class Engine:
         self.module.train(mode)
 
 
-def deepspeed_average(grad: torch.Tensor, zero: dict, layout: Layout) -> torch.Tensor:
+def deepspeed_average(grad: torch.Tensor, zero: dict, layout: RankGroups) -> torch.Tensor:
     """DeepSpeed's gradient average as engine.loss_scale describes it."""
     torch.distributed.all_reduce(grad)
     all_ranks = zero["stage"] == 3 and zero.get("reduce_scatter", True)
@@ -84,7 +83,7 @@ def deepspeed_average(grad: torch.Tensor, zero: dict, layout: Layout) -> torch.T
 
 def sequence_parallel_step(tokens: str) -> dict:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    layout = Layout(rank, world, sequence=world)  # every rank an SP peer (world 1: the whole batch)
+    layout = RankGroups(rank, world, sequence=world)  # every rank an SP peer (world 1: the whole batch)
     data = PackedTokens(tokens, SEQ)
     batches = eval_indices(len(data), 2, MICRO, layout.dp_rank, layout.dp_size)
     model = CausalLM()

@@ -1,4 +1,4 @@
-"""Task losses and the distributed evaluation on in-process gloo ranks (tests/harness.py): tasks.loss_sum
+"""Task losses and the distributed evaluation on in-process gloo ranks (tests/harness.py): tasks.common.loss_sum
 counts only the targets that count, and tasks.evaluate (each rank's share of the eval set, padded to
 equal batch counts, sums all-reduced, predictions gathered) gives the same loss and metrics on 2 ranks
 as on 1 and as a plain loop over the examples, for classification, NER and SFT. Learning itself (the
@@ -17,10 +17,13 @@ import torch.nn.functional as F
 
 from harness import run_ranks
 # every lmforge name this file uses (one place to follow a rename)
-from lmforge.training import task_metrics
+from lmforge.training import tasks
 from lmforge.training.config import load_config
-from lmforge.training.tasks import (IGNORE, CausalExamples, ClassificationExamples, TaggingExamples, TaskData,
-                                    evaluate, loss_sum)
+from lmforge.training.parallel import RankGroups
+from lmforge.training.tasks.classification import ClassificationExamples, classification_metrics
+from lmforge.training.tasks.common import IGNORE, TaskData, loss_sum
+from lmforge.training.tasks.ner import TaggingExamples, ner_metrics
+from lmforge.training.tasks.sft import CausalExamples
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOCAB, N_EVAL, MICRO = 40, 11, 4   # 11 examples, micro batch 4: on 2 ranks, 6 + 5 (one padding row)
@@ -82,7 +85,7 @@ def setup(task: str):
     data = examples(task)
     labels = {"classification": LABELS, "ner": TAGS}.get(task)
     model = TinyModel({"classification": len(LABELS), "ner": len(TAGS)}.get(task, VOCAB), pool=task == "classification")
-    return cfg, TaskData(tokenizer=None, train=data, eval=data, labels=labels, majority_label=0 if labels else None), model
+    return cfg, TaskData(tokenizer=None, train=data, eval=data, vocab_size=VOCAB, eos_id=0, labels=labels), model
 
 
 def evaluate_tasks() -> dict:
@@ -91,7 +94,7 @@ def evaluate_tasks() -> dict:
     for task in ("classification", "ner", "sft"):
         cfg, data, model = setup(task)
         model.train()
-        out[task] = evaluate(Engine(model), data, cfg, rank, world, torch.device("cpu"))
+        out[task] = tasks.get(task).evaluate(Engine(model), data, cfg, RankGroups(rank, world), torch.device("cpu"))
         out[task + "/mode_kept"] = model.training  # evaluate puts the engine back in training mode
     return out
 
@@ -134,10 +137,10 @@ def test_evaluate_on_two_ranks_equals_one_rank_and_a_plain_loop(task, one_rank, 
     assert r0[task]["eval/loss"] == pytest.approx(ref["loss"], rel=1e-6)
     data = ref["data"]
     if task == "classification":
-        expected = task_metrics.classification_metrics([LABELS[int(p)] for p in ref["preds"]],
-                                                       [LABELS[g] for g in data.eval.labels], LABELS, majority_label=LABELS[0])
+        expected = classification_metrics([LABELS[int(p)] for p in ref["preds"]], [LABELS[g] for g in data.eval.labels],
+                                          LABELS, majority_label=LABELS[data.train.majority(len(LABELS))])
     elif task == "ner":
-        expected = task_metrics.ner_metrics([[TAGS[int(t)] for t in p] for p in ref["preds"]],
+        expected = ner_metrics([[TAGS[int(t)] for t in p] for p in ref["preds"]],
                                             [[TAGS[t] for t in data.eval.targets[i][data.eval.targets[i] != IGNORE]]
                                              for i in range(N_EVAL)])
     else:
