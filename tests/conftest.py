@@ -25,27 +25,40 @@ BIN = Path(sys.executable).parent
 # default ports) run on the same worker, one after the other.
 XDIST_GROUPS = {
     **dict.fromkeys(("test_compress", "test_export", "test_formats", "test_prune", "test_report", "test_serve"), "lm"),
-    **dict.fromkeys(("test_train", "test_universal", "test_optim"), "debug_run"),
+    **dict.fromkeys(("test_train", "test_universal", "test_optim", "test_parallel"), "debug_run"),
     **dict.fromkeys(("test_ray", "test_slurm"), "clusters"),
 }
+# The groups that take longest start first (xdist would order them by their number of tests, and a
+# 10-minute group started last makes the whole run 10 minutes longer); the many short files then
+# fill both workers to the end. Longest first: the Ray/Slurm group (mostly waiting on the clusters,
+# so the other worker gets the CPU), the shared reference runs, the trained model's tools, fine-tuning.
+XDIST_FIRST = ("clusters", "debug_run", "lm", "test_finetune")
 
 
 @pytest.hookimpl(optionalhook=True)  # a plain `pytest` without xdist installed still loads this file
 def pytest_xdist_make_scheduler(config, log):
-    """--dist loadgroup by file and XDIST_GROUPS. (xdist's own loadgroup reads xdist_group marks by
+    """--dist loadgroup by file and XDIST_GROUPS, XDIST_FIRST first. (xdist's own loadgroup reads xdist_group marks by
     renaming node ids, which pytest 9 no longer allows, so the grouping is done in the scheduler.)"""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    if not hasattr(LoadScopeScheduling, "_split_scope"):  # loud, rather than Ray and Slurm split apart
-        raise pytest.UsageError("this pytest-xdist has no LoadScopeScheduling._split_scope to group the test "
-                                "files by; run serially (TEST_WORKERS=0) or use the xdist that pyproject.toml allows")
+    # loud, rather than Ray and Slurm split apart
+    if not all(hasattr(LoadScopeScheduling, f) for f in ("_split_scope", "_assign_work_unit")):
+        raise pytest.UsageError("this pytest-xdist has no LoadScopeScheduling._split_scope/_assign_work_unit to "
+                                "group and order the test files by; run serially (TEST_WORKERS=0) or use the "
+                                "xdist that pyproject.toml allows")
 
     class FileGroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
             return XDIST_GROUPS.get(module, module)
+
+        def _assign_work_unit(self, node) -> None:
+            for scope in reversed(XDIST_FIRST):  # the longest groups to the front of the queue
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
 
     return FileGroupScheduling(config, log)
 
@@ -78,7 +91,7 @@ def pytest_report_header(config) -> list[str]:
 # `make test-fast` deselects `slow`: every test that trains (a CLI run, or a fixture below that trains
 # once per session), starts a cluster or runs the compression tools. A test that needs one of these
 # fixtures is slow without saying so; a test that starts `lmforge train` itself is marked by hand.
-TRAINS = {"debug_run", "lm_run", "lm_hf"}
+TRAINS = {"debug_run", "killed_run", "lm_run", "lm_hf"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
@@ -186,6 +199,15 @@ def debug_run(tmp_path_factory, data_cache):
         return runs[optimizer, stage, nproc]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def killed_run(tmp_path_factory, data_cache) -> tuple[Path, int]:
+    """The uninterrupted ZeRO-3 run's twin SIGKILLed (driver, torchrun and both ranks) once it has logged
+    step 25: its newest complete checkpoint is step_20 or step_30. Resumed on 2 ranks (bitwise,
+    test_train) and on 1 (universal, test_universal): (run_dir, last step logged). Read-only: resume a copy."""
+    run_dir = tmp_path_factory.mktemp("killed") / "run"
+    return run_dir, kill_at_step([DEBUG, *debug_overrides(run_dir, data_cache, *STANDARD), "--nproc", "2"], run_dir, 25)
 
 
 # --------------------------------------------------------------------------- one trained model for the tools

@@ -71,7 +71,8 @@ def run_ranks(fn, world_size: int = 2, *args, timeout: float = 300, env: dict | 
     port = _free_port()
     worker_env = {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or _extensions_dir(),
                   **(env or {})}
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, worker_env, fn, args, results), daemon=True)
+    # not daemonic: a rank may start processes of its own (DeepSpeed's universal conversion uses a pool)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, worker_env, fn, args, results))
              for r in range(world_size)]
     for p in procs:
         p.start()

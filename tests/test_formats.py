@@ -43,10 +43,13 @@ def hf_logits(lm_hf, heldout):
 
 @pytest.fixture(scope="module")
 def gguf_dir(lm_run, lm_hf, tmp_path_factory) -> Path:
-    """f16 and q8_0 from the HF export; f32 straight from the run directory (consolidated on the way)."""
+    """f16 and q8_0 from the HF export (in this process: export() is what the CLI calls); f32 straight
+    from the run directory (consolidated on the way), through the CLI."""
+    from lmforge.tools.export import export
+
     out = tmp_path_factory.mktemp("gguf")
     for quant in ("f16", "q8_0"):
-        lmforge("export", lm_hf, "--format", "gguf", "--quant", quant, "--out", out / f"m-{quant}.gguf")
+        export(lm_hf, out / f"m-{quant}.gguf", fmt="gguf", quant=quant)
     lmforge("export", lm_run, "--format", "gguf", "--quant", "f32", "--out", out / "m-f32.gguf")
     return out
 
@@ -191,9 +194,11 @@ def test_llama_cpp_real_k_quants(lm_hf, tmp_path):
 
 @pytest.fixture(scope="module")
 def onnx_dirs(lm_hf, tmp_path_factory) -> dict[str, Path]:
+    from lmforge.tools.export import export
+
     out = tmp_path_factory.mktemp("onnx")
-    lmforge("export", lm_hf, "--format", "onnx", "--out", out / "fp32")
-    lmforge("export", lm_hf, "--format", "onnx", "--int8", "--out", out / "int8")
+    lmforge("export", lm_hf, "--format", "onnx", "--out", out / "fp32")  # the CLI
+    export(lm_hf, out / "int8", fmt="onnx", int8=True)  # what it calls, in this process
     return {"fp32": out / "fp32", "int8": out / "int8"}
 
 

@@ -11,6 +11,7 @@ Perplexity is measured here in plain transformers on the run's held-out tokens (
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -217,16 +218,26 @@ def _other_tokenizer_teacher(path: Path, vocab_size: int) -> Path:
 
 
 def test_distill_teacher_with_another_vocabulary_is_refused_before_ranks_start(pruned_mlp, data_cache, tmp_path):
+    """Refused by preflight, before any rank starts; through the CLI (the first teacher): exit 2 and no
+    run directory written."""
     from transformers import AutoConfig
+
+    from lmforge.training.config import ConfigError, load_config
+    from lmforge.training.train import preflight
 
     vocab = AutoConfig.from_pretrained(str(pruned_mlp)).vocab_size
     for teacher, message in ((_other_tokenizer_teacher(tmp_path / "same-size", vocab), "tokenizer differs"),
                              (_other_tokenizer_teacher(tmp_path / "other-size", vocab + 64), "vocab_size")):
         run_dir = tmp_path / f"run-{teacher.name}"
-        proc = lmforge("train", HEAL, "--nproc", "2", f"model.init_from={pruned_mlp}", f"distill.teacher={teacher}",
-                       f"run_dir={run_dir}", f"data.cache_dir={data_cache}", "data.holdout=0.1", check=False)
-        assert proc.returncode == 2 and "distill.teacher" in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
-        assert not (run_dir / "config.yaml").exists()  # the launcher writes it only after preflight
+        args = [f"model.init_from={pruned_mlp}", f"distill.teacher={teacher}", f"run_dir={run_dir}",
+                f"data.cache_dir={data_cache}", "data.holdout=0.1"]
+        if teacher.name == "same-size":
+            proc = lmforge("train", HEAL, "--nproc", "2", *args, check=False)
+            assert proc.returncode == 2 and "distill.teacher" in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
+            assert not (run_dir / "config.yaml").exists()  # the launcher writes it only after preflight
+        with pytest.raises(ConfigError, match="distill.teacher") as err:
+            preflight(load_config(HEAL, args), 2, logging.getLogger("test_prune"))
+        assert message in str(err.value)
 
 
 def test_distill_config_refusals():

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import lmforge
+from conftest import REPO, lmforge
 
 
 def derived(lm_hf: Path, out: Path, change) -> Path:
@@ -85,15 +86,30 @@ def test_report_measures_and_gates(lm_hf, tmp_path):
     (["--seq-len", "1"], "--seq-len 1: at least 2"),
 ])
 def test_report_refuses_bad_input_before_loading(args, expected, lm_hf, tmp_path):
+    """report() raises a ConfigError before loading any model and writes nothing; through the CLI (the
+    first case): exit 2."""
+    from lmforge.tools.report import report
+    from lmforge.training.config import ConfigError
+
     artifacts = [a for a in args if not a.startswith("-") and "%" not in a and not a.isdigit()] or [str(lm_hf)]
     flags = [a for a in args if a not in artifacts]
-    proc = lmforge("report", *artifacts, "--baseline", lm_hf, "--out", tmp_path / "r", *flags, check=False)
-    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+    if args == ["--gate", "perplexity<=5%"]:
+        proc = lmforge("report", *artifacts, "--baseline", lm_hf, "--out", tmp_path / "r", *flags, check=False)
+        assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+    opts = dict(zip(flags[::2], flags[1::2]))
+    artifacts = [str(REPO / a) if a == "pyproject.toml" else a for a in artifacts]  # the CLI ran in REPO
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        report(artifacts, str(lm_hf), str(tmp_path / "r"), gates=[opts["--gate"]] if "--gate" in opts else [],
+               eval_seqs=int(opts.get("--eval-seqs", 64)),
+               seq_len=int(opts["--seq-len"]) if "--seq-len" in opts else None, log=lambda m: None)
     assert not (tmp_path / "r").exists()
 
 
 def test_report_never_replaces_other_files(lm_hf, tmp_path):
+    from lmforge.tools.report import report
+    from lmforge.training.config import ConfigError
+
     (tmp_path / "mine.txt").write_text("keep")
-    proc = lmforge("report", lm_hf, "--baseline", lm_hf, "--out", tmp_path, check=False)
-    assert proc.returncode == 2 and "holds other files" in proc.stderr
-    assert (tmp_path / "mine.txt").read_text() == "keep"
+    with pytest.raises(ConfigError, match="holds other files"):
+        report([str(lm_hf)], str(lm_hf), str(tmp_path), log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"] and (tmp_path / "mine.txt").read_text() == "keep"

@@ -1,9 +1,14 @@
 """End-to-end training on 2 real gloo ranks with real DeepSpeed: ZeRO stages, the three launchers,
-SIGKILL + resume, checkpoint verification, TensorBoard event files."""
+SIGKILL + resume, checkpoint verification, TensorBoard event files, export of a ZeRO-3 run. Every run
+here starts `lmforge train` (10-20 s of process start-up each), so runs are shared wherever the
+assertions allow: conftest's debug_run reference runs, read-only; a test that changes one works on a
+copy. The pieces (checkpoint save/load/verify, stop agreement) have in-process unit tests on 2 ranks
+in tests/test_units_*.py."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import signal
@@ -13,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, DEBUG, REPO, STANDARD as COMMON, debug_overrides, env, kill_at_step, lmforge, losses, run
+from conftest import BIN, DEBUG, REPO, STANDARD as COMMON, debug_overrides, env, lmforge, losses, run
 
+pytestmark = pytest.mark.slow  # every test trains, or reads a run that did
+LOG = logging.getLogger("test_train")
 
 def falls(run_dir: Path) -> None:
     ls = losses(run_dir)
@@ -43,16 +50,22 @@ def test_zero3_trains_and_publishes_checkpoints(zero3):
     assert not list(ckpts.glob(".tmp_*"))
 
 
-@pytest.mark.parametrize("layout", [["parallel.zero_stage=1"], ["parallel.zero_stage=2"],
-                                    ["parallel.offload_optimizer=true", "parallel.offload_params=true"]],
-                         ids=["zero1", "zero2", "zero3-offload"])
-def test_zero_stage_trains(layout, tmp_path, data_cache):
-    run_dir = tmp_path / "run"
-    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON, *layout), "--nproc", "2")
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stage_trains(stage, debug_run):
+    """ZeRO-1 and ZeRO-2: conftest's shared STANDARD runs (tests/test_parallel.py's data-parallel twins)."""
+    run_dir, stderr = debug_run("adamw", stage)
     falls(run_dir)
     assert (run_dir / "checkpoints" / "step_40" / "manifest.json").is_file()
-    expected = "DeepSpeedCPUAdam" if "offload" in layout[0] else "AdamW"
-    assert f"optimizer: {expected}, precision fp32" in proc.stderr
+    assert "optimizer: AdamW, precision fp32" in stderr and f"ZeRO-{stage}, 2 rank(s)" in stderr
+
+
+def test_zero3_offload_trains(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON, "parallel.offload_optimizer=true",
+                                                    "parallel.offload_params=true"), "--nproc", "2")
+    falls(run_dir)
+    assert (run_dir / "checkpoints" / "step_40" / "manifest.json").is_file()
+    assert "optimizer: DeepSpeedCPUAdam, precision fp32" in proc.stderr
 
 
 def test_torchrun_gives_identical_losses(zero3, tmp_path, data_cache):
@@ -69,33 +82,47 @@ def test_deepspeed_cli_gives_identical_losses(zero3, tmp_path, data_cache):
     assert losses(run_dir) == losses(zero3)
 
 
-def test_sigkill_then_resume_is_bitwise_equal(zero3, tmp_path, data_cache):
+def test_sigkill_then_resume_is_bitwise_equal(zero3, killed_run, tmp_path, data_cache):
+    """SIGKILL of the driver, torchrun and both ranks mid-run (conftest's killed_run, also resumed on
+    1 rank by test_universal); the same command resumes from the newest complete checkpoint."""
     run_dir = tmp_path / "run"
-    killed_at = kill_at_step([DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2"], run_dir, 15)
-    assert 15 <= killed_at < 40
+    shutil.copytree(killed_run[0], run_dir, symlinks=True)
+    killed_at = killed_run[1]
+    assert 25 <= killed_at < 40
     assert not (run_dir / "checkpoints" / "step_40").exists()
 
     proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2")
     resumed_from = int(re.search(r"resumed from \S+ at step (\d+)", proc.stderr).group(1))
-    assert 10 <= resumed_from <= killed_at
+    assert 20 <= resumed_from <= killed_at
+    assert not list((run_dir / "checkpoints").glob(".tmp_*"))  # a save cut short is cleared, not published
     reference, resumed = losses(zero3), losses(run_dir)
     assert sorted(resumed) == list(range(1, 41))
     # every step after the kill point (and the replayed ones since the checkpoint) bitwise equal
     assert {s: resumed[s] for s in range(resumed_from + 1, 41)} == {s: reference[s] for s in range(resumed_from + 1, 41)}
 
 
-def test_truncated_checkpoint_is_skipped(zero3, tmp_path, data_cache):
+def _preflight(run_dir: Path, cache: Path, nproc: int, *extra: str):
+    """The launcher's preflight (also every rank's first step), in this process: where a run would resume."""
+    from lmforge.training.config import load_config
+    from lmforge.training.train import preflight
+
+    return preflight(load_config(DEBUG, debug_overrides(run_dir, cache, *COMMON, *extra)), nproc, LOG)
+
+
+def test_truncated_checkpoint_is_skipped(zero3, tmp_path, data_cache, caplog):
+    """A truncated shard in the newest checkpoint: preflight resumes from the one before, saying why.
+    (That a resume from a checkpoint continues bitwise: test_sigkill_then_resume_is_bitwise_equal;
+    verify/find_latest on every kind of damage: tests/test_units_checkpoint.py.)"""
     run_dir = tmp_path / "run"
     shutil.copytree(zero3, run_dir, symlinks=True)
-    (run_dir / "metrics.jsonl").unlink()
     shard = run_dir / "checkpoints" / "step_40" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
-    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "2")
-    assert "skipping checkpoint" in proc.stderr and "step_40" in proc.stderr and "bytes" in proc.stderr
-    assert "resumed from " + str(run_dir / "checkpoints" / "step_30") in proc.stderr
-    # steps 31..40 recomputed from step_30 equal the original run's
-    assert losses(run_dir) == {s: v for s, v in losses(zero3).items() if s > 30}
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        plan = _preflight(run_dir, data_cache, 2)
+    assert plan.resume_from == run_dir / "checkpoints" / "step_30" and plan.layout_change is None
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert len(skipped) == 1 and "step_40" in skipped[0] and "bytes, the manifest says" in skipped[0]
 
 
 def test_incompatible_checkpoint_is_refused_with_the_keys(zero3, tmp_path, data_cache):
@@ -109,10 +136,12 @@ def test_incompatible_checkpoint_is_refused_with_the_keys(zero3, tmp_path, data_
     assert err.startswith("lmforge: config error:") and "was written by a different config" in err
     assert "train.global_batch_size: 8 in the checkpoint, 16 now" in err
     assert "model.overrides" in err and "checkpoint.allow_config_change=true" in err
-    # another world size is not a reason to refuse: it resumes through a universal checkpoint
-    # (tests/test_universal.py checks the losses)
-    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON, "train.steps=41"), "--nproc", "1")
-    assert "was written by 2 rank(s), ZeRO-3; this run: 1 rank(s), ZeRO-3: resuming through a universal checkpoint" in proc.stderr
+    # another world size is not a reason to refuse: preflight plans a resume through a universal
+    # checkpoint (tests/test_universal.py runs such resumes and checks the losses)
+    plan = _preflight(run_dir, data_cache, 1, "train.steps=41")
+    assert plan.resume_from == run_dir / "checkpoints" / "step_40"
+    assert str(plan.layout_change) == "2 rank(s), ZeRO-3; this run: 1 rank(s), ZeRO-3"
+    assert plan.ds_config["checkpoint"]["load_universal"] is True
 
 
 def test_tensorboard_scalars_read_back(zero3):
@@ -140,28 +169,40 @@ def _port() -> int:
 
 
 def test_any_local_hf_model_directory(tmp_path, data_cache):
-    """model.path: a GPT-2 (not a Llama) saved with save_pretrained; its weights are loaded, so the
-    held-out perplexity before training does not depend on the seed, and training lowers it."""
+    """model.path: a GPT-2 (not a Llama) saved with save_pretrained; its weights are loaded (the held-out
+    perplexity the run logs before training is the saved model's own, computed here in plain
+    transformers on the same held-out batches), and training lowers it."""
+    import math
+
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from lmforge.training import data
     from lmforge.training.config import load_config
+    from lmforge.training.evaluate import token_loss
 
     prepared = data.prepare(load_config(DEBUG, [f"data.cache_dir={data_cache}"]).data)
     model_dir = tmp_path / "gpt2-tiny"
     GPT2LMHeadModel(GPT2Config(vocab_size=prepared.vocab_size, n_positions=128, n_embd=64, n_layer=2,
                                n_head=2)).save_pretrained(model_dir)
-
-    def train(seed):
-        proc = lmforge("train", DEBUG, *debug_overrides(tmp_path / f"run{seed}", data_cache, f"model.path={model_dir}",
-                                                        f"data.tokenizer={prepared.tokenizer_dir}", f"train.seed={seed}",
-                                                        "train.steps=20", "checkpoint.interval=0"), "--nproc", "1")
-        before, after = re.search(r"held-out perplexity: ([\d.]+) before -> ([\d.]+) after", proc.stderr).groups()
-        assert "model: gpt2" in proc.stderr
-        return float(before), float(after)
-
-    (b1, a1), (b2, _) = train(1), train(2)
-    assert b1 == b2 and a1 < b1 / 2
+    run_dir = tmp_path / "run"
+    args = debug_overrides(run_dir, data_cache, f"model.path={model_dir}", f"data.tokenizer={prepared.tokenizer_dir}",
+                           "train.steps=20", "checkpoint.interval=0")
+    proc = lmforge("train", DEBUG, *args, "--nproc", "1")
+    assert "model: gpt2" in proc.stderr
+    evals = {r["step"]: r["eval/ppl"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "eval/ppl" in r}
+    cfg = load_config(DEBUG, args)
+    val = data.PackedTokens(data.prepare(cfg.data).val_tokens, cfg.data.seq_len)
+    model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for indices in data.eval_indices(len(val), cfg.eval.batches, cfg.train.micro_batch_size, 0, 1):
+            inputs, targets = val.batch(indices)
+            total += token_loss(model(input_ids=inputs).logits, targets, reduction="sum").item()
+            count += targets.numel()
+    assert evals[0] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert evals[20] < evals[0] / 2
 
 
 @pytest.mark.gpu
@@ -253,3 +294,18 @@ def test_stop_file_stops_a_single_process_run(tmp_path, data_cache):
     stopped_at = int(re.search(r"stopped at step (\d+) of 5000", err).group(1))
     assert (run_dir / "checkpoints" / f"step_{stopped_at}" / "manifest.json").is_file()
     assert not (run_dir / "STOP").exists()  # consumed, so the resumed run does not stop at once
+
+
+def test_export_from_zero3_and_sharded(zero3, tmp_path):
+    """`lmforge export` of a 2-rank ZeRO-3 run, in shards: the exported model reproduces the engine's
+    logged held-out loss on the same eval batches (tests/test_export.py does the same for ZeRO-2)."""
+    from test_export import engine_eval_loss, export_eval_loss
+
+    before = sorted(p.name for p in (zero3 / "checkpoints").iterdir())
+    out = tmp_path / "hf"
+    lmforge("export", zero3, "--out", out, "--max-shard-size", "200KB")
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    step, engine_loss = engine_eval_loss(zero3)
+    assert step == 40 and abs(export_eval_loss(out, zero3, 2) - engine_loss) < 1e-5
+    assert sorted(p.name for p in (zero3 / "checkpoints").iterdir()) == before  # the shared run is unchanged

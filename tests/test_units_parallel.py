@@ -1,6 +1,6 @@
 """Sequence-parallel chunking and loss weighting, in process: RankGroups.chunk cuts a batch into chunks
 that concatenate back to it with their global position ids, and on 2 in-process gloo ranks
-(tests/harness.py) the token-weighted eval loss, the logged train loss and, with engine.loss_scale,
+(tests/harness.py) the token-weighted eval loss, the logged train loss and, with parallel.loss_scale,
 the gradients of 2 SP ranks equal those of 1 rank on the whole batch. DeepSpeed's gradient averaging
 is modelled here as loss_scale's docstring states it (over all ranks on ZeRO-3's reduce-scatter path,
 over data-parallel ranks otherwise); tests/test_parallel.py checks the real engines (Ulysses SP and
@@ -75,7 +75,7 @@ class Engine:
 
 
 def deepspeed_average(grad: torch.Tensor, zero: dict, layout: RankGroups) -> torch.Tensor:
-    """DeepSpeed's gradient average as engine.loss_scale describes it."""
+    """DeepSpeed's gradient average as parallel.loss_scale describes it."""
     torch.distributed.all_reduce(grad)
     all_ranks = zero["stage"] == 3 and zero.get("reduce_scatter", True)
     return grad / (layout.world if all_ranks else layout.dp_size)

@@ -1,10 +1,11 @@
-"""Resume on another layout through DeepSpeed's universal checkpoint
-(training/checkpoint/universal.py): real runs on 2 and 1 gloo ranks. World size 2 → 1 → 2 (ZeRO-3,
-torch AdamW and bitsandbytes AdamW8bit); ZeRO stage 3 → 2 → 3 (both optimizers); Ulysses SP
-1 → 2 → 1 on ZeRO-3; AutoTP 1 → 2 → 1 on ZeRO-1; and the refusal of what DeepSpeed cannot convert
-(a ZeRO-3 x TP checkpoint), before any rank starts.
+"""Resume on another layout through DeepSpeed's universal checkpoint (training/checkpoint/universal.py): real
+runs on 2 and 1 gloo ranks. World size 2 → 1 after a SIGKILL (ZeRO-3, AdamW); chains of resumes, each
+on another layout, against one uninterrupted run: world size 2 → 1 → 2 with ZeRO stage 3 → 2 and
+Ulysses SP 1 → 2 → 1 (AdamW); world size 2 → 1 → 2 with ZeRO stage 3 → 2 → 3 (bitsandbytes
+AdamW8bit); AutoTP 1 → 2 → 1 on ZeRO-1; and the refusal of what DeepSpeed cannot convert (a
+ZeRO-3 x TP checkpoint), before any rank starts.
 
-    pytest tests/test_universal.py -m slow -v     # ~9 min on 2 cores (the layout chains ~4 of them)
+    pytest tests/test_universal.py -m slow -v     # ~6 min on 2 cores (the layout chains ~4 of them)
     pytest tests/test_universal.py -m "not slow"  # unit tests: layout_change, refusals, bnb round trip
 
 Every resumed run is compared with an uninterrupted run: AdamW within 1e-5 (measured: within
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEBUG, STANDARD as COMMON, debug_overrides, kill_at_step, lmforge, losses
+from conftest import DEBUG, STANDARD as COMMON, debug_overrides, lmforge, losses
 
 
 def _has_8bit() -> bool:
@@ -37,48 +38,13 @@ def _has_8bit() -> bool:
 
 HAS_8BIT = _has_8bit()
 needs_8bit = pytest.mark.skipif(not HAS_8BIT, reason="adamw_8bit not available")
-OPTIMIZERS = ["adamw", pytest.param("adamw_8bit", marks=needs_8bit)]
-
-
-def _args(run_dir: Path, cache: Path, optimizer: str) -> list[str]:
-    return [DEBUG, *debug_overrides(run_dir, cache, *COMMON, f"train.optimizer={optimizer}")]
-
-
-@pytest.fixture(scope="module")
-def reference(debug_run):
-    """Uninterrupted ZeRO-3 runs (conftest's shared ones): (optimizer, nproc) → run_dir."""
-    return lambda optimizer, nproc: debug_run(optimizer, 3, nproc)[0]
-
-
-def _interrupted_copy(source: Path, dest: Path) -> Path:
-    """The run directory as a crash after step 30's checkpoint leaves it (step_40 never written)."""
-    shutil.copytree(source, dest, symlinks=True)
-    shutil.rmtree(dest / "checkpoints" / "step_40")
-    (dest / "checkpoints" / "latest").write_text("step_30")
-    (dest / "metrics.jsonl").unlink()
-    return dest
 
 
 def _max_diff(a: dict[int, float], b: dict[int, float], steps) -> float:
     return max(abs(a[s] - b[s]) for s in steps)
 
 
-def _check_continues(resumed_dir: Path, reference_dir: Path, resumed_from: int, optimizer: str, reference) -> float:
-    resumed, ref = losses(resumed_dir), losses(reference_dir)
-    steps = range(resumed_from + 1, 41)
-    assert set(steps) <= set(resumed)
-    diff = _max_diff(resumed, ref, steps)
-    if optimizer == "adamw":
-        assert diff <= 1e-5, f"AdamW resumed on another world size drifts by {diff:.3g}"
-    else:
-        fp32 = losses(reference("adamw", 2))
-        noise = _max_diff(ref, fp32, steps)  # how far 8-bit state already moves the losses
-        assert diff <= min(1e-3, 0.1 * noise), f"8-bit resume drifts by {diff:.3g} (8-bit vs fp32: {noise:.3g})"
-    print(f"{optimizer}: resumed from step {resumed_from}, max |loss - uninterrupted| = {diff:.3g}")
-    return diff
-
-
-def _assert_converted(stderr: str, run_dir: Path, step: int, optimizer: str) -> None:
+def _assert_converted(stderr: str, run_dir: Path, step: int) -> None:
     universal = run_dir / "checkpoints" / f"step_{step}_universal"
     assert "resuming through a universal checkpoint" in stderr
     assert f"converted {run_dir / 'checkpoints' / f'step_{step}'} to DeepSpeed's universal format" in stderr
@@ -87,47 +53,36 @@ def _assert_converted(stderr: str, run_dir: Path, step: int, optimizer: str) -> 
     else:  # checkpoint.keep pruned the step after the resumed run saved newer ones: with its conversion
         assert not universal.exists()
     assert not list((run_dir / "checkpoints").glob(".tmp_*"))
-    if optimizer != "adamw":
-        assert "bitsandbytes 8-bit states dequantized" in stderr and "re-quantized" in stderr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_two_ranks_killed_then_resumed_on_one(optimizer, reference, tmp_path, data_cache):
-    ref = reference(optimizer, 2)
+def test_two_ranks_killed_then_resumed_on_one(debug_run, killed_run, tmp_path, data_cache):
+    """A real SIGKILL of the driver, torchrun and both ranks mid-run (conftest's killed_run, also resumed
+    on 2 ranks by test_train); the same command on 1 rank continues the uninterrupted 2-rank run
+    (conftest's ZeRO-3 reference) within 1e-5."""
+    ref = debug_run("adamw", 3, 2)[0]
     run_dir = tmp_path / "run"
-    if optimizer == "adamw":  # a real SIGKILL of the driver, torchrun and both ranks mid-run
-        kill_at_step([*_args(run_dir, data_cache, optimizer), "--nproc", "2"], run_dir, 25)
-        assert not (run_dir / "checkpoints" / "step_40").exists()
-    else:  # the same state on disk, without waiting for a kill window
-        _interrupted_copy(ref, run_dir)
-    proc = lmforge("train", *_args(run_dir, data_cache, optimizer), "--nproc", "1")
+    shutil.copytree(killed_run[0], run_dir, symlinks=True)
+    assert not (run_dir / "checkpoints" / "step_40").exists()
+    proc = lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *COMMON), "--nproc", "1")
     resumed_from = int(re.search(r"resumed from \S+ at step (\d+)", proc.stderr).group(1))
     assert resumed_from in (20, 30)
-    _assert_converted(proc.stderr, run_dir, resumed_from, optimizer)
+    _assert_converted(proc.stderr, run_dir, resumed_from)
     assert "world_size=1" in proc.stderr
-    _check_continues(run_dir, ref, resumed_from, optimizer, reference)
+    steps = range(resumed_from + 1, 41)
+    resumed = losses(run_dir)
+    assert set(steps) <= set(resumed)
+    diff = _max_diff(resumed, losses(ref), steps)
+    assert diff <= 1e-5, f"AdamW resumed on another world size drifts by {diff:.3g}"
+    print(f"adamw: resumed from step {resumed_from}, max |loss - uninterrupted| = {diff:.3g}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_one_rank_resumed_on_two(optimizer, reference, tmp_path, data_cache):
-    ref = reference(optimizer, 1)
-    run_dir = _interrupted_copy(ref, tmp_path / "run")
-    proc = lmforge("train", *_args(run_dir, data_cache, optimizer), "--nproc", "2")
-    assert f"resumed from {run_dir / 'checkpoints' / 'step_30'} at step 30" in proc.stderr
-    _assert_converted(proc.stderr, run_dir, 30, optimizer)
-    _check_continues(run_dir, ref, 30, optimizer, reference)
-    # the run continues on 2 ranks: its own checkpoint is a plain 2-rank one
-    assert json.loads((run_dir / "checkpoints" / "step_40" / "client.json").read_text())["world_size"] == 2
-
-
-@pytest.mark.slow
-def test_conversion_is_reused_and_redone_when_the_checkpoint_changes(reference, tmp_path):
+def test_conversion_is_reused_and_redone_when_the_checkpoint_changes(debug_run, tmp_path):
     from lmforge.training.checkpoint import universal
 
     ckpt_dir = tmp_path / "checkpoints"
-    shutil.copytree(reference("adamw", 2) / "checkpoints" / "step_30", ckpt_dir / "step_30")
+    shutil.copytree(debug_run("adamw", 3, 2)[0] / "checkpoints" / "step_30", ckpt_dir / "step_30")
     ckpt, log = ckpt_dir / "step_30", logging.getLogger("test_universal")
     out = universal.convert(ckpt, log)
     assert out == ckpt_dir / "step_30_universal" and universal.is_converted(ckpt)
@@ -176,10 +131,11 @@ def test_bnb_state_dequantize_requantize_round_trip():
 
 # A constant LR after warmup (train.schedule=constant), so that a run of N steps resumed up to
 # M > N steps trains exactly like one uninterrupted M-step run: a chain of resumes, each on another
-# layout, is compared with ONE uninterrupted ZeRO-3 run. The layouts themselves agree within 5e-7
+# layout, is compared with ONE uninterrupted 2-rank ZeRO-3 run. The layouts themselves agree within 5e-7
 # (tests/test_parallel.py), a resume that lost its Adam moments drifts by ~1e-1.
-CHAIN = ["train.schedule=constant", "checkpoint.interval=10", "checkpoint.keep=4", "eval.interval=0"]
 HOP = 10  # steps per resumed run: one checkpoint interval
+LONGEST = 4  # hops of the longest chain: the reference runs as far, and keeps every checkpoint (step_10 too)
+CHAIN = ["train.schedule=constant", f"checkpoint.interval={HOP}", f"checkpoint.keep={LONGEST + 1}", "eval.interval=0"]
 
 
 def _chain_args(run_dir: Path, cache: Path, optimizer: str, steps: int, *layout: str) -> list[str]:
@@ -189,13 +145,13 @@ def _chain_args(run_dir: Path, cache: Path, optimizer: str, steps: int, *layout:
 
 @pytest.fixture(scope="module")
 def constant_reference(tmp_path_factory, data_cache):
-    """Uninterrupted 40-step runs, 2 ranks, ZeRO-3, made on first use: optimizer → run_dir."""
+    """Uninterrupted runs, 2 ranks, ZeRO-3, made on first use: optimizer → run_dir."""
     runs: dict[str, Path] = {}
 
     def get(optimizer: str) -> Path:
         if optimizer not in runs:
             run_dir = tmp_path_factory.mktemp(f"const-{optimizer}") / "run"
-            lmforge("train", *_chain_args(run_dir, data_cache, optimizer, 10 + 3 * HOP), "--nproc", "2")
+            lmforge("train", *_chain_args(run_dir, data_cache, optimizer, 10 + LONGEST * HOP), "--nproc", "2")
             runs[optimizer] = run_dir
         return runs[optimizer]
 
@@ -211,7 +167,8 @@ def _layout(nproc: int, *overrides: str):
 
 def _resume_chain(ref: Path, run_dir: Path, cache: Path, optimizer: str, hops) -> None:
     """The reference's step_10 (2 ranks, ZeRO-3) resumed HOP steps on hops[0]'s layout, that run's
-    last checkpoint HOP more on hops[1]'s, …; each hop converts once and continues the losses."""
+    last checkpoint HOP more on hops[1]'s, …; each hop converts once, continues the losses and writes
+    a plain checkpoint of its own layout."""
     shutil.copytree(ref, run_dir, symlinks=True)
     for ckpt in (run_dir / "checkpoints").glob("step_*"):
         if ckpt.name != "step_10":
@@ -219,15 +176,20 @@ def _resume_chain(ref: Path, run_dir: Path, cache: Path, optimizer: str, hops) -
     (run_dir / "checkpoints" / "latest").write_text("step_10")
     (run_dir / "metrics.jsonl").unlink()
     before = _layout(2)
+    assert len(hops) <= LONGEST
     for start, (nproc, *overrides) in zip(range(10, 10 + HOP * len(hops), HOP), hops):
         proc = lmforge("train", *_chain_args(run_dir, cache, optimizer, start + HOP, *overrides), "--nproc", str(nproc))
         after = _layout(nproc, *overrides)
         ckpt = run_dir / "checkpoints" / f"step_{start}"
         assert f"{ckpt} was written by {before}; this run: {after}: resuming through a universal checkpoint" in proc.stderr
         assert f"resumed from {ckpt} at step {start}" in proc.stderr
-        assert f"converted {ckpt} to DeepSpeed's universal format" in proc.stderr
+        _assert_converted(proc.stderr, run_dir, start)
         if optimizer != "adamw":
             assert "bitsandbytes 8-bit states dequantized" in proc.stderr and "re-quantized" in proc.stderr
+        if nproc == 1:
+            assert "world_size=1" in proc.stderr
+        saved = run_dir / "checkpoints" / f"step_{start + HOP}"
+        assert json.loads((saved / "client.json").read_text())["world_size"] == nproc
         before = after
 
 
@@ -246,24 +208,25 @@ def _check_chain(run_dir: Path, ref: Path, optimizer: str, reference) -> float:
 
 
 @pytest.mark.slow
-def test_zero_stage_and_sequence_parallel_changes_resume(constant_reference, tmp_path, data_cache):
-    """ZeRO-3 → ZeRO-2 (DeepSpeed alone fails a plain load across stages, in check_ckpt_list) →
-    ZeRO-3 with Ulysses SP=2 → SP=1: both stage directions and both SP directions on ZeRO-3, in
-    three resumes (each a 2-rank start, the bulk of a run's time here)."""
+def test_world_size_zero_stage_and_sequence_parallel_changes_resume(constant_reference, tmp_path, data_cache):
+    """2 ranks → 1 rank (ZeRO-3) → 2 ranks on ZeRO-2 (DeepSpeed alone fails a plain load across stages,
+    in check_ckpt_list) → ZeRO-3 with Ulysses SP=2 → SP=1: both world-size directions, both stage
+    directions and both SP directions, in four resumes (each a process start, the bulk of a run's time)."""
     ref = constant_reference("adamw")
     _resume_chain(ref, tmp_path / "run", data_cache, "adamw",
-                  [(2, "parallel.zero_stage=2"), (2, "parallel.sequence=2"), (2, "parallel.sequence=1")])
+                  [(1, "parallel.zero_stage=3"), (2, "parallel.zero_stage=2"), (2, "parallel.sequence=2"),
+                   (2, "parallel.sequence=1")])
     _check_chain(tmp_path / "run", ref, "adamw", constant_reference)
 
 
 @pytest.mark.slow
 @needs_8bit
-def test_zero_stage_change_resumes_8bit(constant_reference, tmp_path, data_cache):
-    """bitsandbytes AdamW8bit, ZeRO-3 → ZeRO-2 → ZeRO-3: dequantized for the conversion, re-quantized
-    on the new partitions."""
+def test_world_size_and_zero_stage_changes_resume_8bit(constant_reference, tmp_path, data_cache):
+    """bitsandbytes AdamW8bit, 2 ranks → 1 rank → 2 ranks on ZeRO-2 → ZeRO-3: dequantized for each
+    conversion, re-quantized on the new partitions."""
     ref = constant_reference("adamw_8bit")
     _resume_chain(ref, tmp_path / "run", data_cache, "adamw_8bit",
-                  [(2, "parallel.zero_stage=2"), (2, "parallel.zero_stage=3")])
+                  [(1, "parallel.zero_stage=3"), (2, "parallel.zero_stage=2"), (2, "parallel.zero_stage=3")])
     _check_chain(tmp_path / "run", ref, "adamw_8bit", constant_reference)
 
 
