@@ -104,6 +104,9 @@ class DataConfig(_Section):
                                                         "the tokenizer's, else lmforge's built-in one")
     packing: bool = Field(True, description="sft: pack several records per sequence; attention and loss never "
                                             "cross a record boundary (position_ids restart per record)")
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error", description="a file that is not UTF-8 text (binary, undecodable): error names it with the byte "
+                             "offset before any rank starts (exit 2); skip leaves it out with a warning")
 
     @model_validator(mode="after")
     def _non_empty(self) -> "DataConfig":
@@ -143,6 +146,13 @@ class TrainConfig(_Section):
     activation_checkpointing: bool = Field(False, description="recompute each layer's activations in backward "
                                                              "(non-reentrant): less memory, ~30% more compute")
     seed: int = Field(1234, description="seeds model init, data order and every RNG")
+    on_nonfinite: Literal["skip", "rollback", "stop"] = Field(
+        "rollback", description="a step with a non-finite loss or grad norm updates nothing; after max_nonfinite "
+                                "in a row: skip keeps going (and stops only if the next max_nonfinite fail too), "
+                                "rollback reloads the newest checkpoint and skips the data since it, stop exits 76")
+    max_nonfinite: int = Field(3, ge=1, description="non-finite (or spiking) steps in a row before on_nonfinite acts")
+    spike_threshold: float | None = Field(None, gt=1, description="a loss above this times the median of the last "
+                                                                  "100 steps counts as a bad step; unset: off")
 
     @model_validator(mode="after")
     def _steps_or_tokens(self) -> "TrainConfig":
@@ -182,6 +192,17 @@ class CheckpointConfig(_Section):
     keep: int = Field(3, ge=1, description="newest checkpoints kept")
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest complete checkpoint")
     allow_config_change: bool = Field(False, description="resume even if model/data/batch keys changed")
+
+
+class DistConfig(_Section):
+    timeout_s: int = Field(1800, ge=10, description="a collective that waits this long fails the job (torch "
+                                                   "process-group timeout)")
+    hang_timeout_s: int = Field(1800, ge=0, description="no step, evaluation or save finished for this long: every "
+                                                        "rank writes its stacks to <run_dir>/hang-<time>/rank_N.txt and "
+                                                        "the job exits 77; 0: off")
+    lock_stale_s: int = Field(300, ge=10, description="a run-directory lock whose holder on another host has not "
+                                                      "renewed it for this long is taken over (a dead holder on this "
+                                                      "host at once)")
 
 
 class EarlyStoppingConfig(_Section):
@@ -321,6 +342,7 @@ class Config(_Section):
     train: TrainConfig
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
