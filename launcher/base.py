@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from lmforge.training.config import Config, dump_config
-from lmforge.training.preflight import EXIT_STOPPED, STOP_SIGNALS, preflight, request_stop, stop_file
+from lmforge.training.preflight import EXIT_STOPPED, STOP_SIGNALS, preflight, read_failure, request_stop, stop_file
 
 
 class LaunchError(RuntimeError):
@@ -43,6 +44,7 @@ class StopOnSignal:
         self.run_dir = run_dir
         self.interrupt = interrupt
         self.requested = False
+        self.started = time.time()
         self._previous: dict = {}
 
     def __enter__(self) -> "StopOnSignal":
@@ -63,9 +65,15 @@ class StopOnSignal:
 
     def outcome(self, rc: int) -> int:
         """EXIT_STOPPED when the ranks honoured our request (they consume the STOP file after the
-        checkpoint); otherwise the job's own status, and an unhonoured request is withdrawn."""
+        checkpoint); the code a failed rank recorded (divergence 76, hang 77: torchrun says 1 for
+        every failure); otherwise the job's own status, and an unhonoured request is withdrawn."""
         if self.requested:
             if not stop_file(self.run_dir).exists():
                 return EXIT_STOPPED
             stop_file(self.run_dir).unlink(missing_ok=True)
+        failure = read_failure(self.run_dir, self.started) if rc else None
+        if failure is not None:
+            print(f"lmforge: the job failed with exit {failure['code']} on rank {failure['rank']} "
+                  f"({failure['host']}): {failure['reason']}", file=sys.stderr, flush=True)
+            return failure["code"]
         return rc

@@ -190,17 +190,18 @@ def launch(cfg: Config) -> int:
         )
         log.info(f"{workers} worker(s), {cfg.launch.strategy}, max_failures={cfg.launch.max_failures}; "
                  f"tensorboard --logdir {cfg.tensorboard_dir}")
+        # SIGTERM/SIGUSR1 to this driver (Slurm's warning, `ray job stop`) become the STOP file:
+        # the workers checkpoint and return, and this command exits 75 so the job can resume.
+        stopper = StopOnSignal(run_dir)
         try:
-            # SIGTERM/SIGUSR1 to this driver (Slurm's warning, `ray job stop`) become the STOP file:
-            # the workers checkpoint and return, and this command exits 75 so the job can resume.
-            with StopOnSignal(run_dir) as stopper:
+            with stopper:
                 trainer.fit()
             return stopper.outcome(0)
         except Exception as e:  # Ray wraps the worker's exception; say what failed and what is safe
             last = find_latest(cfg.checkpoint_dir, log)
             log.error(f"training failed after {cfg.launch.max_failures} restart(s): {type(e).__name__}: {e}\n"
                       f"last good checkpoint: {last or 'none'}")
-            return EXIT_FAILED
+            return stopper.outcome(EXIT_FAILED)  # a divergence or hang keeps its own exit code
 
 
 def wait_for_nodes(address: str, count: int, timeout_s: float) -> int:

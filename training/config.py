@@ -687,7 +687,9 @@ def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict[str, A
         gradient_accumulation_steps=cfg.grad_accum(cfg.data_parallel_size(world_size)),
         train_batch_size=cfg.train.global_batch_size,
         gradient_clipping=cfg.train.grad_clip,
-        bf16={"enabled": precision == "bf16"},
+        # check_grad_overflow: ZeRO-1/2 skip a bf16 step with a non-finite grad norm, as they do in
+        # fp16/fp32 and ZeRO-3 always does (training/guard.py: a non-finite step updates nothing).
+        bf16={"enabled": precision == "bf16", "check_grad_overflow": True},
         fp16={"enabled": precision == "fp16", "initial_scale_power": 16},
         # lmforge passes a torch optimizer of its own choosing (never DeepSpeed's JIT FusedAdam).
         zero_allow_untested_optimizer=True,

@@ -95,6 +95,22 @@ def state_bytes_per_param(engine) -> float:
     return state / max(1, params)
 
 
+def state_is_finite(engine) -> bool:
+    """Collective: every rank's weights (its partition of the fp32 master copy) and optimizer state
+    are finite. Checked before a checkpoint is published, so a diverged state is never saved."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    tensors = [p for p in engine.module.parameters()]
+    tensors += [getattr(p, "ds_tensor", None) for p in tensors]  # ZeRO-3: this rank's shard
+    tensors += list(inner.state)  # the flat fp32 partitions the optimizer steps (after the first step)
+    tensors += [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
+    ok = all(bool(torch.isfinite(t).all()) for t in tensors
+             if t is not None and torch.is_tensor(t) and t.is_floating_point() and t.numel())
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=engine.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return not flag.item()
+
+
 def initialize(cfg: Config, model: torch.nn.Module, ds_config: dict, total_steps: int, log=None,
                attention: str = "sdpa"):
     """Wrap the model in a DeepSpeed engine; the engine owns optimizer and scheduler stepping.

@@ -16,10 +16,12 @@ from pathlib import Path
 
 from . import checkpoint, distill as distill_lib, dist, model as model_lib, parallel, tasks as tasks_lib
 from .config import Config, ConfigError, build_ds_config
-from .dist import EXIT_STOPPED, STOP_SIGNALS, free_port, get_logger, request_stop, stop_file  # noqa: F401 (driver API)
+from .dist import (EXIT_DIVERGED, EXIT_HUNG, EXIT_STOPPED, STOP_SIGNALS, free_port, get_logger,  # noqa: F401 (driver API)
+                   read_failure, request_stop, stop_file)
 
-__all__ = ["EXIT_STOPPED", "STOP_SIGNALS", "Prepared", "find_latest", "free_port", "get_logger", "preflight", "prepare_data",
-           "request_stop", "select_runtime", "stop_file"]
+__all__ = ["EXIT_DIVERGED", "EXIT_HUNG", "EXIT_STOPPED", "STOP_SIGNALS", "Prepared", "find_latest", "free_port",
+           "get_logger", "preflight", "prepare_data", "read_failure", "request_stop", "resume_point", "select_runtime",
+           "stop_file"]
 find_latest = checkpoint.find_latest  # the newest complete checkpoint: what a restarted job resumes from
 
 
@@ -68,27 +70,34 @@ def preflight(cfg: Config, world_size: int, log) -> Prepared:
     max_pos = model_lib.max_positions(conf)
     if max_pos is not None and cfg.data.seq_len > max_pos:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the model's max positions ({max_pos})")
-    resume, change = None, None
-    if cfg.checkpoint.resume == "auto":
-        resume = checkpoint.find_latest(cfg.checkpoint_dir, log)
-        if resume is not None:
-            try:
-                checkpoint.check_compatible(resume, cfg, world_size)
-            except checkpoint.IncompatibleCheckpoint as e:
-                raise ConfigError(str(e)) from None
-            change = checkpoint.layout_change(resume, cfg, world_size)
-            if change is not None:
-                from .checkpoint import universal  # imports no DeepSpeed: the launcher's driver runs this too
-
-                problem = universal.unsupported(change)
-                if problem is None and cfg.finetune.method != "full":
-                    problem = (f"finetune.method={cfg.finetune.method} checkpoints hold only adapter weights, which "
-                               "the universal conversion does not cover: resume on the layout that wrote it")
-                if problem is not None:
-                    raise ConfigError(f"{resume} was written by {change.saved}; this run: {change.now}. {problem}")
-                # Resumed through DeepSpeed's universal format (universal.load converts it once).
-                # DeepSpeed reads this flag from the engine's config when it loads; a copy, so
-                # the run config's own DeepSpeed dict is untouched.
-                log.info(f"{resume} was written by {change}: resuming through a universal checkpoint")
-                ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    resume = checkpoint.find_latest(cfg.checkpoint_dir, log) if cfg.checkpoint.resume == "auto" else None
+    change, ds_config = resume_point(cfg, world_size, resume, ds_config, log)
     return Prepared(runtime, prepared, conf, ds_config, resume, change)
+
+
+def resume_point(cfg: Config, world_size: int, resume: Path | None, ds_config: dict,
+                 log) -> tuple[checkpoint.LayoutChange | None, dict]:
+    """Whether checkpoint `resume` can be resumed by this run (else ConfigError naming why), how its
+    layout differs, and the DeepSpeed config to load it with."""
+    if resume is None:
+        return None, ds_config
+    try:
+        checkpoint.check_compatible(resume, cfg, world_size)
+    except checkpoint.IncompatibleCheckpoint as e:
+        raise ConfigError(str(e)) from None
+    change = checkpoint.layout_change(resume, cfg, world_size)
+    if change is not None:
+        from .checkpoint import universal  # imports no DeepSpeed: the launcher's driver runs this too
+
+        problem = universal.unsupported(change)
+        if problem is None and cfg.finetune.method != "full":
+            problem = (f"finetune.method={cfg.finetune.method} checkpoints hold only adapter weights, which "
+                       "the universal conversion does not cover: resume on the layout that wrote it")
+        if problem is not None:
+            raise ConfigError(f"{resume} was written by {change.saved}; this run: {change.now}. {problem}")
+        # Resumed through DeepSpeed's universal format (universal.load converts it once).
+        # DeepSpeed reads this flag from the engine's config when it loads; a copy, so
+        # the run config's own DeepSpeed dict is untouched.
+        log.info(f"{resume} was written by {change}: resuming through a universal checkpoint")
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    return change, ds_config

@@ -31,9 +31,12 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, data, dist, engine as engine_lib, metrics as metrics_lib, model as model_lib
-from . import distill as distill_lib, parallel, tasks as tasks_lib
+from . import distill as distill_lib, parallel, resume, tasks as tasks_lib
 from .config import Config, ConfigError, dump_config, load_config
+from .faults import Faults
+from .guard import Diverged, NonFiniteGuard
 from .preflight import Prepared, preflight
+from .watchdog import Watchdog
 
 
 def seed_everything(seed: int) -> None:
@@ -44,19 +47,22 @@ def seed_everything(seed: int) -> None:
 
 def train_step(engine, train_data, micro_batches, device, groups: parallel.RankGroups | None = None,
                loss_scale: float = 1.0, adalora: engine_lib.AdaLoraStep | None = None,
-               distiller: distill_lib.Distiller | None = None, task: tasks_lib.Task | None = None) -> float:
+               distiller: distill_lib.Distiller | None = None, task: tasks_lib.Task | None = None,
+               poison: bool = False) -> float:
     """One optimizer step over this rank's micro batches; returns the cross entropy averaged over all
     ranks (SP chunks are equal-sized and TP peers compute the same loss, so this is the token-weighted
     global mean in every layout). `task` (default pretrain) turns batches into model inputs and
     logits into its loss (record tasks: the mean over the targets that count). With a distiller the
     gradient is that of its blend of this cross entropy and the teacher's KL term; the return value
-    stays the cross entropy, comparable with eval/loss."""
+    stays the cross entropy, comparable with eval/loss. `poison` (training/faults.py) makes the loss NaN."""
     task = task or tasks_lib.get("pretrain")
     total = torch.zeros((), dtype=torch.float64, device=device)
     for indices in micro_batches:
         kwargs, targets = task.model_inputs(*train_data.batch(indices), device, groups)
         logits = engine(**kwargs).logits
         loss = task.loss(logits, targets)
+        if poison:
+            loss = loss * math.nan  # NaN gradients for real: DeepSpeed's overflow check skips the update
         objective = loss if distiller is None else distiller.blend(loss, logits, targets, kwargs)
         # DeepSpeed scales by 1/accumulation and syncs at the boundary; loss_scale: parallel.loss_scale
         engine.backward(objective * loss_scale if loss_scale != 1.0 else objective)
@@ -74,7 +80,7 @@ def main(cfg: Config, report: Callable[[dict], None] | None = None) -> dict:
     """Train on the ranks the launcher started. `report`, if given, receives every evaluation's
     metrics on every rank (Ray Train / Ray Tune pass ray.train.report here)."""
     runtime = dist.select_runtime(cfg.train.precision, cfg.model.attention)
-    d = dist.setup(runtime)
+    d = dist.setup(runtime, cfg.dist.timeout_s)
     stop = dist.StopRequest(cfg.run_dir, d.is_main)  # installed early: a signal during startup counts
     try:
         return run(cfg, d, dist.get_logger(d.rank), report or (lambda metrics: None), stop)
@@ -85,7 +91,7 @@ def main(cfg: Config, report: Callable[[dict], None] | None = None) -> dict:
 
 def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop: dist.StopRequest) -> dict:
     """The loop: step, log, evaluate, let the checkpointer decide, honour a stop; one way out."""
-    plan = preflight(cfg, d.world_size, log)
+    plan = resume.agree(cfg, preflight(cfg, d.world_size, log), d.rank, d.world_size, log)
     if d.is_main:
         dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
     log.info("config:\n" + cfg.to_yaml())
@@ -95,6 +101,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     bar = tqdm(total=total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0, disable=not (d.is_main and cfg.logging.progress))
     evals: dict[int, dict] = {}
+    faults, watchdog = Faults.from_env(), Watchdog(cfg.dist.hang_timeout_s, cfg.run_dir, d.rank, d.world_size, log)
     try:
         if p.step == 0:
             p.before = r.evaluate(p.step)[r.headline]
@@ -102,14 +109,20 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
         ending = "early_stopped_before" if r.stopping is not None and r.stopping.stopped else None
         state_bytes = None
         while ending is None and p.step < total_steps:
+            watchdog.beat(f"training step {p.step + 1}")
+            faults.maybe_hang(d.rank, p.step + 1)
             lr = r.engine.get_lr()[0]
             t0 = time.perf_counter()
             loss = train_step(r.engine, r.train_data, r.sampler.next_step(), d.device, r.groups, r.loss_scale,
-                              r.adalora, r.distiller, r.task)
+                              r.adalora, r.distiller, r.task, poison=faults.poison(p.step + 1))
             step_time = time.perf_counter() - t0
             kd = {"train/kd_loss": r.distiller.pop_mean()} if r.distiller is not None else {}
             p.step += 1
             p.tokens += r.tokens_per_step
+            grad_norm = r.engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else math.nan
+            if r.bad_step(loss, grad_norm):
+                continue  # updated nothing (or rolled back): no metrics, eval or save for it
             perf = r.throughput(step_time)
             if state_bytes is None:  # optimizers create their state at the first step: measure it then
                 state_bytes = engine_lib.state_bytes_per_param(r.engine)
@@ -118,23 +131,26 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{perf['perf/tokens_per_s']:.0f}", refresh=False)
             if p.step % cfg.logging.interval == 0 or p.step == total_steps:
-                grad_norm = r.engine.get_global_grad_norm()
                 r.metrics.log(p.step, {"train/loss": loss, "train/lr": lr, "train/tokens": p.tokens,
-                                       "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                                       "train/grad_norm": grad_norm, "train/bad_steps": r.guard.total,
                                        "mem/peak_gib": metrics_lib.memory_gib(), **kd, **perf})
             if cfg.eval.interval and p.step % cfg.eval.interval == 0:
+                watchdog.beat(f"evaluating at step {p.step}")
                 evals[p.step] = r.evaluate(p.step)
                 log.info(f"step {p.step}: eval " + " ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in evals[p.step].items()))
                 report({"step": p.step, "train/loss": loss, **evals[p.step]})
                 if r.stopping is not None and r.early_stop(p.step, evals[p.step]):
                     ending = "early_stopped"
                     continue
+            watchdog.beat(f"saving step {p.step}")
             r.checkpointer.after_step(p.step)
             if p.step < total_steps and (reason := stop.agreed(d.device)) is not None:
                 ending = f"stopped: {reason}"
         bar.close()
+        watchdog.beat("finishing")
         return finish(cfg, r, ending, evals, stop, report, log)
     finally:
+        watchdog.close()
         bar.close()
         r.metrics.close()
 
@@ -246,7 +262,45 @@ class Run:
     adalora: engine_lib.AdaLoraStep | None
     distiller: distill_lib.Distiller | None
     task: tasks_lib.Task
+    guard: NonFiniteGuard
+    restore: Callable[[Path], dict]   # load a checkpoint of this run into the engine (this rank)
+    no_rollback_to: Path | None = None  # resumed from another layout: DeepSpeed loads it only converted
     log: object = None
+
+    def bad_step(self, loss: float, grad_norm: float) -> bool:
+        """The guard's verdict on a finished step: False if it was good; True if it updated nothing
+        (or was rolled back) and the loop goes on; Diverged if the run gives up."""
+        problem, action = self.guard.check(loss, grad_norm)
+        if problem is None:
+            return False
+        step, g = self.progress.step, self.guard
+        self.log.warning(f"step {step}: {problem}: nothing updated ({g.in_a_row} bad step(s) in a row, "
+                         f"{g.total} in this run; train.on_nonfinite={g.mode}, max_nonfinite={g.limit})")
+        self.metrics.log(step, {"train/bad_steps": g.total})
+        last = self.checkpointer.last
+        if action == "rollback" and last is not None and g.may_roll_back_to(last.name) and last != self.no_rollback_to:
+            position = self.sampler.state_dict()  # kept: the data since `last` is skipped, not replayed
+            client = self.restore(last)
+            self.progress.step, self.progress.tokens = client["step"], client["tokens"]
+            self.sampler.load_state_dict(position)
+            if self.stopping is not None:
+                self.stopping.load_state_dict(client.get("early_stopping") or {})
+            g.rolled_back(last.name)
+            self.metrics.log(step, {"train/rollbacks": sum(g.rollbacks.values())})
+            self.log.warning(f"rolled back to {last} (rollback {g.rollbacks[last.name]} to it); the data of steps "
+                             f"{client['step'] + 1}-{step} are skipped")
+            return True
+        if action is None:
+            return True
+        if g.mode != "rollback":
+            why = f"train.on_nonfinite={g.mode}" + (f" gives up after {2 * g.limit}" if g.mode == "skip" else "")
+        elif last is None or last == self.no_rollback_to:
+            why = "no checkpoint of this run to roll back to"
+        else:
+            why = f"rolled back to {last.name} {g.rollbacks[last.name]} times already"
+        raise Diverged(step, f"step {step}: {problem}, {g.in_a_row} bad step(s) in a row ({why}). Nothing was saved "
+                       f"after {last or 'the start'}: lower train.lr or check the data (train.on_nonfinite=skip or "
+                       "rollback ride out occasional bad steps)")
 
     def early_stop(self, step: int, result: dict) -> bool:
         """Early stopping's verdict on an evaluation; the best so far is saved and marked."""
@@ -332,6 +386,9 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
         return result
 
     def save(step: int) -> Path:
+        if not engine_lib.state_is_finite(engine):
+            raise Diverged(step, f"step {step}: the weights or optimizer state are not finite; not saving "
+                                 f"{checkpoint.tag(step)} (a diverged state is never published)")
         client = {"tokens": progress.tokens, "sampler": sampler.state_dict(), "before": progress.before,
                   "early_stopping": stopping.state_dict() if stopping else None}
         return checkpoint.save(engine, cfg, step, client, d.rank, d.world_size, log,
@@ -341,7 +398,10 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
                headline=task.headline, metrics=metrics, throughput=throughput,
                checkpointer=Checkpointer(cfg, save, plan.resume_from, d.is_main), progress=progress,
                tokens_per_step=tokens_per_step, loss_scale=parallel.loss_scale(plan.ds_config, groups.sequence),
-               stopping=stopping, resumed_from=plan.resume_from, adalora=adalora, distiller=distiller, task=task, log=log)
+               stopping=stopping, resumed_from=plan.resume_from, adalora=adalora, distiller=distiller, task=task,
+               guard=NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite, cfg.train.spike_threshold),
+               restore=lambda path: checkpoint.load(engine, path, d.rank),
+               no_rollback_to=plan.resume_from if plan.layout_change is not None else None, log=log)
 
 
 class EarlyStopping:
@@ -394,6 +454,11 @@ def cli(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"lmforge: config error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        dist.record_failure(cfg.run_dir, dist.EXIT_DIVERGED, str(e), int(os.environ.get("RANK", "0")))
+        if os.environ.get("RANK", "0") == "0":
+            print(f"lmforge: diverged: {e}", file=sys.stderr)
+        return dist.EXIT_DIVERGED
     return 0
 
 

@@ -1,0 +1,40 @@
+"""Fault injection for tests and fire drills: what clusters do to runs, on demand, through the real
+code paths (docs/reliability.md). Read once from the environment; inert when the variables are unset.
+
+    LMFORGE_FAULT_NONFINITE=4,5,6 lmforge train configs/debug.yaml --nproc 2   # steps 4-6 get a NaN loss
+    LMFORGE_FAULT_HANG=1:3 lmforge train configs/debug.yaml --nproc 2 dist.hang_timeout_s=10  # rank 1 hangs at step 3
+
+A poisoned step multiplies the loss by NaN before backward, so the gradients are NaN for real and
+DeepSpeed's overflow check, lmforge's guard and the checkpoint filter all see what a real divergence
+gives them. Each listed step fires once per process: a rollback that replays the step finds it clean.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+class Faults:
+    def __init__(self, nonfinite: set[int], hang: tuple[int, int] | None):
+        self._nonfinite = set(nonfinite)
+        self._hang = hang
+
+    @classmethod
+    def from_env(cls) -> "Faults":
+        steps = {int(s) for s in os.environ.get("LMFORGE_FAULT_NONFINITE", "").split(",") if s.strip()}
+        hang = os.environ.get("LMFORGE_FAULT_HANG", "")
+        return cls(steps, tuple(int(x) for x in hang.split(":")) if hang else None)
+
+    def poison(self, step: int) -> bool:
+        """True once for each listed step: make this step's loss non-finite."""
+        if step in self._nonfinite:
+            self._nonfinite.discard(step)
+            return True
+        return False
+
+    def maybe_hang(self, rank: int, step: int) -> None:
+        """Block this rank forever at the listed rank:step (a deadlock as the watchdog sees it)."""
+        if self._hang is not None and self._hang == (rank, step):
+            while True:
+                time.sleep(3600)
