@@ -105,8 +105,9 @@ class DataConfig(_Section):
     packing: bool = Field(True, description="sft: pack several records per sequence; attention and loss never "
                                             "cross a record boundary (position_ids restart per record)")
     on_bad_file: Literal["error", "skip"] = Field(
-        "error", description="a file that is not UTF-8 text (binary, undecodable): error names it with the byte "
-                             "offset before any rank starts (exit 2); skip leaves it out with a warning")
+        "error", description="a text/json(l) file that is not UTF-8 text (binary, undecodable) or a parquet file "
+                             "without a readable footer: error names it with the byte offset before any rank starts "
+                             "(exit 2); skip leaves it out with a warning")
 
     @model_validator(mode="after")
     def _non_empty(self) -> "DataConfig":
