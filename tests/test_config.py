@@ -223,3 +223,33 @@ def test_slurm_workers_come_from_the_allocation():
     assert cfg.launch.workers == 8 and cfg.launch.gpus_per_worker == 1
     with pytest.raises(ConfigError, match=r"launch.workers=3 but slurm.nodes x ranks per node = 2 x 4 = 8"):
         resolve(load_config(DEBUG, ["slurm.nodes=2", "slurm.gpus_per_node=4", "launch.workers=3"]))
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("train:\n  lr: 1.0e-3\nmodel:\n  preset: llama-debug\ntrain:\n  steps: 5\n", "train", (5, 1)),
+    ("train:\n  lr: 1.0e-3\n  steps: 5\n\n  lr: 2.0e-3\n", "train.lr", (5, 2)),
+    ("data:\n  paths: [a.txt]\nmodel:\n  overrides: {x: 1, x: 2}\n", "model.overrides.x", (4, 4)),
+], ids=["top-level", "nested", "flow-mapping"])
+def test_duplicate_yaml_keys_are_refused(tmp_path, text, key, lines):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: duplicate key {key!r} at line {lines[0]} (first at line {lines[1]})"
+
+
+def test_yaml_merge_keys_may_override():
+    from lmforge.training.config import yaml_load
+
+    assert yaml_load("base: &b {lr: 1, steps: 2}\ntrain:\n  <<: *b\n  lr: 3\n")["train"] == {"lr": 3, "steps": 2}
+
+
+def test_cli_duplicate_key_exits_2_with_one_line(tmp_path):
+    recipe = DEBUG.read_text()
+    path = tmp_path / "dup.yaml"
+    path.write_text(recipe + "train:\n  steps: 5\n")  # a second train: block after the recipe's own
+    first, last = recipe.splitlines().index("train:") + 1, len(recipe.splitlines()) + 1
+    proc = lmforge("config", path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"lmforge: config error: {path}: duplicate key 'train' at line {last} "
+                                   f"(first at line {first})")

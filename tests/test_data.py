@@ -153,3 +153,72 @@ def test_cli_prepare_builds_the_cache(tmp_path):
     out = json.loads(lmforge("prepare", DEBUG, f"data.cache_dir={tmp_path}").stdout)  # cold: trains a tokenizer
     assert out["train_tokens"] > 0 and out["val_docs"] >= 1 and out["vocab_size"] == 512
     assert np.load(out["train"], mmap_mode="r").shape == (out["train_tokens"],)
+
+
+# --------------------------------------------------------------------------- undecodable / binary files
+
+BINARY = b"BINARYMARKER " * 5 + b"\x7fELF\x02\x01\x01\x00\x00\xff"  # an ELF header: NUL at byte 72
+
+
+def _corpus_with_a_binary_file(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for i, d in enumerate(DOCS):
+        (src / f"doc{i:02d}.txt").write_text(d)
+    (src / "logo.txt").write_bytes(BINARY)
+    return src
+
+
+def test_binary_file_in_a_text_corpus_fails_preflight_naming_it(tmp_path, data_cache):
+    from lmforge.training.config import load_config
+    from lmforge.training.train import preflight
+
+    src = _corpus_with_a_binary_file(tmp_path)
+    args = debug_overrides(tmp_path / "r", data_cache, f"data.paths=[{src}]")
+    with pytest.raises(ConfigError) as err:
+        preflight(load_config(DEBUG, args), 2, logging.getLogger("test_data"))
+    msg = str(err.value)
+    assert f"{src / 'logo.txt'}: NUL byte at byte offset 72: a binary file" in msg, msg
+    assert "data.on_bad_file=skip" in msg
+
+
+def test_binary_file_skipped_with_a_warning(tmp_path, caplog):
+    src = _corpus_with_a_binary_file(tmp_path)
+    log = logging.getLogger("test_data")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        prepared = data.prepare(_cfg(tmp_path, [src], on_bad_file="skip"), log)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"data.on_bad_file=skip: leaving out {src / 'logo.txt'}: NUL byte at byte offset 72: "
+                      "a binary file"]
+    assert prepared.meta["files"] == len(DOCS)
+    assert sorted(_decode_docs(prepared)) == sorted(DOCS)  # nothing of the binary file
+    with pytest.raises(ConfigError, match="every file is bad"):
+        data.prepare(_cfg(tmp_path, [src / "logo.txt"], on_bad_file="skip"), log)
+
+
+@pytest.mark.parametrize("reader", ["pretrain", "records"])
+def test_invalid_utf8_in_jsonl_names_file_and_offset(tmp_path, reader):
+    from conftest import REPO
+    from lmforge.training.config import load_config
+    from lmforge.training.tasks import common
+
+    lines = [json.dumps({"text": d, "prompt": "p", "response": d}).encode() + b"\n" for d in DOCS[:3]]
+    lines[2] = lines[2].replace(b"document", b"docum\xe9nt", 1)  # latin-1, not UTF-8
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"".join(lines))
+    offset = len(lines[0]) + len(lines[1]) + lines[2].index(b"\xe9")
+    with pytest.raises(ConfigError) as err:
+        if reader == "pretrain":
+            data.prepare(_cfg(tmp_path, [path]))
+        else:  # a fine-tuning task's records (what its prepare reads first)
+            cfg = load_config(REPO / "configs" / "sft.yaml", [f"data.paths=[{path}]", "data.eval_paths=[]",
+                                                              f"data.cache_dir={tmp_path / 'cache'}"])
+            common.load_splits(cfg, logging.getLogger("test_data"))
+    assert f"{path}: invalid UTF-8 byte 0xe9 at byte offset {offset} (invalid continuation byte)" in str(err.value)
+
+
+def test_unreadable_parquet_names_the_file(tmp_path):
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1" + b"\x00" * 64)  # a magic number and no footer: a truncated download
+    with pytest.raises(ConfigError, match=rf"{path}: not a readable parquet file .*data.on_bad_file=skip"):
+        data.prepare(_cfg(tmp_path, [path]))

@@ -45,7 +45,7 @@ def run_config(path: str | Path, hint: str = "pass --data CONFIG to name the tra
     found = path / RUN_CONFIG
     if not found.is_file():
         raise ConfigError(f"{path} has no {RUN_CONFIG} (not written by an lmforge tool); {hint}")
-    return validate(yaml_load(found.read_text()))
+    return validate(yaml_load(found.read_text(), found))
 
 
 # --------------------------------------------------------------------------- what an artifact is

@@ -105,8 +105,9 @@ class DataConfig(_Section):
     packing: bool = Field(True, description="sft: pack several records per sequence; attention and loss never "
                                             "cross a record boundary (position_ids restart per record)")
     on_bad_file: Literal["error", "skip"] = Field(
-        "error", description="a file that is not UTF-8 text (binary, undecodable): error names it with the byte "
-                             "offset before any rank starts (exit 2); skip leaves it out with a warning")
+        "error", description="a text/json(l) file that is not UTF-8 text (binary, undecodable) or a parquet file "
+                             "without a readable footer: error names it with the byte offset before any rank starts "
+                             "(exit 2); skip leaves it out with a warning")
 
     @model_validator(mode="after")
     def _non_empty(self) -> "DataConfig":
@@ -552,7 +553,38 @@ _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 class _Loader(yaml.SafeLoader):
     """YAML without the 1.1 base-60 numbers, so `time: 4:00:00` stays the string Slurm expects
-    (PyYAML would read 14400), and with 1e-3 read as a float as in YAML 1.2."""
+    (PyYAML would read 14400), and with 1e-3 read as a float as in YAML 1.2. A mapping that repeats
+    a key is refused: PyYAML would silently keep the last one (a second `train:` block would
+    replace the first whole)."""
+
+    source: str | None = None  # the file's name, for messages
+
+    def construct_document(self, node):
+        self._refuse_duplicates(node, "", set())
+        return super().construct_document(node)
+
+    def _refuse_duplicates(self, node, path: str, seen: set[int]) -> None:
+        # Checked on the node graph, before construction, where key paths and line marks are known.
+        if id(node) in seen:  # an alias: checked where its anchor is
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._refuse_duplicates(item, f"{path}[{i}]", seen)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                # `<<: *base` exists to be overridden; a complex key (a mapping or list) is left to PyYAML
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)  # compared as values: `1` and `0x1` are one key
+                key_path = f"{path}.{key}" if path else str(key)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    where = f"{self.source}: " if self.source else ""
+                    raise ConfigError(f"{where}duplicate key {key_path!r} at line {line} (first at line {first[key]})")
+                first[key] = line
+                self._refuse_duplicates(value_node, key_path, seen)
 
 
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
@@ -565,8 +597,14 @@ _Loader.add_implicit_resolver(_FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)(?:\
                                                  r"\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
 
 
-def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def yaml_load(text: str, source: str | os.PathLike | None = None) -> Any:
+    """`text` as YAML (lmforge's dialect, see _Loader); `source` names the file in a duplicate-key error."""
+    loader = _Loader(text)
+    loader.source = None if source is None else str(source)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_value(raw: str) -> Any:
@@ -614,7 +652,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
-            tree = yaml_load(p.read_text()) or {}
+            tree = yaml_load(p.read_text(), p) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):

@@ -8,14 +8,17 @@ Preparation runs once per corpus+tokenizer fingerprint and is cached under data.
 guarded by a file lock so ranks started by torchrun or srun may all call it: one builds, the others
 wait and reuse. Corpora larger than RAM never need to fit in memory: tokens are written into an
 on-disk .npy and read back with np.load(mmap_mode="r"). A pre-tokenized 1-D .npy can be given
-directly with data.format=tokens.
+directly with data.format=tokens. Before any of it, every text/json(l) file is checked to be UTF-8
+text (a binary file is refused or, with data.on_bad_file=skip, left out), once per corpus version.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
+import logging
 import os
 import zlib
 from dataclasses import dataclass
@@ -76,6 +79,90 @@ def resolve_files(cfg: DataConfig) -> tuple[list[Path], str]:
     if empty and len(empty) == len(files):
         raise ConfigError(f"data.paths: every file is empty (e.g. {empty[0]})")
     return files, fmt
+
+
+# A file of these formats is read as UTF-8 by `datasets`, which fails on a bad byte without naming
+# the file; parquet has its own binary layout (checked by its footer); arrow and tokens are not screened.
+_SCREENED_FORMATS = ("text", "json", "parquet")
+_SCAN_CHUNK = 1 << 20
+
+
+def _first_bad_byte(path: Path) -> str | None:
+    """Why `path` is not UTF-8 text (its first bad byte and that byte's offset), or None. Read in
+    chunks through an incremental decoder, so a large file never sits in memory whole."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file before this chunk
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_SCAN_CHUNK), b""):
+            nul = chunk.find(b"\0")
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                # e.object is the decoder's carried-over bytes of an unfinished character + this chunk
+                at = offset + len(chunk) - len(e.object) + e.start
+                if nul < 0 or offset + nul > at:
+                    return f"invalid UTF-8 byte 0x{e.object[e.start]:02x} at byte offset {at} ({e.reason})"
+            if nul >= 0:  # valid UTF-8, but no text file holds one
+                return f"NUL byte at byte offset {offset + nul}: a binary file"
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            return f"truncated UTF-8 character at byte offset {offset - len(e.object) + e.start} (end of file)"
+    return None
+
+
+def _unreadable_parquet(path: Path) -> str | None:
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)  # the footer only: cheap, and what a truncated or foreign file lacks
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
+        return f"not a readable parquet file ({e})"
+    return None
+
+
+def _bad_files(cfg: DataConfig, files: list[Path], fmt: str) -> dict[str, str]:
+    """file -> why it is bad, for the files that are. Cached by the files' paths, sizes and mtimes
+    (as the prepared data are): every rank start re-stats the corpus but reads it only once."""
+    h = hashlib.sha256(fmt.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    cached = cfg.resolved_cache_dir() / "screened" / f"{h.hexdigest()[:20]}.json"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cached) + ".lock"):
+        if cached.is_file():
+            return json.loads(cached.read_text())
+        check = _unreadable_parquet if fmt == "parquet" else _first_bad_byte
+        bad = {str(f): why for f in files if (why := check(f)) is not None}
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(bad))
+        os.replace(tmp, cached)
+    return bad
+
+
+def screen_files(cfg: DataConfig, files: list[Path], fmt: str, log=None) -> list[Path]:
+    """The files to read: text, json(l) and parquet files that `datasets` would fail on (undecodable
+    or binary; an unreadable parquet) are a ConfigError naming the file and byte (data.on_bad_file=
+    error), or left out with a warning (skip)."""
+    if fmt not in _SCREENED_FORMATS:
+        return files
+    bad = _bad_files(cfg, files, fmt)
+    if not bad:
+        return files
+    (first, why), more = next(iter(bad.items())), len(bad) - 1
+    others = f" (and {more} other bad file(s))" if more else ""
+    if cfg.on_bad_file == "error":
+        raise ConfigError(f"data.paths: {first}: {why}{others}; fix or remove it, or set data.on_bad_file=skip "
+                          "to leave such files out")
+    log = log or logging.getLogger(__name__)
+    for f, why in bad.items():
+        log.warning(f"data.on_bad_file=skip: leaving out {f}: {why}")
+    good = [f for f in files if str(f) not in bad]
+    if not good:
+        raise ConfigError(f"data.paths: every file is bad, e.g. {first}: {why}")
+    return good
 
 
 def _fingerprint(cfg: DataConfig, files: list[Path], fmt: str) -> str:
@@ -206,6 +293,7 @@ def prepare(cfg: DataConfig, log=None) -> PreparedData:
     files, fmt = resolve_files(cfg)
     if fmt == "tokens":
         return _prepare_pretokenized(cfg, files)
+    files = screen_files(cfg, files, fmt, log)  # the fingerprint covers the files used, not those left out
     root = cfg.resolved_cache_dir()
     out = root / "data" / _fingerprint(cfg, files, fmt)
     out.mkdir(parents=True, exist_ok=True)

@@ -222,7 +222,7 @@ def find_latest(root: Path, log) -> Path | None:
 def check_compatible(path: Path, cfg: Config, world_size: int) -> None:
     """Refuse to resume a checkpoint written by an incompatible config, naming why. Another layout
     (world size, ZeRO stage, TP or SP degree) is no reason: see layout_change."""
-    saved = yaml_load((path / "config.yaml").read_text())
+    saved = yaml_load((path / "config.yaml").read_text(), path / "config.yaml")
     diff = incompatible_keys(saved, cfg.to_dict())
     if diff and not cfg.checkpoint.allow_config_change:
         keys = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
@@ -253,7 +253,7 @@ class SavedLayout:
     @classmethod
     def read(cls, path: Path) -> "SavedLayout":
         """The layout that wrote checkpoint `path` (client.json: ranks; config.yaml: the rest)."""
-        p = yaml_load((path / "config.yaml").read_text()).get("parallel", {})
+        p = yaml_load((path / "config.yaml").read_text(), path / "config.yaml").get("parallel", {})
         return cls(json.loads((path / "client.json").read_text())["world_size"], p.get("zero_stage", 3),
                    p.get("tensor", 1), p.get("sequence", 1))
 

@@ -55,7 +55,7 @@ def find_checkpoint(path: str | Path, which: str = "latest") -> Path:
 
 
 def saved_config(ckpt: Path) -> Config:
-    return Config.model_validate(yaml_load((ckpt / "config.yaml").read_text()))
+    return Config.model_validate(yaml_load((ckpt / "config.yaml").read_text(), ckpt / "config.yaml"))
 
 
 def source_meta(init_from: str | Path) -> Path:

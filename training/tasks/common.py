@@ -69,11 +69,11 @@ def embedded_paths(cfg: DataConfig, paths: list[str]) -> list[str]:
     return out
 
 
-def _load_records(cfg: DataConfig, paths: list[str], cache: Path):
+def _load_records(cfg: DataConfig, paths: list[str], cache: Path, log):
     """A datasets.Dataset of the records in `paths` (json/jsonl/parquet/arrow)."""
     import datasets
 
-    from ..data import resolve_files
+    from ..data import resolve_files, screen_files
 
     paths = embedded_paths(cfg, paths)
     files, fmt = resolve_files(cfg.model_copy(update={"paths": paths}))
@@ -84,6 +84,7 @@ def _load_records(cfg: DataConfig, paths: list[str], cache: Path):
         parts = [datasets.load_from_disk(str(f)) for f in files]
         parts = [p["train"] if isinstance(p, datasets.DatasetDict) else p for p in parts]
         return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    files = screen_files(cfg, files, fmt, log)
     return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", cache_dir=str(cache))
 
 
@@ -99,9 +100,9 @@ def require_columns(train: list[dict], held: list[dict], columns: dict[str, str]
 def load_splits(cfg: Config, log) -> tuple[list[dict], list[dict]]:
     """(train records, eval records): data.eval_paths, or a stable hash split of data.paths."""
     cache = cfg.data.resolved_cache_dir() / "hf_datasets"
-    train = _load_records(cfg.data, cfg.data.paths, cache)
+    train = _load_records(cfg.data, cfg.data.paths, cache, log)
     if cfg.data.eval_paths:
-        held = _load_records(cfg.data, cfg.data.eval_paths, cache)
+        held = _load_records(cfg.data, cfg.data.eval_paths, cache, log)
         return train.to_list(), held.to_list()
     records = train.to_list()
     cut = int(cfg.data.holdout * 10_000)
