@@ -44,15 +44,15 @@ def agree(cfg: Config, plan: Prepared, rank: int, world_size: int, log) -> Prepa
     """Collective: the plan with rank 0's resume point on every rank, or SplitResume everywhere."""
     root = Path(cfg.checkpoint_dir)
     mine = plan.resume_from.name if plan.resume_from is not None else None
-    choice = [mine, _manifest_id(plan.resume_from) if plan.resume_from is not None else None]
+    choice = [mine, _manifest_id(plan.resume_from) if mine is not None else None, str(plan.resume_from)]
     torch.distributed.broadcast_object_list(choice, src=0)
-    name, manifest = choice
+    name, manifest, chosen = choice  # chosen: rank 0's path, for messages
     problem = _seen_by_this_rank(root, name, manifest) if name is not None else None
     seen: list = [None] * world_size
     torch.distributed.all_gather_object(seen, (problem, mine))
     bad = {r: p for r, (p, _) in enumerate(seen) if p is not None}
     if bad:
-        raise SplitResume(f"rank 0 resumes from {root / name}, but " + "; ".join(
+        raise SplitResume(f"rank 0 resumes from {chosen}, but " + "; ".join(
             f"rank {r} cannot: {p}" for r, p in sorted(bad.items())) + ". Every rank must see the same checkpoint "
             "directory (shared storage, one run per run_dir); not resuming rather than splitting the job")
     others = {r: m for r, (_, m) in enumerate(seen) if m != name}
