@@ -127,8 +127,10 @@ def env() -> dict:
     return e
 
 
-def run(cmd: list[str], timeout: int = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO, **kw)
+def run(cmd: list[str], timeout: int = 600, check: bool = True, env_extra: dict | None = None,
+        **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**env(), **(env_extra or {})},
+                          cwd=REPO, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
