@@ -8,7 +8,9 @@ signals and tears the group down if one rank fails. The ranks read the resolved 
 driver dumped into the run directory, so every rank sees exactly the validated tree.
 
 `kill -TERM <lmforge pid>` (or SIGUSR1) stops the job gracefully: the ranks save a checkpoint
-and the command exits 75; running it again resumes. Ctrl-C aborts at once.
+and the command exits 75; running it again resumes. Ctrl-C aborts at once. `kill -9 <lmforge pid>`
+leaves nothing running: torchrun dies with this process (PR_SET_PDEATHSIG) and each rank exits
+when its torchrun is gone (training/leftovers.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from lmforge.training.config import Config
 from lmforge.launcher.base import StopOnSignal
-from lmforge.training.preflight import EXIT_STOPPED, free_port
+from lmforge.training.preflight import EXIT_STOPPED, die_with_parent, free_port
 
 
 def torchrun_command(config_path: Path, nproc: int, port: int) -> list[str]:
@@ -37,7 +39,7 @@ def launch(cfg: Config, config_path: Path, nproc: int) -> int:
     env = dict(os.environ)
     # One thread per rank's share of the cores; torchrun would force 1 and warn.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    child = subprocess.Popen(torchrun_command(config_path, nproc, free_port()), env=env)
+    child = subprocess.Popen(torchrun_command(config_path, nproc, free_port()), env=env, preexec_fn=die_with_parent())
     with StopOnSignal(cfg.run_dir, interrupt=child.send_signal) as stopper:
         rc = child.wait()
     return stopper.outcome(rc)

@@ -109,6 +109,8 @@ def _describe(nodes: list[dict]) -> str:
 def session(cfg: Config, log) -> Iterator[list[dict]]:
     """ray.init on launch.address / $RAY_ADDRESS (or a new local Ray), with token authentication
     (launcher/ray_auth.py); yields the alive nodes; shuts Ray down and removes a run's token after."""
+    from lmforge.training.preflight import RUN_LOCK_ENV
+
     _quiet_ray_env()
     address = cfg.launch.address or os.environ.get("RAY_ADDRESS")
     ray_auth.use_mode(cfg.launch.ray_auth, log)
@@ -125,7 +127,7 @@ def session(cfg: Config, log) -> Iterator[list[dict]]:
         # this machine last (Ray remembers it in /tmp/ray), hanging for minutes if that one is gone.
         ray.init(address=address or "local", _node_ip_address=_node_ip_for(address), log_to_driver=True,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                           if k in ("TORCH_EXTENSIONS_DIR", "LMFORGE_CACHE", "PYTHONPATH")}})
+                                           if k in ("TORCH_EXTENSIONS_DIR", "LMFORGE_CACHE", "PYTHONPATH", RUN_LOCK_ENV)}})
         nodes = [n for n in ray.nodes() if n["Alive"]]
         log.info(f"Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s), "
                  f"authentication: {cfg.launch.ray_auth}\n{_describe(nodes)}")
@@ -165,10 +167,12 @@ def launch(cfg: Config) -> int:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from lmforge.launcher.base import StopOnSignal, prepare
-    from lmforge.training.preflight import find_latest, get_logger
+    from lmforge.training.preflight import find_latest, get_logger, hold_run_dir
 
     log = get_logger(0)
-    with session(cfg, log) as nodes:
+    # This driver holds the run directory for the whole job, Ray Train's restarts included; the
+    # workers get its token through the runtime env (session), so their rank 0 takes nothing.
+    with hold_run_dir(cfg.run_dir, cfg.dist.lock_stale_s, log), session(cfg, log) as nodes:
         workers = cfg.launch.workers
         if workers is None:
             gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)

@@ -242,9 +242,12 @@ def launch(cfg: Config, dry_run: bool = False, follow_log: bool = False) -> int:
         print(render(resolve(cfg)), end="")
         return 0
     from lmforge.launcher.base import prepare
-    from lmforge.training.preflight import get_logger
+    from lmforge.training.preflight import check_run_dir_free, get_logger
 
     find_sbatch()
+    # Only a check: this command submits and exits; the job's rank 0 takes the lock when it starts
+    # (and a requeued start, same SLURM_JOB_ID, takes its own lock back).
+    check_run_dir_free(cfg.run_dir, cfg.dist.lock_stale_s)
     check_request(cfg)
     # bad config or data fail here, not on the nodes; the job script writes config.yaml when it starts
     prepare(cfg, world_size(cfg), get_logger(0), absolute=False, dump=False)

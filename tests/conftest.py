@@ -169,7 +169,10 @@ def kill_at_step(args: list, run_dir: Path, step: int, timeout: float = 300) -> 
     while time.time() < deadline and proc.poll() is None:
         if (run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= step:
             for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-                p.kill()
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:  # torchrun dies with the driver (PR_SET_PDEATHSIG), its ranks after it
+                    pass
             break
         time.sleep(0.02)
     proc.wait(timeout=60)

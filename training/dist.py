@@ -6,7 +6,7 @@ MASTER_PORT), so the same code runs under `lmforge train`, torchrun, the `deepsp
 Ray Train. A plain `python -m lmforge.training.train CONFIG` gets single-process defaults here,
 because DeepSpeed otherwise falls back to MPI discovery and fails on `No module named 'mpi4py'`.
 
-This module imports nothing else of lmforge's.
+This module imports nothing else of lmforge's but leftovers.py (orphaned ranks, shared-memory segments).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+
+from . import leftovers
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,14 @@ def single_process_env() -> None:
 
 def setup(runtime: Runtime, timeout_s: int = 1800) -> DistInfo:
     single_process_env()
+    leftovers.exit_when_orphaned()  # under torchrun: a killed launcher/torchrun leaves no ranks behind
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if local_rank == 0:  # one rank per machine, before DeepSpeed creates this run's segments
+        removed = leftovers.remove_stale_segments()
+        if removed:
+            get_logger(rank).info(f"removed {len(removed)} shared-memory segment(s) of killed runs from "
+                                  f"{leftovers.SHM_DIR}: {', '.join(removed)}")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     if runtime.device_type == "cuda":
@@ -141,6 +149,7 @@ def teardown() -> None:
     can abort at exit (SIGABRT, "terminate called without an active exception")."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        leftovers.unlink_own_segments()  # DeepSpeed's CPU comm op never removes its /dev/shm segment
 
 
 def get_logger(rank: int) -> logging.Logger:

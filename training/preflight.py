@@ -6,7 +6,8 @@ rank runs it again, cheaply (data are cached), for starts without lmforge's laun
     lmforge train configs/debug.yaml data.seq_len=100000    # "config error: data.seq_len … exceeds …", exit 2
 
 It also re-exports what a driver needs of the rank side's conventions (the stop file, exit 75,
-the rank-0 logger, a free port), so that a launcher imports nothing else of training/.
+the rank-0 logger, a free port, the run-directory lock, a child that dies with its parent), so that
+a launcher imports nothing else of training/.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from . import checkpoint, distill as distill_lib, dist, model as model_lib, para
 from .config import Config, ConfigError, build_ds_config
 from .dist import (EXIT_DIVERGED, EXIT_HUNG, EXIT_STOPPED, STOP_SIGNALS, free_port, get_logger,  # noqa: F401 (driver API)
                    read_failure, request_stop, stop_file)
+from .leftovers import die_with_parent  # noqa: F401 (driver API)
+from .runlock import ENV as RUN_LOCK_ENV, RunDirInUse, check_free as check_run_dir_free, hold as hold_run_dir  # noqa: F401
 
-__all__ = ["EXIT_DIVERGED", "EXIT_HUNG", "EXIT_STOPPED", "STOP_SIGNALS", "Prepared", "find_latest", "free_port",
-           "get_logger", "preflight", "prepare_data", "read_failure", "request_stop", "resume_point", "select_runtime",
-           "stop_file"]
+__all__ = ["EXIT_DIVERGED", "EXIT_HUNG", "EXIT_STOPPED", "RUN_LOCK_ENV", "STOP_SIGNALS", "Prepared", "RunDirInUse",
+           "check_run_dir_free", "die_with_parent", "find_latest", "free_port", "get_logger", "hold_run_dir", "preflight",
+           "prepare_data", "read_failure", "request_stop", "resume_point", "select_runtime", "stop_file"]
 find_latest = checkpoint.find_latest  # the newest complete checkpoint: what a restarted job resumes from
 
 

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, data, dist, engine as engine_lib, metrics as metrics_lib, model as model_lib
-from . import distill as distill_lib, parallel, resume, tasks as tasks_lib
+from . import distill as distill_lib, parallel, resume, runlock, tasks as tasks_lib
 from .config import Config, ConfigError, dump_config, load_config
 from .faults import Faults
 from .guard import Diverged, NonFiniteGuard
@@ -80,13 +80,14 @@ def main(cfg: Config, report: Callable[[dict], None] | None = None) -> dict:
     """Train on the ranks the launcher started. `report`, if given, receives every evaluation's
     metrics on every rank (Ray Train / Ray Tune pass ray.train.report here)."""
     runtime = dist.select_runtime(cfg.train.precision, cfg.model.attention)
-    d = dist.setup(runtime, cfg.dist.timeout_s)
-    stop = dist.StopRequest(cfg.run_dir, d.is_main)  # installed early: a signal during startup counts
-    try:
-        return run(cfg, d, dist.get_logger(d.rank), report or (lambda metrics: None), stop)
-    finally:
-        stop.close()
-        dist.teardown()
+    with runlock.for_rank(cfg):  # rank 0 without lmforge's launcher holds the run_dir (refused: exit 2)
+        d = dist.setup(runtime, cfg.dist.timeout_s)
+        stop = dist.StopRequest(cfg.run_dir, d.is_main)  # installed early: a signal during startup counts
+        try:
+            return run(cfg, d, dist.get_logger(d.rank), report or (lambda metrics: None), stop)
+        finally:
+            stop.close()
+            dist.teardown()
 
 
 def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop: dist.StopRequest) -> dict:
