@@ -13,6 +13,7 @@
     lmforge prune exports/debug --mlp 0.5 --out exports/debug-mlp50                 # then heal: configs/heal.yaml
     lmforge report exports/debug-w4a16 exports/debug-q8_0.gguf --baseline exports/debug --gate 'ppl<=+5%'
     lmforge serve exports/debug-w8a8 [--check]            # vLLM's OpenAI server on 127.0.0.1 (make vllm-env once)
+    lmforge verify runs/debug [runs/other/checkpoints/step_20 …]   # sizes + content hashes; exit 1 if any is broken
 
 Every command validates the whole config first; a bad key or value prints one line naming it and
 exits 2 before any rank starts. The driver never imports DeepSpeed: ranks do, in
@@ -143,6 +144,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from lmforge.tools.verify import verify_checkpoints
+
+    return verify_checkpoints(args.paths)
+
+
 def cmd_sweep(args) -> int:
     from lmforge.launcher.sweep import sweep
 
@@ -195,6 +202,12 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="CHECKPOINT",
+                   help="a step_N checkpoint, or a run directory / its checkpoints/ (all its step_N checkpoints)")
+    p.set_defaults(overrides=[])
+
+
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="run directory, its checkpoints/, a step_N checkpoint, or (with --format gguf/onnx) "
                                 "a Hugging Face directory lmforge wrote")
@@ -221,6 +234,7 @@ COMMANDS = {
     "prepare": (cmd_prepare, _add_config_args, "build the tokenizer and token cache for a config's data"),
     "plan": (cmd_plan, _plan_args, "per-rank memory, tokens/s and a layout that fits, from the config alone"),
     "export": (cmd_export, _export_args, "a run or checkpoint -> a Hugging Face directory (adapters merged), GGUF or ONNX"),
+    "verify": (cmd_verify, _verify_args, "check checkpoints' files against their manifests (sizes and content hashes)"),
 }
 TOOLS = ("compress", "prune", "report", "serve")
 

@@ -10,7 +10,8 @@ One checkpoint, `<checkpoint_dir>/step_N/`:
   hf/              the model's Hugging Face config and the tokenizer (for export / init_from),
   adapter/         peft runs: the adapter as peft writes it (the DeepSpeed files then hold only
                    the trainable parameters: the frozen base comes from model.init_from),
-  manifest.json    every file's size; written last, so its presence means "complete".
+  manifest.json    every file's size and content hash (xxh3_64); written last, so its presence
+                   means "complete".
 Beside the steps: `latest` (DeepSpeed's pointer file, so its zero_to_fp32.py works on the
 directory), `best.json` (the checkpoint with the best eval.early_stopping.metric, never pruned) and
 the directories derived from a step (DERIVED: `step_N_universal`, `step_N_hf`), which are stale
@@ -19,6 +20,13 @@ when their step is saved again and pruned with it.
 Publishing: everything is written into `.tmp_<name>` (temp_dir), then the manifest, fsync, one
 rename, and the pointer file moves last (publish). A reader never sees half a checkpoint; one whose
 files do not match its manifest (truncated copy, crash mid-write) is skipped with a warning.
+The ranks hash their shares of the files right after writing them (while in page cache);
+verify(contents=True) / verify_contents_collective / `lmforge verify` check the hashes. A disk
+that fills up during a save ends every rank with DiskFull, the temporary directory removed.
+
+DeepSpeed's *_model_states.pt / *_optim_states.pt are pickles (DeepSpeed loads them with
+weights_only=False): a checkpoint is trusted input. lmforge's own files are JSON/YAML and
+rng_rank<R>.pt, which loads with torch.load(weights_only=True).
 
 Submodules: universal.py (resume on another SavedLayout through DeepSpeed's universal format),
 consolidate.py (a checkpoint → a Hugging Face model directory).
@@ -26,9 +34,12 @@ consolidate.py (a checkpoint → a Hugging Face model directory).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -37,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 
 from ..config import Config, config_hash, incompatible_keys, yaml_load
 
@@ -92,10 +104,63 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(tmp: Path, step: int | None, **extra) -> None:
-    """manifest.json in `tmp`: every file's size (what verify checks), `extra` keys before them."""
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+CHUNK = 8 << 20  # bytes read at a time when hashing
+
+
+def file_hash(path: Path, progress=None) -> str:
+    """xxh3_64 of a file's contents (hex), read in CHUNKs; progress(nbytes) after each."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+def shares(sizes: dict[str, int], n: int) -> list[list[str]]:
+    """The files `sizes` (name → bytes) split into n shares of about equal bytes (largest first,
+    each to the lightest share): the same split wherever it is computed from the same sizes."""
+    parts: list[list[str]] = [[] for _ in range(n)]
+    load = [0] * n
+    for name in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        i = min(range(n), key=lambda j: (load[j], j))
+        parts[i].append(name)
+        load[i] += sizes[name]
+    return parts
+
+
+def hash_files(root: Path, names: list[str]) -> dict[str, str]:
+    return {name: file_hash(root / name) for name in names}
+
+
+def write_manifest(tmp: Path, step: int | None, hashes: dict[str, str] | None = None, **extra) -> None:
+    """manifest.json in `tmp`: every file's size and xxh3 (what verify checks), `extra` keys before
+    them. `hashes`: those already computed (by the ranks, in save); the rest are hashed here."""
+    hashes = hashes or {}
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            name = str(p.relative_to(tmp))
+            files[name] = {"size": p.stat().st_size, "xxh3": hashes.get(name) or file_hash(p)}
     _write_atomic(tmp / "manifest.json", json.dumps({"step": step, **extra, "files": files}, indent=1))
+
+
+def read_manifest(path: Path) -> dict:
+    """Checkpoint `path`'s manifest, its files as {name: {"size": N, "xxh3": hex}} ("xxh3" absent
+    in a manifest written before hashes: {name: size}). Raises OSError, ValueError or KeyError."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = {name: (entry if isinstance(entry, dict) else {"size": entry})
+                         for name, entry in manifest["files"].items()}
+    return manifest
+
+
+def checkpoint_size(path: Path) -> int | None:
+    """Bytes in checkpoint `path` by its manifest; None without a readable one."""
+    try:
+        return sum(e["size"] for e in read_manifest(path)["files"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def publish(tmp: Path, final: Path, pointer: str) -> None:
@@ -110,18 +175,54 @@ def publish(tmp: Path, final: Path, pointer: str) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain numbers, so rng_rank<R>.pt loads with
+    torch.load(weights_only=True) (no pickled numpy objects)."""
+    version, internal, gauss_next = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore rng_state()'s states, or those of a checkpoint written before it (python's and
+    numpy's own state tuples)."""
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(py["state"].tolist()), py["gauss_next"])
+    if isinstance(npy, dict):
+        npy = (npy["kind"], npy["key"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    random.setstate(py)
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_rng(path: Path) -> None:
+    torch.save(rng_state(), path)
+
+
+def _numpy_rng_globals() -> list:
+    """What an rng_rank<R>.pt written before rng_state() held tensors needs beyond torch's
+    weights_only allowlist: numpy's state array (ndarray, rebuilt by _reconstruct, of dtype uint32),
+    under numpy 1's and 2's module names."""
+    reconstruct = np.zeros(1).__reduce__()[0]  # numpy.core (1.x) / numpy._core (2.x) .multiarray._reconstruct
+    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+            (reconstruct, "numpy.core.multiarray._reconstruct"), (reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+def load_rng(path: Path) -> dict:
+    """rng_rank<R>.pt as set_rng_state takes it; always weights_only (never unpickles code)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:  # the old format: numpy's state as an ndarray
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            return torch.load(path, weights_only=True)
 
 
 def _has_frozen(engine) -> bool:
@@ -129,37 +230,205 @@ def _has_frozen(engine) -> bool:
     return any(not p.requires_grad for p in engine.module.parameters())
 
 
+class DiskFull(OSError):
+    """The disk filled up during a checkpoint save (errno ENOSPC). Every rank raises it; the
+    temporary directory is removed, earlier checkpoints are untouched."""
+
+    def __init__(self, *args):
+        # DiskFull(message) or OSError's (errno, message[, filename]), which unpickling passes
+        super().__init__(*((errno.ENOSPC, *args) if len(args) == 1 else args))
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale, digits in (("GiB", 1 << 30, 2), ("MiB", 1 << 20, 1), ("KiB", 1 << 10, 1)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{int(n)} B"
+
+
+def _mount_point(path: Path) -> Path:
+    p = path.resolve()
+    while not os.path.ismount(p):
+        p = p.parent
+    return p
+
+
+def _disk_errors(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in e's chain of causes."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+MIN_FREE = 1 << 20  # an error while less than this is free is taken for a full disk
+
+
+@dataclass
+class _Saving:
+    """One save in progress, as every rank sees it; settle() is its collective error check."""
+    final: Path
+    rank: int
+    world_size: int
+    previous: int | None  # bytes of the newest published checkpoint (what this one will need)
+
+    @property
+    def tmp(self) -> Path:
+        return temp_dir(self.final)
+
+    def free(self) -> int:
+        return shutil.disk_usage(self.final.parent).free
+
+    def short_of_space(self) -> str:
+        return (f"{human_bytes(self.free())} free on {_mount_point(self.final.parent)}, "
+                + (f"the previous checkpoint took {human_bytes(self.previous)}" if self.previous
+                   else "no previous checkpoint to compare with"))
+
+    def disk_full(self, e: BaseException) -> bool:
+        """Whether `e`, raised while writing the checkpoint, is the disk filling up: ENOSPC/EDQUOT,
+        or, as torch's writer reports a full disk without an errno (`basic_ios::clear: iostream
+        error`), any error while almost nothing is free or while what is free plus what this save
+        already wrote falls short of the previous checkpoint."""
+        if _disk_errors(e):
+            return True
+        try:
+            free = self.free()
+            written = sum(f.stat().st_size for f in self.tmp.rglob("*") if f.is_file()) if self.tmp.is_dir() else 0
+        except OSError:  # no answer: not evidence of a full disk
+            return False
+        return free < MIN_FREE or (self.previous is not None and free + written < self.previous)
+
+    def settle(self, errors: list[BaseException], payload=None) -> list:
+        """Collective, after each phase of the save: every rank learns whether any rank's phase
+        failed (`errors`: its own, first is the cause). If one did, rank 0 removes the temporary
+        directory and every rank raises the same exception: DiskFull if a rank ran out of space,
+        else a RuntimeError naming the rank and its error. Otherwise returns every rank's payload."""
+        mine = None
+        if errors:
+            e = errors[0]
+            mine = ("disk" if self.disk_full(e) else "error", f"{type(e).__name__}: {e}")
+        got = [None] * self.world_size
+        torch.distributed.all_gather_object(got, (mine, payload))
+        failed = [(r, f) for r, (f, _) in enumerate(got) if f is not None]
+        if not failed:
+            return [p for _, p in got]
+        disk = [r for r, (kind, _) in failed if kind == "disk"]
+        message = [None]
+        if self.rank == 0:  # all ranks are past their writes: nothing lands in it any more
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            try:
+                space = self.short_of_space()
+            except OSError as e:  # the others wait in the broadcast below
+                space = f"free space unknown ({e})"
+            message[0] = (f"disk full while saving checkpoint {self.final}: {space}" if disk else
+                          f"saving checkpoint {self.final} failed on rank {failed[0][0]}: {failed[0][1][1]}")
+        torch.distributed.broadcast_object_list(message, src=0)
+        cause = errors[0] if errors else None
+        if disk:
+            raise DiskFull(errno.ENOSPC, message[0], str(self.final)) from cause
+        raise RuntimeError(message[0]) from cause
+
+
+@contextlib.contextmanager
+def _recorded(errors: list):
+    """Run the block; an exception is appended to `errors` instead of raised (settled later)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - every rank must reach settle(), whatever failed
+        errors.append(e)
+
+
+@contextlib.contextmanager
+def _deepspeed_writes_recorded(engine, errors: list):
+    """DeepSpeed's save_checkpoint runs collectives between its writes (ZeRO-3 gathers, a final
+    barrier): a rank whose torch.save raised would leave the others waiting in them. Its writes go
+    through engine.checkpoint_engine.save; a failed one is recorded instead, so every rank completes
+    the same collectives and settle() decides (docs/deepspeed_workarounds.md#failed-writes)."""
+    ce = engine.checkpoint_engine
+    own = "save" in vars(ce)
+    original = ce.save
+
+    def save(state_dict, path):
+        with _recorded(errors):
+            original(state_dict, path)
+
+    ce.save = save
+    try:
+        yield
+    finally:
+        if own:
+            ce.save = original
+        else:
+            del ce.save
+
+
 def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: int, log,
          write_extra=None) -> Path:
     """Collective: every rank calls it. Returns the published directory. `write_extra(tmp_dir)`
-    is called on every rank after DeepSpeed's save (it may gather; rank 0 writes)."""
+    is called on every rank after DeepSpeed's save (it may gather; rank 0 writes). Raises DiskFull
+    on every rank if the disk fills up (the temporary directory removed), RuntimeError on every
+    rank for another failure of any rank."""
     root = cfg.checkpoint_dir
     root.mkdir(parents=True, exist_ok=True)
     final = root / tag(step)
-    tmp = temp_dir(final)
-    if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)  # left by a crash mid-save
+    previous = next((s for s in map(checkpoint_size, steps(root)) if s is not None), None)
+    saving = _Saving(final, rank, world_size, previous)
+    tmp = saving.tmp
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash mid-save
+        if previous is not None and saving.free() < previous:
+            log.warning(f"checkpoint {final} may not fit: {saving.short_of_space()}")
     torch.distributed.barrier()
     client = dict(client, step=step, world_size=world_size, config_hash=config_hash(cfg))
-    # An adapter run saves only what trains; the frozen base is rebuilt from model.init_from.
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"lmforge": client}, save_latest=False,
-                           exclude_frozen_parameters=_has_frozen(engine))
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+
+    # 1. every rank writes its files; failures are settled together, after DeepSpeed's collectives
+    errors: list[BaseException] = []
+    with _recorded(errors), _deepspeed_writes_recorded(engine, errors):
+        # An adapter run saves only what trains; the frozen base is rebuilt from model.init_from.
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state={"lmforge": client}, save_latest=False,
+                               exclude_frozen_parameters=_has_frozen(engine))
+    with _recorded(errors):
+        save_rng(tmp / f"rng_rank{rank}.pt")
     if write_extra is not None:
-        write_extra(tmp)
-    torch.distributed.barrier()
+        with _recorded(errors):
+            write_extra(tmp)
+    saving.settle(errors)
+
+    # 2. rank 0 lists what was written (one listing for all: a shared filesystem's directory
+    # cache may lag on other nodes)
+    sizes = None
     if rank == 0:
-        missing = [f"rng_rank{r}.pt" for r in range(world_size) if not (tmp / f"rng_rank{r}.pt").is_file()]
-        if missing or not any(tmp.glob("*model_states.pt")):
-            raise RuntimeError(f"checkpoint {tmp} is incomplete after save (missing {missing or 'model states'})")
-        (tmp / "client.json").write_text(json.dumps(client, indent=1))
-        (tmp / "config.yaml").write_text(cfg.to_yaml())
-        write_manifest(tmp, step)
-        drop_derived(final)  # converted from the save of this step being replaced: stale
-        publish(tmp, final, "latest")
-        prune(root, cfg.checkpoint.keep)
-        log.info(f"checkpoint saved: {final}")
-    torch.distributed.barrier()
+        with _recorded(errors):
+            missing = [f"rng_rank{r}.pt" for r in range(world_size) if not (tmp / f"rng_rank{r}.pt").is_file()]
+            if missing or not any(tmp.glob("*model_states.pt")):
+                raise RuntimeError(f"checkpoint {tmp} is incomplete after save (missing {missing or 'model states'})")
+            sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+    sizes = saving.settle(errors, sizes)[0]
+
+    # 3. each rank hashes a share, while the files are in page cache: rank 0 alone would read it all
+    mine = {}
+    with _recorded(errors):
+        mine = hash_files(tmp, shares(sizes, world_size)[rank])
+    hashes = {name: h for part in saving.settle(errors, mine) for name, h in part.items()}
+
+    # 4. rank 0 completes and publishes it
+    if rank == 0:
+        with _recorded(errors):
+            (tmp / "client.json").write_text(json.dumps(client, indent=1))
+            (tmp / "config.yaml").write_text(cfg.to_yaml())
+            write_manifest(tmp, step, hashes)
+            drop_derived(final)  # converted from the save of this step being replaced: stale
+            publish(tmp, final, "latest")
+            prune(root, cfg.checkpoint.keep)
+            log.info(f"checkpoint saved: {final}")
+    saving.settle(errors)
     return final
 
 
@@ -191,27 +460,63 @@ def _step_dirs(root: Path) -> list[Path]:
     return [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)] if root.is_dir() else []
 
 
-def verify(path: Path) -> str | None:
-    """None if the checkpoint matches its manifest, else the reason it does not."""
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
+def steps(root: Path) -> list[Path]:
+    """The step_N directories under root, newest first (complete or not: see verify)."""
+    return sorted(_step_dirs(root), key=lambda p: -int(_STEP_DIR.match(p.name).group(1)))
+
+
+def verify(path: Path, contents: bool = False, part: tuple[int, int] | None = None, progress=None) -> str | None:
+    """None if the checkpoint matches its manifest, else the reason it does not (never raises).
+    Sizes only by default (cheap: what find_latest checks); contents=True also hashes the files
+    (a manifest written before hashes has sizes only). part=(i, n): only the i-th of n shares of
+    the files, so n ranks verify one checkpoint together (verify_contents_collective).
+    progress(nbytes) is called as files are read."""
+    if not (path / "manifest.json").is_file():
         return "no manifest.json (incomplete save)"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        return f"unreadable manifest.json ({e})"
-    for name, size in files.items():
+        files = read_manifest(path)["files"]
+        sizes = {name: int(entry["size"]) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"unreadable manifest.json ({type(e).__name__}: {e})"
+    names = list(files)
+    if part is not None:
+        share = set(shares(sizes, part[1])[part[0]])
+        names = [n for n in names if n in share]
+    for name in names:
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {size}"
+        if f.stat().st_size != sizes[name]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {sizes[name]}"
+    if contents:
+        for name in names:
+            expected = files[name].get("xxh3")
+            if expected is None:
+                continue
+            try:
+                actual = file_hash(path / name, progress)
+            except OSError as e:
+                return f"{name} could not be read ({e})"
+            if actual != expected:
+                return f"{name} does not match its content hash (xxh3 {actual}, the manifest says {expected})"
     return None
 
 
+def verify_contents_collective(path: Path, rank: int, world_size: int) -> str | None:
+    """Collective: every rank checks sizes and hashes of its share of checkpoint `path`'s files;
+    every rank returns the same answer, the first problem found (by rank) or None."""
+    try:
+        problem = verify(Path(path), contents=True, part=(rank, world_size))
+    except Exception as e:  # noqa: BLE001 - the others are waiting in the gather below
+        problem = f"verifying on rank {rank} failed: {type(e).__name__}: {e}"
+    got = [None] * world_size
+    torch.distributed.all_gather_object(got, problem)
+    return next((p for p in got if p is not None), None)
+
+
 def find_latest(root: Path, log) -> Path | None:
-    """Newest complete checkpoint under root; broken ones are skipped with a warning."""
-    for path in sorted(_step_dirs(root), key=lambda p: -int(_STEP_DIR.match(p.name).group(1))):
+    """Newest complete checkpoint under root (by sizes); broken ones are skipped with a warning."""
+    for path in steps(root):
         problem = verify(path)
         if problem is None:
             return path
@@ -290,5 +595,5 @@ def load(engine, path: Path, rank: int) -> dict:
                                           load_lr_scheduler_states=True, load_module_strict=not _has_frozen(engine))
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {path}")
-    set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=False))
+    set_rng_state(load_rng(path / f"rng_rank{rank}.pt"))
     return client
