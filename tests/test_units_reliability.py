@@ -119,6 +119,16 @@ def agreement(run_dir: str) -> dict:
             out[case] = None
         except resume.SplitResume as e:
             out[case] = str(e)
+
+    # a same-size corruption of the newest checkpoint (a flipped byte): every rank skips it for step_3
+    if rank == 0:
+        shard = sorted((root / "step_6").glob("*optim_states.pt"))[-1]
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    torch.distributed.barrier()
+    plan = Prepared(dist.select_runtime(), None, None, {}, root / "step_6")
+    out["corrupt"] = str(resume.agree(cfg, plan, rank, world, LOG).resume_from)
     return out
 
 
@@ -131,3 +141,4 @@ def test_ranks_follow_rank_0s_checkpoint_or_all_fail_naming_the_rank(tmp_path):
     assert f"rank 0 resumes from {step_6}" in ranks[0]["missing"]
     assert "rank 1 cannot:" in ranks[0]["missing"] and "does not exist" in ranks[0]["missing"]
     assert "rank 1 cannot:" in ranks[0]["other manifest"] and "manifest.json differs" in ranks[0]["other manifest"]
+    assert [r["corrupt"] for r in ranks] == [str(step_6.with_name("step_3"))] * 2

@@ -8,7 +8,6 @@ waiting in different collectives forever). Runs inside the ranks, right after th
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +24,7 @@ class SplitResume(RuntimeError):
 
 def _manifest_id(path: Path) -> str | None:
     try:
-        return hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+        return checkpoint.source_id(path)
     except OSError:
         return None
 
@@ -41,21 +40,22 @@ def _seen_by_this_rank(root: Path, name: str, manifest: str) -> str | None:
 
 
 def agree(cfg: Config, plan: Prepared, rank: int, world_size: int, log) -> Prepared:
-    """Collective: the plan with rank 0's resume point on every rank, or SplitResume everywhere."""
+    """Collective: the plan with rank 0's resume point on every rank, or SplitResume everywhere.
+    The chosen checkpoint's contents are verified against its manifest's hashes by all ranks, each
+    reading a share; a corrupt one is skipped for the next older one, as a truncated one is."""
     root = Path(cfg.checkpoint_dir)
     mine = plan.resume_from.name if plan.resume_from is not None else None
-    choice = [mine, _manifest_id(plan.resume_from) if mine is not None else None, str(plan.resume_from)]
-    torch.distributed.broadcast_object_list(choice, src=0)
-    name, manifest, chosen = choice  # chosen: rank 0's path, for messages
-    problem = _seen_by_this_rank(root, name, manifest) if name is not None else None
-    seen: list = [None] * world_size
-    torch.distributed.all_gather_object(seen, (problem, mine))
-    bad = {r: p for r, (p, _) in enumerate(seen) if p is not None}
-    if bad:
-        raise SplitResume(f"rank 0 resumes from {chosen}, but " + "; ".join(
-            f"rank {r} cannot: {p}" for r, p in sorted(bad.items())) + ". Every rank must see the same checkpoint "
-            "directory (shared storage, one run per run_dir); not resuming rather than splitting the job")
-    others = {r: m for r, (_, m) in enumerate(seen) if m != name}
+    candidate = plan.resume_from
+    while True:
+        name, chosen = _agree_on(candidate, root, rank, world_size)
+        problem = checkpoint.verify_contents_collective(root / name, rank, world_size) if name else None
+        if problem is None:
+            break
+        log.warning(f"skipping checkpoint {chosen}: {problem}")
+        step = int(name.split("_")[1])  # rank 0 picks the next older complete one
+        candidate = next((p for p in checkpoint.steps(root) if int(p.name.split("_")[1]) < step
+                          and checkpoint.verify(p) is None), None)
+    others = {r: m for r, m in enumerate(_all(mine, world_size)) if m != name}
     if others:  # e.g. storage that showed ranks different moments: they follow rank 0
         log.warning("resume: " + ", ".join(f"rank {r} found {m or 'no checkpoint'}" for r, m in others.items())
                     + f"; all ranks resume from rank 0's choice, {name or 'none (a fresh start)'}")
@@ -65,3 +65,25 @@ def agree(cfg: Config, plan: Prepared, rank: int, world_size: int, log) -> Prepa
     base = build_ds_config(cfg, world_size, plan.runtime.precision)
     change, ds_config = resume_point(cfg, world_size, resume, base, log)
     return replace(plan, resume_from=resume, layout_change=change, ds_config=ds_config)
+
+
+def _all(value, world_size: int) -> list:
+    out: list = [None] * world_size
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def _agree_on(candidate: Path | None, root: Path, rank: int, world_size: int) -> tuple[str | None, str]:
+    """Rank 0's `candidate` on every rank (its name and rank 0's path), once every rank has checked
+    that it sees the same complete directory; else SplitResume on every rank."""
+    choice = [candidate.name if candidate is not None else None,
+              _manifest_id(candidate) if candidate is not None else None, str(candidate)]
+    torch.distributed.broadcast_object_list(choice, src=0)
+    name, manifest, chosen = choice  # chosen: rank 0's path, for messages
+    problem = _seen_by_this_rank(root, name, manifest) if name is not None else None
+    bad = {r: p for r, p in enumerate(_all(problem, world_size)) if p is not None}
+    if bad:
+        raise SplitResume(f"rank 0 resumes from {chosen}, but " + "; ".join(
+            f"rank {r} cannot: {p}" for r, p in sorted(bad.items())) + ". Every rank must see the same checkpoint "
+            "directory (shared storage, one run per run_dir); not resuming rather than splitting the job")
+    return name, chosen

@@ -455,11 +455,13 @@ def cli(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"lmforge: config error: {e}", file=sys.stderr)
         return 2
-    except Diverged as e:
-        dist.record_failure(cfg.run_dir, dist.EXIT_DIVERGED, str(e), int(os.environ.get("RANK", "0")))
+    except (Diverged, checkpoint.DiskFull, resume.SplitResume) as e:
+        # the job cannot go on, and every rank knows why: one line, and the code the launcher reports
+        code = dist.EXIT_DIVERGED if isinstance(e, Diverged) else 1
+        dist.record_failure(cfg.run_dir, code, str(e), int(os.environ.get("RANK", "0")))
         if os.environ.get("RANK", "0") == "0":
-            print(f"lmforge: diverged: {e}", file=sys.stderr)
-        return dist.EXIT_DIVERGED
+            print(f"lmforge: {'diverged: ' if code == dist.EXIT_DIVERGED else ''}{e}", file=sys.stderr)
+        return code
     return 0
 
 
