@@ -9,17 +9,33 @@ steps before any rank starts (preflight → absolute paths → config.yaml).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from lmforge.training.config import Config, dump_config
-from lmforge.training.preflight import EXIT_STOPPED, STOP_SIGNALS, preflight, read_failure, request_stop, stop_file
+from lmforge.training.preflight import (EXIT_STOPPED, STOP_SIGNALS, check_run_dir_free, hold_run_dir, preflight,
+                                       read_failure, request_stop, stop_file)
 
 
 class LaunchError(RuntimeError):
     pass
+
+
+@contextmanager
+def prepared(cfg: Config, world_size: int, log, absolute: bool = True) -> Iterator[Config]:
+    """A job's driver from validation to the end: refused at once if another job holds the run
+    directory, then prepare(), then the run-directory lock held (training/runlock.py; its token in
+    $LMFORGE_RUN_LOCK for the ranks) until the job ends. Taken after validation, so a refused config
+    leaves no run directory behind; taken atomically, so of two starts racing past the check one wins."""
+    check_run_dir_free(cfg.run_dir, cfg.dist.lock_stale_s)
+    cfg = prepare(cfg, world_size, log, absolute=absolute, dump=False)
+    with hold_run_dir(cfg.run_dir, cfg.dist.lock_stale_s, log):
+        dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        yield cfg
 
 
 def prepare(cfg: Config, world_size: int, log, absolute: bool = True, dump: bool = True) -> Config:

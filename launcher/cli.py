@@ -107,15 +107,13 @@ def cmd_launch(args) -> int:
 
         return slurm.launch(cfg, dry_run=getattr(args, "dry_run", False), follow_log=getattr(args, "follow", False))
     from lmforge.launcher import local
-    from lmforge.launcher.base import prepare
-    from lmforge.training.preflight import get_logger, hold_run_dir
+    from lmforge.launcher.base import prepared
+    from lmforge.training.preflight import get_logger
 
     nproc = cfg.launch.workers or _default_nproc()
-    log = get_logger(0)
-    # One job per run directory: a second is refused here, before any work (training/runlock.py).
-    with hold_run_dir(cfg.run_dir, cfg.dist.lock_stale_s, log):
-        # All validation (data included) happens here, before any rank or GPU is started.
-        cfg = prepare(cfg, nproc, log, absolute=False)
+    # All validation (data included) happens here, before any rank or GPU is started; one job per
+    # run directory (a second is refused naming the holder).
+    with prepared(cfg, nproc, get_logger(0), absolute=False) as cfg:
         return local.launch(cfg, Path(cfg.run_dir) / "config.yaml", nproc)
 
 

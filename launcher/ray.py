@@ -109,8 +109,6 @@ def _describe(nodes: list[dict]) -> str:
 def session(cfg: Config, log) -> Iterator[list[dict]]:
     """ray.init on launch.address / $RAY_ADDRESS (or a new local Ray), with token authentication
     (launcher/ray_auth.py); yields the alive nodes; shuts Ray down and removes a run's token after."""
-    from lmforge.training.preflight import RUN_LOCK_ENV
-
     _quiet_ray_env()
     address = cfg.launch.address or os.environ.get("RAY_ADDRESS")
     ray_auth.use_mode(cfg.launch.ray_auth, log)
@@ -127,7 +125,7 @@ def session(cfg: Config, log) -> Iterator[list[dict]]:
         # this machine last (Ray remembers it in /tmp/ray), hanging for minutes if that one is gone.
         ray.init(address=address or "local", _node_ip_address=_node_ip_for(address), log_to_driver=True,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                           if k in ("TORCH_EXTENSIONS_DIR", "LMFORGE_CACHE", "PYTHONPATH", RUN_LOCK_ENV)}})
+                                           if k in ("TORCH_EXTENSIONS_DIR", "LMFORGE_CACHE", "PYTHONPATH")}})
         nodes = [n for n in ray.nodes() if n["Alive"]]
         log.info(f"Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s), "
                  f"authentication: {cfg.launch.ray_auth}\n{_describe(nodes)}")
@@ -145,9 +143,12 @@ def _worker_loop(loop_config: dict) -> None:
     import torch.distributed as tdist
 
     from lmforge.training.config import Config
+    from lmforge.training.preflight import RUN_LOCK_ENV
     from lmforge.training.train import main
 
     cfg = Config.model_validate(loop_config["config"])
+    if loop_config.get("run_lock"):  # the driver holds the run directory: rank 0 takes nothing
+        os.environ[RUN_LOCK_ENV] = loop_config["run_lock"]
     ctx = ray.train.get_context()
     here = {"rank": ctx.get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
             "ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "hostname": socket.gethostname()}
@@ -163,49 +164,57 @@ def _worker_loop(loop_config: dict) -> None:
 
 
 def launch(cfg: Config) -> int:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from lmforge.launcher.base import StopOnSignal, prepare
-    from lmforge.training.preflight import find_latest, get_logger, hold_run_dir
+    from lmforge.launcher.base import prepared
+    from lmforge.training.preflight import RUN_LOCK_ENV, get_logger
 
     log = get_logger(0)
-    # This driver holds the run directory for the whole job, Ray Train's restarts included; the
-    # workers get its token through the runtime env (session), so their rank 0 takes nothing.
-    with hold_run_dir(cfg.run_dir, cfg.dist.lock_stale_s, log), session(cfg, log) as nodes:
+    with session(cfg, log) as nodes:
         workers = cfg.launch.workers
         if workers is None:
             gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
             workers = int(gpus // cfg.launch.gpus_per_worker) if cfg.launch.gpus_per_worker and gpus else 1
         check_fits(cfg, workers, nodes)
-        cfg = prepare(cfg, workers, log)  # bad config/data fail here, before any worker starts
-        run_dir = Path(cfg.run_dir)
-        use_gpu = cfg.launch.gpus_per_worker > 0
-        trainer = TorchTrainer(
-            _worker_loop,
-            train_loop_config={"config": cfg.to_dict()},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cfg.launch.cpus_per_worker,
-                                                               **({"GPU": cfg.launch.gpus_per_worker} if use_gpu else {})},
-                                         placement_strategy=cfg.launch.strategy),
-            run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
-                                 failure_config=FailureConfig(max_failures=cfg.launch.max_failures)),
-        )
-        log.info(f"{workers} worker(s), {cfg.launch.strategy}, max_failures={cfg.launch.max_failures}; "
-                 f"tensorboard --logdir {cfg.tensorboard_dir}")
-        # SIGTERM/SIGUSR1 to this driver (Slurm's warning, `ray job stop`) become the STOP file:
-        # the workers checkpoint and return, and this command exits 75 so the job can resume.
-        stopper = StopOnSignal(run_dir)
-        try:
-            with stopper:
-                trainer.fit()
-            return stopper.outcome(0)
-        except Exception as e:  # Ray wraps the worker's exception; say what failed and what is safe
-            last = find_latest(cfg.checkpoint_dir, log)
-            log.error(f"training failed after {cfg.launch.max_failures} restart(s): {type(e).__name__}: {e}\n"
-                      f"last good checkpoint: {last or 'none'}")
-            return stopper.outcome(EXIT_FAILED)  # a divergence or hang keeps its own exit code
+        # bad config/data fail here, before any worker starts; then this driver holds the run
+        # directory for the whole job, Ray Train's restarts included (the workers get its token)
+        with prepared(cfg, workers, log) as cfg:
+            return _fit(cfg, workers, os.environ[RUN_LOCK_ENV], log)
+
+
+def _fit(cfg: Config, workers: int, lock_token: str, log) -> int:
+    """Ray Train over `workers` workers; the exit status (a divergence or hang keeps its own code)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lmforge.launcher.base import StopOnSignal
+    from lmforge.training.preflight import find_latest
+
+    run_dir = Path(cfg.run_dir)
+    use_gpu = cfg.launch.gpus_per_worker > 0
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": cfg.to_dict(), "run_lock": lock_token},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.launch.cpus_per_worker,
+                                                           **({"GPU": cfg.launch.gpus_per_worker} if use_gpu else {})},
+                                     placement_strategy=cfg.launch.strategy),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=cfg.launch.max_failures)),
+    )
+    log.info(f"{workers} worker(s), {cfg.launch.strategy}, max_failures={cfg.launch.max_failures}; "
+             f"tensorboard --logdir {cfg.tensorboard_dir}")
+    # SIGTERM/SIGUSR1 to this driver (Slurm's warning, `ray job stop`) become the STOP file:
+    # the workers checkpoint and return, and this command exits 75 so the job can resume.
+    stopper = StopOnSignal(run_dir)
+    try:
+        with stopper:
+            trainer.fit()
+        return stopper.outcome(0)
+    except Exception as e:  # Ray wraps the worker's exception; say what failed and what is safe
+        last = find_latest(cfg.checkpoint_dir, log)
+        log.error(f"training failed after {cfg.launch.max_failures} restart(s): {type(e).__name__}: {e}\n"
+                  f"last good checkpoint: {last or 'none'}")
+        return stopper.outcome(EXIT_FAILED)  # a divergence or hang keeps its own exit code
 
 
 def wait_for_nodes(address: str, count: int, timeout_s: float) -> int:

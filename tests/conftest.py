@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 # default ports) run on the same worker, one after the other.
 XDIST_GROUPS = {
     **dict.fromkeys(("test_compress", "test_export", "test_formats", "test_prune", "test_report", "test_serve"), "lm"),
-    **dict.fromkeys(("test_train", "test_universal", "test_optim", "test_parallel"), "debug_run"),
+    **dict.fromkeys(("test_train", "test_universal", "test_optim", "test_parallel", "test_reliability"), "debug_run"),
     **dict.fromkeys(("test_ray", "test_slurm"), "clusters"),
 }
 # The groups that take longest start first (xdist would order them by their number of tests, and a
@@ -209,8 +209,9 @@ def debug_run(tmp_path_factory, data_cache):
 @pytest.fixture(scope="session")
 def killed_run(tmp_path_factory, data_cache) -> tuple[Path, int]:
     """The uninterrupted ZeRO-3 run's twin SIGKILLed (driver, torchrun and both ranks) once it has logged
-    step 25: its newest complete checkpoint is step_20 or step_30. Resumed on 2 ranks (bitwise,
-    test_train) and on 1 (universal, test_universal): (run_dir, last step logged). Read-only: resume a copy."""
+    step 25: its newest complete checkpoint is step_20 or step_30. Resumed on 1 rank (universal,
+    test_universal; on 2 ranks the chaos drill of test_reliability kills and resumes bitwise):
+    (run_dir, last step logged). Read-only: resume a copy."""
     run_dir = tmp_path_factory.mktemp("killed") / "run"
     return run_dir, kill_at_step([DEBUG, *debug_overrides(run_dir, data_cache, *STANDARD), "--nproc", "2"], run_dir, 25)
 
