@@ -156,8 +156,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def kill_at_step(args: list, run_dir: Path, step: int, timeout: float = 300) -> int:
-    """`lmforge train ARGS` until it has logged `step`, then SIGKILL of the driver, torchrun and
-    every rank (torchrun puts ranks in sessions of their own); the last step logged."""
+    """`lmforge train ARGS` until it has logged `step`, then SIGKILL of the driver and every rank at
+    once; the last step logged."""
     import signal
     import time
 
@@ -171,7 +171,7 @@ def kill_at_step(args: list, run_dir: Path, step: int, timeout: float = 300) -> 
             for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
                 try:
                     p.kill()
-                except psutil.NoSuchProcess:  # torchrun dies with the driver (PR_SET_PDEATHSIG), its ranks after it
+                except psutil.NoSuchProcess:  # the ranks die with the driver (PR_SET_PDEATHSIG)
                     pass
             break
         time.sleep(0.02)
@@ -208,7 +208,7 @@ def debug_run(tmp_path_factory, data_cache):
 
 @pytest.fixture(scope="session")
 def killed_run(tmp_path_factory, data_cache) -> tuple[Path, int]:
-    """The uninterrupted ZeRO-3 run's twin SIGKILLed (driver, torchrun and both ranks) once it has logged
+    """The uninterrupted ZeRO-3 run's twin SIGKILLed (driver and both ranks) once it has logged
     step 25: its newest complete checkpoint is step_20 or step_30. Resumed on 1 rank (universal,
     test_universal; on 2 ranks the chaos drill of test_reliability kills and resumes bitwise):
     (run_dir, last step logged). Read-only: resume a copy."""

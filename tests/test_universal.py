@@ -57,7 +57,7 @@ def _assert_converted(stderr: str, run_dir: Path, step: int) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_killed_then_resumed_on_one(debug_run, killed_run, tmp_path, data_cache):
-    """A real SIGKILL of the driver, torchrun and both ranks mid-run (conftest's killed_run, also resumed
+    """A real SIGKILL of the driver and both ranks mid-run (conftest's killed_run, also resumed
     on 2 ranks by test_train); the same command on 1 rank continues the uninterrupted 2-rank run
     (conftest's ZeRO-3 reference) within 1e-5."""
     ref = debug_run("adamw", 3, 2)[0]

@@ -116,7 +116,7 @@ def single_process_env() -> None:
 
 def setup(runtime: Runtime, timeout_s: int = 1800) -> DistInfo:
     single_process_env()
-    leftovers.exit_when_orphaned()  # under torchrun: a killed launcher/torchrun leaves no ranks behind
+    leftovers.exit_when_orphaned()  # a killed launcher (or torchrun) leaves no ranks behind
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if local_rank == 0:  # one rank per machine, before DeepSpeed creates this run's segments

@@ -3,6 +3,7 @@ code paths (docs/reliability.md). Read once from the environment; inert when the
 
     LMFORGE_FAULT_NONFINITE=4,5,6 lmforge train configs/debug.yaml --nproc 2   # steps 4-6 get a NaN loss
     LMFORGE_FAULT_HANG=1:3 lmforge train configs/debug.yaml --nproc 2 dist.hang_timeout_s=10  # rank 1 hangs at step 3
+    LMFORGE_FAULT_KILL_IN_SAVE=1:10 lmforge train configs/debug.yaml --nproc 2   # rank 1 SIGKILLed mid-save of step_10
 
 A poisoned step multiplies the loss by NaN before backward, so the gradients are NaN for real and
 DeepSpeed's overflow check, lmforge's guard and the checkpoint filter all see what a real divergence
@@ -12,19 +13,24 @@ gives them. Each listed step fires once per process: a rollback that replays the
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 
 class Faults:
-    def __init__(self, nonfinite: set[int], hang: tuple[int, int] | None):
+    def __init__(self, nonfinite: set[int], hang: tuple[int, int] | None, kill_in_save: tuple[int, int] | None = None):
         self._nonfinite = set(nonfinite)
         self._hang = hang
+        self._kill_in_save = kill_in_save
 
     @classmethod
     def from_env(cls) -> "Faults":
         steps = {int(s) for s in os.environ.get("LMFORGE_FAULT_NONFINITE", "").split(",") if s.strip()}
-        hang = os.environ.get("LMFORGE_FAULT_HANG", "")
-        return cls(steps, tuple(int(x) for x in hang.split(":")) if hang else None)
+
+        def rank_step(name: str) -> tuple[int, int] | None:
+            value = os.environ.get(name, "")
+            return tuple(int(x) for x in value.split(":")) if value else None
+        return cls(steps, rank_step("LMFORGE_FAULT_HANG"), rank_step("LMFORGE_FAULT_KILL_IN_SAVE"))
 
     def poison(self, step: int) -> bool:
         """True once for each listed step: make this step's loss non-finite."""
@@ -38,3 +44,9 @@ class Faults:
         if self._hang is not None and self._hang == (rank, step):
             while True:
                 time.sleep(3600)
+
+    def maybe_die_saving(self, rank: int, step: int) -> None:
+        """SIGKILL this rank at the listed rank:step, inside the save (DeepSpeed's files written, the
+        checkpoint not yet published): a kill during a save, at a moment no outside poller can hit."""
+        if self._kill_in_save is not None and self._kill_in_save == (rank, step):
+            os.kill(os.getpid(), signal.SIGKILL)

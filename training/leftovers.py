@@ -1,7 +1,7 @@
 """No leftovers after a kill: processes that die with their parent, and DeepSpeed's shared-memory
 segments removed by their owner at teardown and, after a kill, by the next start on this machine.
 
-    kill -9 <lmforge pid>     # torchrun dies with it (PR_SET_PDEATHSIG), its ranks within ~1 s (orphan watch)
+    kill -9 <lmforge pid>     # its ranks die with it (PR_SET_PDEATHSIG; under torchrun: within ~1 s, orphan watch)
     ls /dev/shm               # no deepspeed_allreduce_buffer_* of finished or killed runs
 
 Imports nothing of lmforge's (the launcher reaches die_with_parent through training.preflight).
@@ -42,21 +42,22 @@ def die_with_parent():
 
 
 def exit_when_orphaned(poll_s: float = 1.0) -> None:
-    """In a rank started by torchrun ($TORCHELASTIC_RUN_ID): exit at once when torchrun is gone, so a
-    killed launcher or torchrun leaves no ranks behind (torchrun starts them in sessions of their
-    own, so a kill of the launcher's process group misses them). Polled, not PR_SET_PDEATHSIG: that
-    fires when the *thread* that forked the child exits, and torchrun starts ranks from a worker
-    thread of its own. Before exiting, the rank removes its shared-memory segment."""
-    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+    """In a rank started by torchrun ($TORCHELASTIC_RUN_ID) or by lmforge's local launcher
+    ($LMFORGE_LAUNCHER_PID): exit at once when that parent is gone, so a killed launcher or torchrun
+    leaves no ranks behind (torchrun starts them in sessions of their own, so a kill of the
+    launcher's process group misses them). Polled, besides PR_SET_PDEATHSIG: that fires when the
+    *thread* that forked the child exits, and torchrun starts ranks from a worker thread of its own.
+    Before exiting, the rank removes its shared-memory segment."""
+    if not (os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("LMFORGE_LAUNCHER_PID")):
         return
     parent = os.getppid()
-    if parent == 1:  # torchrun died before we looked (where a subreaper adopts us, that window stays open)
+    if parent == 1:  # the launcher died before we looked (where a subreaper adopts us, that window stays open)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        print(f"lmforge: rank {os.environ.get('RANK', '?')} (pid {os.getpid()}): torchrun (pid {parent}) is gone; "
+        print(f"lmforge: rank {os.environ.get('RANK', '?')} (pid {os.getpid()}): its launcher (pid {parent}) is gone; "
               "exiting", file=sys.stderr, flush=True)
         unlink_own_segments()
         os.kill(os.getpid(), signal.SIGKILL)  # no teardown: the peers are gone or going

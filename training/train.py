@@ -102,7 +102,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     bar = tqdm(total=total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0, disable=not (d.is_main and cfg.logging.progress))
     evals: dict[int, dict] = {}
-    faults, watchdog = Faults.from_env(), Watchdog(cfg.dist.hang_timeout_s, cfg.run_dir, d.rank, d.world_size, log)
+    faults, watchdog = r.faults, Watchdog(cfg.dist.hang_timeout_s, cfg.run_dir, d.rank, d.world_size, log)
     try:
         if p.step == 0:
             p.before = r.evaluate(p.step)[r.headline]
@@ -266,6 +266,7 @@ class Run:
     guard: NonFiniteGuard
     restore: Callable[[Path], dict]   # load a checkpoint of this run into the engine (this rank)
     no_rollback_to: Path | None = None  # resumed from another layout: DeepSpeed loads it only converted
+    faults: Faults = Faults(set(), None)  # training/faults.py: drills and tests only
     log: object = None
 
     def bad_step(self, loss: float, grad_norm: float) -> bool:
@@ -377,6 +378,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
             stopping.load_state_dict(client.get("early_stopping") or {})
         log.info(f"resumed from {plan.resume_from} at step {progress.step}")
 
+    faults = Faults.from_env()
     metrics = metrics_lib.make_metrics(d.rank, cfg.tensorboard_dir, Path(cfg.run_dir) / "metrics.jsonl", cfg.to_yaml())
     throughput = metrics_lib.Throughput(tokens_per_step, model_lib.flops_per_token(model.config, n_matmul, seq_len),
                                         d.world_size, metrics_lib.peak_tflops(cfg.logging.peak_tflops))
@@ -392,8 +394,11 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
                                  f"{checkpoint.tag(step)} (a diverged state is never published)")
         client = {"tokens": progress.tokens, "sampler": sampler.state_dict(), "before": progress.before,
                   "early_stopping": stopping.state_dict() if stopping else None}
-        return checkpoint.save(engine, cfg, step, client, d.rank, d.world_size, log,
-                               write_extra=lambda out: model_lib.save_hf_files(engine.module, tokenizer, out, d.is_main))
+        def write_extra(out: Path) -> None:
+            faults.maybe_die_saving(d.rank, step)
+            model_lib.save_hf_files(engine.module, tokenizer, out, d.is_main)
+
+        return checkpoint.save(engine, cfg, step, client, d.rank, d.world_size, log, write_extra=write_extra)
 
     return Run(engine=engine, groups=groups, train_data=train_data, sampler=sampler, evaluate=evaluate,
                headline=task.headline, metrics=metrics, throughput=throughput,
@@ -402,7 +407,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
                stopping=stopping, resumed_from=plan.resume_from, adalora=adalora, distiller=distiller, task=task,
                guard=NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite, cfg.train.spike_threshold),
                restore=lambda path: checkpoint.load(engine, path, d.rank),
-               no_rollback_to=plan.resume_from if plan.layout_change is not None else None, log=log)
+               no_rollback_to=plan.resume_from if plan.layout_change is not None else None, faults=faults, log=log)
 
 
 class EarlyStopping:
