@@ -123,6 +123,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
             grad_norm = r.engine.get_global_grad_norm()
             grad_norm = float(grad_norm) if grad_norm is not None else math.nan
             if r.bad_step(loss, grad_norm):
+                bar.n = p.step  # a rollback moved the step back
                 continue  # updated nothing (or rolled back): no metrics, eval or save for it
             perf = r.throughput(step_time)
             if state_bytes is None:  # optimizers create their state at the first step: measure it then
