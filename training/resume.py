@@ -52,9 +52,7 @@ def agree(cfg: Config, plan: Prepared, rank: int, world_size: int, log) -> Prepa
         if problem is None:
             break
         log.warning(f"skipping checkpoint {chosen}: {problem}")
-        step = int(name.split("_")[1])  # rank 0 picks the next older complete one
-        candidate = next((p for p in checkpoint.steps(root) if int(p.name.split("_")[1]) < step
-                          and checkpoint.verify(p) is None), None)
+        candidate = checkpoint.find_latest(root, log, older_than=root / name)  # rank 0's is the one used
     others = {r: m for r, m in enumerate(_all(mine, world_size)) if m != name}
     if others:  # e.g. storage that showed ranks different moments: they follow rank 0
         log.warning("resume: " + ", ".join(f"rank {r} found {m or 'no checkpoint'}" for r, m in others.items())

@@ -56,7 +56,9 @@ class Watchdog:
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
                 self._fire(idle, self._hang_dir(started) or self._new_hang_dir(), first=True)
-            elif (other := self._hang_dir(started)) is not None:  # another rank fired: dump too
+            # another rank fired: dump too. Looked for only once this rank is stalled as well (a
+            # hang stalls every rank), so a healthy run never lists a shared run_dir from every rank.
+            elif idle > self.timeout_s / 2 and (other := self._hang_dir(started)) is not None:
                 self._fire(idle, other, first=False)
 
     def _hang_dir(self, since: float) -> Path | None:

@@ -434,9 +434,8 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
 
 def prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints (and the early-stopping best); the rest go with their derived dirs."""
-    steps = sorted(_step_dirs(root), key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
     best = (read_best(root) or {}).get("tag")
-    for old in steps[:-keep]:
+    for old in steps(root)[keep:]:
         if old.name == best:
             continue  # the early-stopping best is kept beyond checkpoint.keep
         shutil.rmtree(old, ignore_errors=True)
@@ -514,9 +513,14 @@ def verify_contents_collective(path: Path, rank: int, world_size: int) -> str | 
     return next((p for p in got if p is not None), None)
 
 
-def find_latest(root: Path, log) -> Path | None:
-    """Newest complete checkpoint under root (by sizes); broken ones are skipped with a warning."""
-    for path in steps(root):
+def find_latest(root: Path, log, older_than: Path | None = None) -> Path | None:
+    """Newest complete checkpoint under root (by sizes), or the newest older than `older_than` (a
+    checkpoint found broken later, e.g. by its hashes); broken ones are skipped with a warning."""
+    candidates = steps(root)
+    if older_than is not None:
+        names = [p.name for p in candidates]
+        candidates = candidates[names.index(older_than.name) + 1:] if older_than.name in names else []
+    for path in candidates:
         problem = verify(path)
         if problem is None:
             return path
