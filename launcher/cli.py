@@ -111,10 +111,11 @@ def cmd_launch(args) -> int:
     from lmforge.training.preflight import get_logger
 
     nproc = cfg.launch.workers or _default_nproc()
+    ctx = local.fork_server(cfg, nproc)  # imports the ranks' modules while preflight runs
     # All validation (data included) happens here, before any rank or GPU is started; one job per
     # run directory (a second is refused naming the holder).
     with prepared(cfg, nproc, get_logger(0), absolute=False) as cfg:
-        return local.launch(cfg, Path(cfg.run_dir) / "config.yaml", nproc)
+        return local.launch(cfg, Path(cfg.run_dir) / "config.yaml", nproc, ctx)
 
 
 def cmd_plan(args) -> int:

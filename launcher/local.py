@@ -11,6 +11,13 @@ wall time before the first step) and lets the launcher read each rank's own exit
 read the resolved config that the driver dumped into the run directory, so every rank sees exactly
 the validated tree.
 
+Without a GPU the ranks are forked from one pre-imported process (Python's forkserver, started
+before preflight so that its imports overlap it): torch, DeepSpeed, transformers and the rank code
+are imported once per job instead of once per rank, ~6 s of CPU per rank on a 2-core box
+(BENCHMARKS.md, "time to first step"). The forkserver is a fresh interpreter that only imported
+modules (no thread, no tensor op), the state fork is safe from. With a GPU each rank is its own
+`python -m lmforge.training.train`: a CUDA driver initialised before a fork is unusable in the child.
+
 `kill -TERM <lmforge pid>` (or SIGUSR1) stops the job gracefully: the ranks save a checkpoint and the
 command exits 75; running it again resumes. Ctrl-C aborts at once. A rank that fails takes the job
 down: the others get SIGTERM (they save nothing: their step cannot finish without the failed
@@ -21,6 +28,7 @@ rank), then SIGKILL after a grace period, and the command exits with the failed 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -30,7 +38,7 @@ from pathlib import Path
 
 from lmforge.training.config import Config
 from lmforge.launcher.base import StopOnSignal
-from lmforge.training.preflight import EXIT_STOPPED, die_with_parent, free_port
+from lmforge.training.preflight import EXIT_STOPPED, die_with_parent, free_port, get_logger
 
 GRACE_S = 10  # a failed job's other ranks: SIGTERM, then SIGKILL after this long
 
@@ -41,22 +49,123 @@ def rank_command(config_path: Path) -> list[str]:
 
 def rank_env(rank: int, nproc: int, port: int) -> dict:
     env = dict(os.environ)
-    # One thread per rank's share of the cores (torchrun would force 1 and warn).
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", _threads(nproc))
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                LMFORGE_LAUNCHER_PID=str(os.getpid()))  # the ranks' orphan watch (training/leftovers.py)
     return env
 
 
-def launch(cfg: Config, config_path: Path, nproc: int) -> int:
+def preload(cfg: Config) -> list[str]:
+    """What every rank of this config imports: the forkserver imports it once."""
+    mods = ["torch", "deepspeed", "transformers", "lmforge.training.train",
+            # DeepSpeed's optimizer check imports its Muon module, which imports torch._dynamo (~1 s)
+            "deepspeed.runtime.zero.muon.muon_optimizer", "transformers.models.llama.modeling_llama"]
+    if cfg.finetune.method != "full":
+        mods.append("peft")
+    if cfg.finetune.method == "qlora" or cfg.train.optimizer.endswith("8bit"):
+        mods.append("bitsandbytes")
+    return mods
+
+
+def fork_server(cfg: Config, nproc: int):
+    """The multiprocessing context the ranks are forked from, its server already importing
+    (started now, it works while the driver runs preflight); None: start each rank with exec."""
+    if nproc == 1 or sys.platform != "linux":
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    os.environ.setdefault("OMP_NUM_THREADS", _threads(nproc))  # read when the server imports torch
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(preload(cfg))
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+    return ctx
+
+
+def _threads(nproc: int) -> str:
+    # One thread per rank's share of the cores (torchrun would force 1 and warn).
+    return str(max(1, (os.cpu_count() or 1) // nproc))
+
+
+def _forked_rank(argv: list[str], env: dict) -> None:
+    """A rank in a process forked from the forkserver: the environment it would have been exec'd
+    with, then what `python -u -m lmforge.training.train CONFIG` runs."""
+    import setproctitle
+
+    # ps and pgrep show what an exec'd rank would show (the forkserver's command line otherwise);
+    # first: it takes its room from the process's initial environment block. /proc/PID/environ
+    # keeps the forkserver's variables: the rendezvous is in the launcher's log.
+    setproctitle.setproctitle(" ".join(rank_command(Path(argv[0])) + argv[1:]))
+    os.environ.clear()
+    os.environ.update(env, PYTHONUNBUFFERED="1")
+    # The forkserver exits when no process holds the write end of its "alive" pipe, and hands that
+    # end to every child it forks; a rank keeping it would keep the forkserver, and so itself (its
+    # parent-death signal), alive after the launcher is killed.
+    from multiprocessing import forkserver
+
+    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if alive is not None:
+        os.close(alive)
+        forkserver._forkserver._forkserver_alive_fd = None
+    die_with_parent(os.getppid())()  # the forkserver, which exits with the launcher
+    sys.argv = ["lmforge.training.train", *argv]
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True, write_through=True)
+    from lmforge.training import train
+
+    train.exit_with(train.cli(argv))
+
+
+class ForkedRank:
+    """A forked rank with the subprocess.Popen surface that supervise() uses."""
+
+    def __init__(self, process):
+        self.process = process
+        self.pid = process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        if self.process.exitcode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def start_ranks(config_path: Path, nproc: int, ctx=None) -> list:
+    port = free_port()
+    if ctx is None:
+        ranks = [subprocess.Popen(rank_command(config_path), env=rank_env(r, nproc, port), preexec_fn=die_with_parent())
+                 for r in range(nproc)]
+    else:
+        ranks = []
+        for r in range(nproc):
+            p = ctx.Process(target=_forked_rank, args=([str(config_path)], rank_env(r, nproc, port)),
+                            name=f"lmforge-rank{r}")
+            p.start()
+            ranks.append(ForkedRank(p))
+    get_logger(0).info(f"started {nproc} ranks{' (forked)' if ctx else ''}: pids "
+                       f"{', '.join(str(p.pid) for p in ranks)}, rendezvous 127.0.0.1:{port}")
+    return ranks
+
+
+def launch(cfg: Config, config_path: Path, nproc: int, ctx=None) -> int:
+    """Run the job's ranks; `ctx`: fork_server()'s, to fork them from it."""
     if nproc == 1:
         from lmforge.training.train import main
 
         return EXIT_STOPPED if main(cfg).get("stopped") else 0
-    port = free_port()
-    ranks = [subprocess.Popen(rank_command(config_path), env=rank_env(r, nproc, port), preexec_fn=die_with_parent())
-             for r in range(nproc)]
+    ranks = start_ranks(config_path, nproc, ctx)
 
     def interrupt(signum: int) -> None:
         for p in ranks:
@@ -68,7 +177,7 @@ def launch(cfg: Config, config_path: Path, nproc: int) -> int:
     return stopper.outcome(rc)
 
 
-def supervise(ranks: list[subprocess.Popen]) -> int:
+def supervise(ranks: list) -> int:
     """Wait for every rank. All 0 (or all 75, a stop): that status. The first rank to fail decides
     the job's status and the others are ended, as torchrun ends them."""
     failed: int | None = None

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,20 @@ def run(cmd: list[str], timeout: int = 600, check: bool = True, env_extra: dict 
 
 def lmforge(*args, **kw) -> subprocess.CompletedProcess:
     return run([str(BIN / "lmforge"), *map(str, args)], **kw)
+
+
+def rendezvous_port(stream, timeout: float = 60, seen: list | None = None) -> str:
+    """The local launcher's rendezvous port, read from its stderr (a text stream) up to the line
+    "started N ranks ...: pids ..., rendezvous 127.0.0.1:PORT"; the lines read go to `seen`."""
+    deadline = time.time() + timeout
+    for line in stream:
+        if seen is not None:
+            seen.append(line)
+        found = re.search(r"started \d+ ranks.*rendezvous 127\.0\.0\.1:(\d+)", line)
+        if found:
+            return found.group(1)
+        assert time.time() < deadline, "no 'started N ranks' line"
+    raise AssertionError("the launcher ended before starting its ranks")
 
 
 def debug_overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, DEBUG, REPO, debug_overrides, env, losses
+from conftest import BIN, DEBUG, REPO, debug_overrides, env, losses, rendezvous_port
 # every lmforge name this file uses (one place to follow a rename)
 from lmforge.training import leftovers, runlock
 from lmforge.training.runlock import RunDirInUse, RunLock, check_free, for_rank, lock_path
@@ -235,15 +235,24 @@ def _start(*args, shm: bool = False) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _ranks(launcher: subprocess.Popen, timeout: float = 60):
-    """The launcher's rank children (it starts them itself) and their master port."""
+def _ranks(launcher: subprocess.Popen, timeout: float = 60, seen: list | None = None):
+    """The launcher's ranks (it starts them itself, forked from its forkserver on CPU) and their
+    master port, from the launcher's "started 2 ranks ... rendezvous 127.0.0.1:PORT" line; the
+    stderr lines read up to it go to `seen`."""
     import psutil
 
+    port = rendezvous_port(launcher.stderr, timeout, seen)
     deadline = time.time() + timeout
     while time.time() < deadline:
-        children = [c for c in psutil.Process(launcher.pid).children() if "lmforge.training.train" in " ".join(c.cmdline())]
+        children = []
+        for c in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                if "-m lmforge.training.train" in " ".join(c.cmdline()):
+                    children.append(c)
+            except psutil.Error:  # a short-lived helper already gone
+                pass
         if len(children) == 2:
-            return children, children[0].environ()["MASTER_PORT"]
+            return children, port
         time.sleep(0.1)
     raise AssertionError("no rank children")
 
@@ -300,9 +309,11 @@ def test_busy_run_dir_refused_then_taken_over_after_kill(tmp_path, data_cache):
     assert holder(run_dir)["pid"] == first.pid  # left behind by the kill
 
     third = _start(*args, "train.steps=3", shm=True)
-    _, third_port = _ranks(third)
+    head: list[str] = []
+    _, third_port = _ranks(third, seen=head)
     _wait_for(lambda: len(_segments(third_port)) == 2, third)
     _, err = third.communicate(timeout=120)
+    err = "".join(head) + err
     assert third.returncode == 0, err[-3000:]
     assert f"taking over the lock of pid {first.pid}" in err and "that process is gone" in err
     assert not lock_path(run_dir).exists()

@@ -64,8 +64,8 @@ def wait_job(job: str, timeout: float = 300) -> dict[str, str]:
     return wait_for_end(job, on_poll=check_deadline)
 
 
-def submit(*args) -> tuple[str, subprocess.CompletedProcess]:
-    proc = lmforge("launch", "--on", "slurm", DEBUG, *args)
+def submit(*args, env_extra: dict | None = None) -> tuple[str, subprocess.CompletedProcess]:
+    proc = lmforge("launch", "--on", "slurm", DEBUG, *args, env_extra=env_extra)
     return re.search(r"submitted Slurm job (\d+)", proc.stdout).group(1), proc
 
 
@@ -130,9 +130,10 @@ def test_usr1_checkpoints_requeues_and_resumes_identically(reference, tmp_path, 
 def test_time_limit_leaves_a_checkpoint(slurm, tmp_path, data_cache):
     """No warning signal: Slurm's SIGTERM at the limit is enough for the ranks to save."""
     run_dir = tmp_path / "run"
+    # a minute of steps at a slow pace (LMFORGE_FAULT_SLOW): the other tests keep the cores
     job, _ = submit("--nodes", "2", "--time", "1", *debug_overrides(
         run_dir, data_cache, "train.steps=100000", "checkpoint.interval=0", "eval.interval=0",
-        "slurm.signal_before=0"))
+        "slurm.signal_before=0"), env_extra={"LMFORGE_FAULT_SLOW": "0.5"})
     state = wait_job(job, timeout=240)
     assert state["JobState"] == "TIMEOUT", state
     log = (run_dir / f"slurm-{job}.out").read_text()

@@ -4,6 +4,7 @@ code paths (docs/reliability.md). Read once from the environment; inert when the
     LMFORGE_FAULT_NONFINITE=4,5,6 lmforge train configs/debug.yaml --nproc 2   # steps 4-6 get a NaN loss
     LMFORGE_FAULT_HANG=1:3 lmforge train configs/debug.yaml --nproc 2 dist.hang_timeout_s=10  # rank 1 hangs at step 3
     LMFORGE_FAULT_KILL_IN_SAVE=1:10 lmforge train configs/debug.yaml --nproc 2   # rank 1 SIGKILLed mid-save of step_10
+    LMFORGE_FAULT_SLOW=0.5 lmforge train configs/debug.yaml --nproc 2    # every step takes 0.5 s longer, idle
 
 A poisoned step multiplies the loss by NaN before backward, so the gradients are NaN for real and
 DeepSpeed's overflow check, lmforge's guard and the checkpoint filter all see what a real divergence
@@ -18,10 +19,12 @@ import time
 
 
 class Faults:
-    def __init__(self, nonfinite: set[int], hang: tuple[int, int] | None, kill_in_save: tuple[int, int] | None = None):
+    def __init__(self, nonfinite: set[int], hang: tuple[int, int] | None, kill_in_save: tuple[int, int] | None = None,
+                 slow_s: float = 0.0):
         self._nonfinite = set(nonfinite)
         self._hang = hang
         self._kill_in_save = kill_in_save
+        self._slow_s = slow_s
 
     @classmethod
     def from_env(cls) -> "Faults":
@@ -30,7 +33,8 @@ class Faults:
         def rank_step(name: str) -> tuple[int, int] | None:
             value = os.environ.get(name, "")
             return tuple(int(x) for x in value.split(":")) if value else None
-        return cls(steps, rank_step("LMFORGE_FAULT_HANG"), rank_step("LMFORGE_FAULT_KILL_IN_SAVE"))
+        return cls(steps, rank_step("LMFORGE_FAULT_HANG"), rank_step("LMFORGE_FAULT_KILL_IN_SAVE"),
+                   float(os.environ.get("LMFORGE_FAULT_SLOW") or 0))
 
     def poison(self, step: int) -> bool:
         """True once for each listed step: make this step's loss non-finite."""
@@ -40,10 +44,14 @@ class Faults:
         return False
 
     def maybe_hang(self, rank: int, step: int) -> None:
-        """Block this rank forever at the listed rank:step (a deadlock as the watchdog sees it)."""
+        """Block this rank forever at the listed rank:step (a deadlock as the watchdog sees it), or
+        for LMFORGE_FAULT_SLOW seconds at every step: a long job's pace without its CPU (a test that
+        waits for a time limit leaves the cores to the other tests)."""
         if self._hang is not None and self._hang == (rank, step):
             while True:
                 time.sleep(3600)
+        if self._slow_s:
+            time.sleep(self._slow_s)
 
     def maybe_die_saving(self, rank: int, step: int) -> None:
         """SIGKILL this rank at the listed rank:step, inside the save (DeepSpeed's files written, the

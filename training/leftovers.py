@@ -22,16 +22,17 @@ SHM_DIR = Path("/dev/shm")
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent():
-    """A Popen preexec_fn: the child gets SIGKILL when this process dies (Linux PR_SET_PDEATHSIG; None
-    elsewhere). Resolved before the fork, so the child only makes the system call."""
+def die_with_parent(parent: int | None = None):
+    """A Popen preexec_fn: the child gets SIGKILL when this process (or `parent`, for a child that
+    calls it itself) dies (Linux PR_SET_PDEATHSIG; None elsewhere). Resolved before the fork, so
+    the child only makes the system call."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
-    parent = os.getpid()
+    parent = parent or os.getpid()
 
     def preexec() -> None:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -53,11 +54,22 @@ def exit_when_orphaned(poll_s: float = 1.0) -> None:
     parent = os.getppid()
     if parent == 1:  # the launcher died before we looked (where a subreaper adopts us, that window stays open)
         os.kill(os.getpid(), signal.SIGKILL)
+    import multiprocessing
+
+    # A rank forked by the local launcher's forkserver: its parent is the forkserver, which outlives
+    # the launcher by its own shutdown (seconds); the pipe multiprocessing started it through closes
+    # the moment the launcher dies, so the watch blocks on that instead of polling.
+    started_by = multiprocessing.parent_process()
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        print(f"lmforge: rank {os.environ.get('RANK', '?')} (pid {os.getpid()}): its launcher (pid {parent}) is gone; "
+        if started_by is not None:
+            started_by.join()
+            parent_desc = f"launcher (pid {os.environ.get('LMFORGE_LAUNCHER_PID', '?')})"
+        else:
+            while os.getppid() == parent:
+                time.sleep(poll_s)
+            parent_desc = f"launcher (pid {parent})"
+        print(f"lmforge: rank {os.environ.get('RANK', '?')} (pid {os.getpid()}): its {parent_desc} is gone; "
               "exiting", file=sys.stderr, flush=True)
         unlink_own_segments()
         os.kill(os.getpid(), signal.SIGKILL)  # no teardown: the peers are gone or going

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,9 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     log.info(f"runtime: {plan.runtime.describe()} world_size={d.world_size} threads={torch.get_num_threads()}")
     r = setup(cfg, d, plan, log)
     p, total_steps = r.progress, cfg.total_steps()
+    # tqdm's default lock is a multiprocessing one, which starts a resource-tracker process (and,
+    # in a rank forked by the launcher, leaves a "leaked semaphore" warning); one bar needs a thread lock
+    tqdm.set_lock(threading.RLock())
     bar = tqdm(total=total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0, disable=not (d.is_main and cfg.logging.progress))
     evals: dict[int, dict] = {}
@@ -471,14 +475,17 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    code = cli()
-    # The run is over: checkpoint published, TensorBoard closed, process group destroyed. Leave
-    # without the interpreter's native teardown: a thread that a native library still holds at exit
-    # occasionally aborts a rank after a complete run ("terminate called without an active
-    # exception", SIGABRT; seen twice in a few hundred 2-rank gloo runs here), and the launcher then
-    # reports the finished job as failed. An exception still takes the normal path (traceback, exit 1).
+def exit_with(code: int) -> None:
+    """The run is over: checkpoint published, TensorBoard closed, process group destroyed. Leave
+    without the interpreter's native teardown: a thread that a native library still holds at exit
+    occasionally aborts a rank after a complete run ("terminate called without an active
+    exception", SIGABRT; seen twice in a few hundred 2-rank gloo runs here), and the launcher then
+    reports the finished job as failed. An exception still takes the normal path (traceback, exit 1)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_with(cli())
