@@ -89,15 +89,53 @@ def test_global_batch_must_divide_by_micro_times_dp():
         build_ds_config(cfg, 2, "fp32")
 
 
-@pytest.mark.parametrize("key", ["optimizer", "train_batch_size", "bf16", "gradient_accumulation_steps", "scheduler"])
-def test_ds_config_that_sets_run_keys_is_refused(tmp_path, key):
-    ds = json.loads((DS_CONFIG_DIR / "zero3.json").read_text())
-    ds[key] = {"type": "AdamW"} if key in ("optimizer", "scheduler") else ({"enabled": True} if key == "bf16" else 8)
+HF_ZERO3_AUTO = Path(__file__).parent / "fixtures" / "hf_zero3_auto.json"  # as the HF Trainer docs ship it
+
+
+def test_ecosystem_json_with_auto_keys_is_filled_from_the_run_config():
+    cfg = load_config(DEBUG, [f"parallel.ds_config={HF_ZERO3_AUTO}", "train.schedule=constant", "train.grad_clip=0.5"])
+    ds = build_ds_config(cfg, 2, "fp32")
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.grad_accum(2))
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["fp16"]["enabled"] is False and ds["bf16"]["enabled"] is False
+    assert ds["fp16"]["loss_scale_window"] == 1000  # the JSON's loss-scale details stay
+    assert not {"optimizer", "scheduler"} & set(ds)  # lmforge passes its own to deepspeed.initialize
+    zero = ds["zero_optimization"]
+    assert "reduce_bucket_size" not in zero and "offload_optimizer" not in zero and zero["overlap_comm"] is True
+    assert "auto" not in json.dumps(ds)
+    assert build_ds_config(cfg, 2, "bf16")["bf16"]["enabled"] is True
+
+
+@pytest.mark.parametrize("edit,overrides,expected", [
+    ({"train_batch_size": 32}, [], "sets train_batch_size=32 but train.global_batch_size=8"),
+    ({"gradient_accumulation_steps": 4}, [], "sets gradient_accumulation_steps=4 but train.global_batch_size / "
+                                             "(train.micro_batch_size x data-parallel size)=1"),
+    ({"bf16": {"enabled": True}}, [], "sets bf16.enabled=true but train.precision (resolved: fp32)=false"),
+    ({"optimizer": {"type": "Lion", "params": {"lr": "auto"}}}, [], "sets optimizer.type=\"Lion\" but train.optimizer=\"adamw\""),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, [], "sets optimizer.params.lr=0.001 but train.lr=0.0003"),
+    ({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}, [], "sets optimizer.params.torch_adam=true, which"),
+    ({}, ["train.schedule=cosine"], "sets scheduler.type=\"WarmupLR\" but train.schedule=\"cosine\""),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, ["train.schedule=constant"],
+     "sets zero_optimization.offload_param but parallel.offload_params=false"),
+])
+def test_ds_config_value_that_conflicts_with_the_run_config_names_both(tmp_path, edit, overrides, expected):
+    ds = json.loads(HF_ZERO3_AUTO.read_text())
+    ds.update(edit)
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
-    cfg = load_config(DEBUG, [f"parallel.ds_config={path}"])
-    with pytest.raises(ConfigError, match=f"sets {key}; these come from the run config"):
+    cfg = load_config(DEBUG, [f"parallel.ds_config={path}", "train.schedule=constant", "train.lr=3e-4", *overrides])
+    with pytest.raises(ConfigError) as err:
         build_ds_config(cfg, 2, "fp32")
+    assert expected in str(err.value) and str(path) in str(err.value)
+
+
+def test_ds_config_explicit_values_equal_to_the_run_config_are_accepted(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": 8, "gradient_clipping": 1.0,
+                                "bf16": {"enabled": False}, "optimizer": {"type": "AdamW", "params": {"lr": 3e-4}}}))
+    cfg = load_config(DEBUG, [f"parallel.ds_config={path}", "train.lr=3e-4", "train.grad_clip=1.0"])
+    assert build_ds_config(cfg, 2, "fp32")["train_batch_size"] == 8
 
 
 def test_ds_config_stage_must_agree(tmp_path):

@@ -4,8 +4,9 @@ config built from it.
     lmforge config configs/debug.yaml train.lr=1e-3 --nproc 2   # print the resolved tree + DS JSON
 
 Every setting lives here exactly once. The DeepSpeed JSON files in ds_configs/ hold only ZeRO and
-communication keys; `build_ds_config` fills batch sizes, accumulation, clipping and precision from
-this tree and refuses a JSON that sets them itself. This module imports nothing else of lmforge's
+communication keys; `build_ds_config` fills batch sizes, accumulation, clipping, precision, optimizer
+and schedule from this tree. A JSON may set those to "auto" (ecosystem JSONs do) or to the run's own
+value; a different value is refused, naming both. This module imports nothing else of lmforge's
 but the task registry (training/tasks/, when validating: it names the tasks and each one's rules).
 """
 
@@ -669,9 +670,85 @@ def dump_config(cfg: Config, path: Path) -> None:
 
 # --------------------------------------------------------------------------- DeepSpeed config
 
-# Keys the run config owns. A ds_config JSON that sets one is refused, so no setting lives twice.
+# Keys the run config owns. A ds_config JSON may leave them out or set them to "auto" (as the
+# Hugging Face Trainer, Axolotl and LLaMA-Factory JSONs do); lmforge fills them. An explicit value
+# is accepted only if it equals the run's, so no setting lives twice with two values.
 RUN_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                      "optimizer", "scheduler", "fp16", "bf16", "amp", "gradient_clipping")
+AUTO = "auto"
+_OPTIMIZER_TYPES = {"adamw": ("adamw", "adam"), "adamw_8bit": ("adamw", "adam"),
+                    "paged_adamw_8bit": ("adamw", "adam"), "lion_8bit": ("lion",)}
+# DeepSpeed's scheduler types as lmforge's schedules (engine.lr_lambda: linear warmup, then decay)
+_SCHEDULER_TYPES = {"constant": "WarmupLR", "linear": "WarmupDecayLR", "cosine": "WarmupCosineLR"}
+
+
+def _run_owned_values(cfg: Config, world_size: int, precision: str) -> dict[str, tuple[str, Any]]:
+    """JSON key (dotted) -> (the lmforge key that owns it, its value in this run)."""
+    t = cfg.train
+    return {
+        "train_batch_size": ("train.global_batch_size", t.global_batch_size),
+        "train_micro_batch_size_per_gpu": ("train.micro_batch_size", t.micro_batch_size),
+        "gradient_accumulation_steps": ("train.global_batch_size / (train.micro_batch_size x data-parallel size)",
+                                        cfg.grad_accum(cfg.data_parallel_size(world_size))),
+        "gradient_clipping": ("train.grad_clip", t.grad_clip),
+        "fp16.enabled": (f"train.precision (resolved: {precision})", precision == "fp16"),
+        "bf16.enabled": (f"train.precision (resolved: {precision})", precision == "bf16"),
+        "amp.enabled": ("train.precision (lmforge never uses apex amp)", False),
+        "optimizer.type": ("train.optimizer", t.optimizer),
+        "optimizer.params.lr": ("train.lr", t.lr),
+        "optimizer.params.betas": ("train.betas", list(t.betas)),
+        "optimizer.params.eps": ("train.eps", t.eps),
+        "optimizer.params.weight_decay": ("train.weight_decay", t.weight_decay),
+        "scheduler.type": ("train.schedule", t.schedule),
+        "scheduler.params.warmup_min_lr": ("train.warmup (linear from 0)", 0),
+        "scheduler.params.warmup_max_lr": ("train.lr", t.lr),
+        "scheduler.params.warmup_num_steps": ("train.warmup", t.warmup),
+        "scheduler.params.total_num_steps": ("train.steps", cfg.total_steps()),
+        "scheduler.params.cos_min_ratio": ("train.min_lr_ratio", t.min_lr_ratio),
+    }
+
+
+def _agrees(json_key: str, given: Any, ours: Any) -> bool:
+    if json_key == "optimizer.type":
+        return str(given).lower() in _OPTIMIZER_TYPES[ours]
+    if json_key == "scheduler.type":
+        return given == _SCHEDULER_TYPES[ours]
+    if isinstance(given, bool) or isinstance(ours, bool):
+        return given is ours
+    if isinstance(ours, list):
+        return isinstance(given, list) and len(given) == len(ours) and all(map(_agrees_num, given, ours))
+    return _agrees_num(given, ours)
+
+
+def _agrees_num(given: Any, ours: Any) -> bool:
+    return isinstance(given, (int, float)) and not isinstance(given, bool) and abs(given - ours) <= 1e-12 * max(1, abs(ours))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _check_run_owned(ds: dict, path: Path, cfg: Config, world_size: int, precision: str) -> None:
+    """Every run-owned key the JSON sets is "auto" or equal to the run's value; else a ConfigError
+    naming the JSON key and the lmforge key with both values."""
+    owned = _run_owned_values(cfg, world_size, precision)
+    given = _flatten({k: ds[k] for k in RUN_OWNED_DS_KEYS if k in ds})
+    for key, value in given.items():
+        if value == AUTO:
+            continue
+        if key in owned:
+            lm_key, ours = owned[key]
+            if not _agrees(key, value, ours):
+                raise ConfigError(f"parallel.ds_config: {path} sets {key}={json.dumps(value)} but {lm_key}="
+                                  f"{json.dumps(ours)}; set it in one place: \"auto\" in the JSON, or the lmforge key")
+        elif key.split(".")[0] not in ("fp16", "bf16"):  # fp16/bf16 details (loss scaling) are kept
+            # lmforge builds its own optimizer and schedule from train.*: a value it would not use is refused
+            raise ConfigError(f"parallel.ds_config: {path} sets {key}={json.dumps(value)}, which lmforge does not "
+                              "read (optimizer and schedule come from train.*); remove it or make it \"auto\"")
 
 
 def load_ds_json(cfg: Config) -> tuple[dict[str, Any], Path]:
@@ -687,14 +764,10 @@ def load_ds_json(cfg: Config) -> tuple[dict[str, Any], Path]:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"parallel.ds_config: {path} is not valid JSON: {e}") from None
-    owned = [k for k in RUN_OWNED_DS_KEYS if k in ds]
-    if owned:
-        raise ConfigError(
-            f"parallel.ds_config: {path} sets {', '.join(owned)}; these come from the run config "
-            "(train.micro_batch_size, train.global_batch_size, train.optimizer, train.lr/schedule, "
-            "train.precision, train.grad_clip): remove them from the JSON")
+    if not isinstance(ds, dict):
+        raise ConfigError(f"parallel.ds_config: {path} must hold a JSON object")
     stage = ds.get("zero_optimization", {}).get("stage")
-    if stage is not None and stage != cfg.parallel.zero_stage:
+    if stage is not None and stage != AUTO and stage != cfg.parallel.zero_stage:
         raise ConfigError(f"parallel.ds_config: {path} sets zero_optimization.stage={stage} but "
                           f"parallel.zero_stage={cfg.parallel.zero_stage}; keep the stage in one place")
     return ds, path
@@ -706,8 +779,15 @@ def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict[str, A
     `precision` is the resolved one ("fp32", "bf16" or "fp16"), chosen by dist.select_runtime.
     """
     ds, path = load_ds_json(cfg)
+    _check_run_owned(ds, path, cfg, world_size, precision)
     ds = copy.deepcopy(ds)
+    # lmforge passes its own optimizer and scheduler to deepspeed.initialize (engine.py) and never amp
+    for key in ("optimizer", "scheduler", "amp"):
+        ds.pop(key, None)
     zero = ds.setdefault("zero_optimization", {})
+    # ZeRO sizes HF fills from the model's hidden size: DeepSpeed's own defaults here (it takes no "auto")
+    for key in [k for k, v in zero.items() if v == AUTO]:
+        del zero[key]
     zero["stage"] = cfg.parallel.zero_stage
     # parallel.offload_* switch offload on and off; a JSON offload section only supplies its
     # details (device, pin_memory, nvme_path). A user JSON that offloads while the switch is
@@ -716,7 +796,8 @@ def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict[str, A
         if getattr(cfg.parallel, flag):
             zero.setdefault(section, {"device": "cpu", "pin_memory": False})
         elif section in zero:
-            if cfg.parallel.ds_config:
+            # device "none" (as ecosystem JSONs write "no offload") agrees with the switch being off
+            if cfg.parallel.ds_config and zero[section].get("device", "none") != "none":
                 raise ConfigError(f"parallel.ds_config: {path} sets zero_optimization.{section} but "
                                   f"parallel.{flag}=false; switch offload with parallel.{flag}")
             del zero[section]
@@ -727,8 +808,9 @@ def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict[str, A
         gradient_clipping=cfg.train.grad_clip,
         # check_grad_overflow: ZeRO-1/2 skip a bf16 step with a non-finite grad norm, as they do in
         # fp16/fp32 and ZeRO-3 always does (training/guard.py: a non-finite step updates nothing).
-        bf16={"enabled": precision == "bf16", "check_grad_overflow": True},
-        fp16={"enabled": precision == "fp16", "initial_scale_power": 16},
+        # a JSON's loss-scale details (loss_scale_window, hysteresis, ...) are kept; "enabled" is lmforge's
+        bf16={**ds.get("bf16", {}), "enabled": precision == "bf16", "check_grad_overflow": True},
+        fp16={"initial_scale_power": 16, **ds.get("fp16", {}), "enabled": precision == "fp16"},
         # lmforge passes a torch optimizer of its own choosing (never DeepSpeed's JIT FusedAdam).
         zero_allow_untested_optimizer=True,
         steps_per_print=10**9,
@@ -738,4 +820,8 @@ def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict[str, A
         ds["sequence_parallel_size"] = cfg.parallel.sequence
     if cfg.parallel.tensor > 1:
         ds["tensor_parallel"] = {"autotp_size": cfg.parallel.tensor}
+    left = [k for k, v in _flatten(ds).items() if v == AUTO]
+    if left:
+        raise ConfigError(f"parallel.ds_config: {path} sets {', '.join(left)} to \"auto\", which lmforge does not fill; "
+                          "give a value")
     return ds
