@@ -5,7 +5,7 @@
     lmforge launch --on slurm configs/debug.yaml --nodes 2 [--gpus-per-node 8 --partition P --time 4:00:00
                    --account A] [--dry-run | --follow]
     lmforge config configs/debug.yaml train.lr=1e-3 [--nproc N]    # resolved tree + DeepSpeed JSON
-    lmforge prepare configs/demo.yaml                               # build the tokenizer + token cache
+    lmforge prepare configs/demo.yaml [--on ray [--address HOST:PORT]]  # build the tokenizer + token cache
     lmforge plan configs/pretrain_7b.yaml --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB [--json]
     lmforge export runs/debug --out exports/debug [--which latest|best] [--max-shard-size 2GB]
     lmforge export exports/debug --format gguf --quant q8_0 --out exports/debug-q8_0.gguf  # or --format onnx [--int8]
@@ -80,8 +80,12 @@ def cmd_prepare(args) -> int:
     tokenized examples (checks labels, template, columns)."""
     from lmforge.training.preflight import get_logger, prepare_data
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_with_flags(args)
     with _stdout_to_stderr():  # the tokenizer trainer prints progress on fd 1; stdout stays JSON
+        if cfg.launch.backend == "ray":  # token files encoded across the cluster; what follows finds them
+            from lmforge.launcher import ray_prepare
+
+            ray_prepare.prepare(cfg, get_logger(0))
         prepared, _ = prepare_data(cfg, get_logger(0))
     print(json.dumps(prepared.summary, indent=1))
     return 0
@@ -175,6 +179,13 @@ def _launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--follow", action="store_true", help="tail the job's log until it ends; exit with its status")
 
 
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--on", choices=["local", "ray"], default=None,
+                   help="= launch.backend: ray encodes the documents with Ray Data across the cluster")
+    p.add_argument("--address", default=None, help="= launch.address: Ray cluster (default $RAY_ADDRESS, else a local Ray)")
+
+
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--param", action="append", default=[], metavar="KEY=DIST:ARGS",
@@ -230,7 +241,7 @@ COMMANDS = {
     "launch": (cmd_launch, _launch_args, "train on this machine (--on local), a Ray cluster (--on ray) or Slurm (--on slurm)"),
     "sweep": (cmd_sweep, _sweep_args, "Ray Tune sweep over whole runs (ASHA on eval loss)"),
     "config": (cmd_config, _config_args, "print the resolved config tree and the DeepSpeed JSON"),
-    "prepare": (cmd_prepare, _add_config_args, "build the tokenizer and token cache for a config's data"),
+    "prepare": (cmd_prepare, _prepare_args, "build the tokenizer and token cache for a config's data (--on ray: Ray Data)"),
     "plan": (cmd_plan, _plan_args, "per-rank memory, tokens/s and a layout that fits, from the config alone"),
     "export": (cmd_export, _export_args, "a run or checkpoint -> a Hugging Face directory (adapters merged), GGUF or ONNX"),
     "verify": (cmd_verify, _verify_args, "check checkpoints' files against their manifests (sizes and content hashes)"),

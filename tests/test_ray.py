@@ -242,6 +242,26 @@ def test_sweep_runs_trials_and_writes_table(cluster, tmp_path, data_cache):
     assert 1e-3 <= best["train"]["lr"] <= 1e-2 and best["train"]["warmup"] in (2, 5)
 
 
+def test_prepare_on_ray_writes_the_single_node_token_files_byte_for_byte(cluster, tmp_path, data_cache):
+    """`lmforge prepare --on ray` encodes with Ray Data on both nodes; its cache equals the one the
+    single-node path builds (data_cache: built in process here, or already by the reference runs)."""
+    from lmforge.training import data
+    from lmforge.training.config import load_config
+
+    local = data.prepare(load_config(DEBUG, debug_overrides(tmp_path / "unused", data_cache)).data)
+    proc = _ok(subprocess.run([str(BIN / "lmforge"), "prepare", str(DEBUG), "--on", "ray", "--address",
+                               cluster["address"], *debug_overrides(tmp_path / "r", tmp_path / "ray-cache")],
+                              capture_output=True, text=True, env=_ray_env(), cwd=REPO, timeout=300))
+    summary = json.loads(proc.stdout)
+    assert Path(summary["train"]).is_relative_to(tmp_path / "ray-cache")
+    assert Path(summary["train"]).parent.name == local.train_tokens.parent.name  # the same fingerprint
+    for name in ("train.npy", "val.npy", "tokenizer/tokenizer.json", "meta.json"):
+        assert (Path(summary["train"]).parent / name).read_bytes() == (local.train_tokens.parent / name).read_bytes(), name
+    assert re.search(r"ray prepare train: \d+ documents, \d+ tokens in [\d.]+ s \([\d,]+ tokens/s\) on 2 node\(s\)",
+                     proc.stderr), proc.stderr[-3000:]
+    _no_token_in(tmp_path / "ray-cache", proc.stdout, proc.stderr)
+
+
 def test_unreachable_address_fails_fast(tmp_path, data_cache):
     port = _free_port()  # nobody listens here
     t0 = time.time()

@@ -264,32 +264,51 @@ def load_tokenizer(path: str | Path):
 
 # --------------------------------------------------------------------------- token files
 
-def _write_tokens(ds, tok, out: Path, num_proc: int, desc: str) -> int:
+def encode_batch(tok, texts: list[str]) -> list[list[int]]:
+    """Each document's token ids with EOS appended: the one encode step of both preparation paths
+    (`datasets.map` here, Ray Data's map_batches in launcher/ray_prepare.py)."""
     eos = tok.eos_token_id
-    dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max else np.uint32
+    return [ids + [eos] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
 
-    def encode(batch):
-        ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [eos] for x in ids], "n": [len(x) + 1 for x in ids]}
 
-    enc = ds.map(encode, batched=True, num_proc=num_proc if num_proc > 1 else None,
-                 remove_columns=["text"], desc=f"tokenizing {desc}")
-    total = int(np.sum(enc["n"]))
+def token_dtype(tok) -> type:
+    return np.uint16 if len(tok) <= np.iinfo(np.uint16).max else np.uint32
+
+
+def write_token_file(chunks, total: int, dtype, out: Path) -> int:
+    """Write `total` tokens, given as consecutive 1-D arrays, into the .npy `out` (atomically)."""
     tmp = out.with_name(out.name + ".tmp.npy")
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(total,))
     pos = 0
-    for batch in enc.iter(batch_size=1024):
-        flat = np.fromiter((t for ids in batch["ids"] for t in ids), dtype=dtype)
+    for flat in chunks:
         arr[pos:pos + len(flat)] = flat
         pos += len(flat)
+    if pos != total:
+        raise AssertionError(f"{out}: wrote {pos} tokens of {total}")
     arr.flush()
     del arr
     os.replace(tmp, out)
     return total
 
 
-def prepare(cfg: DataConfig, log=None) -> PreparedData:
-    """Find or build the tokenizer and token files for this corpus; safe to call from every rank."""
+def _write_tokens(ds, tok, out: Path, num_proc: int, desc: str) -> int:
+    dtype = token_dtype(tok)
+
+    def encode(batch):
+        ids = encode_batch(tok, batch["text"])
+        return {"ids": ids, "n": [len(x) for x in ids]}
+
+    enc = ds.map(encode, batched=True, num_proc=num_proc if num_proc > 1 else None,
+                 remove_columns=["text"], desc=f"tokenizing {desc}")
+    chunks = (np.fromiter((t for ids in batch["ids"] for t in ids), dtype=dtype)
+              for batch in enc.iter(batch_size=1024))
+    return write_token_file(chunks, int(np.sum(enc["n"])), dtype, out)
+
+
+def prepare(cfg: DataConfig, log=None, write_tokens=_write_tokens) -> PreparedData:
+    """Find or build the tokenizer and token files for this corpus; safe to call from every rank.
+    `write_tokens(ds, tok, out, num_proc, desc) -> tokens` encodes and writes one split (Ray's in
+    launcher/ray_prepare.py; the result is the same file, byte for byte)."""
     files, fmt = resolve_files(cfg)
     if fmt == "tokens":
         return _prepare_pretokenized(cfg, files)
@@ -308,8 +327,8 @@ def prepare(cfg: DataConfig, log=None) -> PreparedData:
             tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else _train_tokenizer(train_ds, cfg.vocab_size, tok_dir)
             if cfg.tokenizer:
                 tok.save_pretrained(str(tok_dir))
-            n_train = _write_tokens(train_ds, tok, out / "train.npy", cfg.num_proc, "train")
-            n_val = _write_tokens(val_ds, tok, out / "val.npy", cfg.num_proc, "held-out")
+            n_train = write_tokens(train_ds, tok, out / "train.npy", cfg.num_proc, "train")
+            n_val = write_tokens(val_ds, tok, out / "val.npy", cfg.num_proc, "held-out")
             meta = dict(format=fmt, files=len(files), train_docs=len(train_ds), val_docs=len(val_ds),
                         train_tokens=n_train, val_tokens=n_val, vocab_size=len(tok), eos_id=tok.eos_token_id)
             tmp = meta_path.with_suffix(".tmp")

@@ -33,10 +33,7 @@ class Pretrain:
     def prepare(self, cfg: Config, init_dir: Path | None, log) -> TaskData:
         from .. import data
 
-        data_cfg = cfg.data
-        if init_dir is not None and not cfg.data.tokenizer:
-            data_cfg = cfg.data.model_copy(update={"tokenizer": str(init_dir)})  # the model's own tokenizer
-        prepared = data.prepare(data_cfg, log)
+        prepared = data.prepare(data_config(cfg, init_dir), log)
         # PackedTokens refuses a split with fewer tokens than one sequence: a ConfigError here, in preflight
         train, val = (data.PackedTokens(p, cfg.data.seq_len) for p in (prepared.train_tokens, prepared.val_tokens))
         summary = {"tokenizer": str(prepared.tokenizer_dir), "train": str(prepared.train_tokens),
@@ -60,6 +57,13 @@ class Pretrain:
         batches = data_lib.eval_indices(len(data.eval), cfg.eval.batches, cfg.train.micro_batch_size,
                                         groups.dp_rank, groups.dp_size)
         return evaluate.evaluate(engine, data.eval, batches, device, groups)
+
+
+def data_config(cfg: Config, init_dir: Path | None):
+    """cfg.data, with model.init_from's tokenizer when data.tokenizer is unset (the model's own)."""
+    if init_dir is not None and not cfg.data.tokenizer:
+        return cfg.data.model_copy(update={"tokenizer": str(init_dir)})
+    return cfg.data
 
 
 TASK = Pretrain()
