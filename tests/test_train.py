@@ -106,6 +106,40 @@ def test_truncated_checkpoint_is_skipped(zero3, tmp_path, data_cache, caplog):
     assert len(skipped) == 1 and "step_40" in skipped[0] and "bytes, the manifest says" in skipped[0]
 
 
+def test_rollback_by_checkpoint_resume_leaves_newer_ones_until_it_publishes(zero3, tmp_path, data_cache):
+    """After a loss spike: rerun with checkpoint.resume=step_30 (and a lower lr) over a copy of the
+    40-step run. Until the new step_40 publishes, the old step_40 is untouched; then it sits in
+    superseded-<time>/ byte for byte, the new one in its place. Steps 1-31 keep their losses (step 31
+    is computed by the weights of step_30, before the new lr's first update), 32-40 differ."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero3, run_dir, symlinks=True)
+    ckpts = run_dir / "checkpoints"
+    old_manifest = (ckpts / "step_40" / "manifest.json").read_bytes()
+    logged = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    proc = subprocess.Popen([str(BIN / "lmforge"), "train", str(DEBUG), "--nproc", "2",
+                             *debug_overrides(run_dir, data_cache, *COMMON, "checkpoint.resume=step_30", "train.lr=1e-3")],
+                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen_mid_run = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and seen_mid_run is None:
+        new = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[logged:]]
+        if any(r.get("step", 0) >= 35 for r in new):  # the new timeline is past step 35, before its step_40
+            seen_mid_run = ((ckpts / "step_40" / "manifest.json").read_bytes(),
+                            sorted(p.name for p in ckpts.iterdir() if p.name.startswith(("step_", "superseded-"))))
+        time.sleep(0.05)
+    stderr = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 0, stderr[-4000:]
+    assert seen_mid_run == (old_manifest, ["step_30", "step_40"]), seen_mid_run
+    aside = list(ckpts.glob("superseded-*"))
+    assert len(aside) == 1 and (aside[0] / "step_40" / "manifest.json").read_bytes() == old_manifest
+    assert (ckpts / "step_40" / "manifest.json").read_bytes() != old_manifest
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_30", "step_40"]
+    assert f"resumed from {ckpts / 'step_30'} at step 30" in stderr and f"moved to {aside[0]}" in stderr
+    before, after = losses(zero3), losses(run_dir)
+    assert {s: after[s] for s in range(1, 32)} == {s: before[s] for s in range(1, 32)}
+    assert all(after[s] != before[s] for s in range(32, 41))
+
+
 def test_incompatible_checkpoint_is_refused_with_the_keys(zero3, tmp_path, data_cache):
     run_dir = tmp_path / "run"
     shutil.copytree(zero3, run_dir, symlinks=True)

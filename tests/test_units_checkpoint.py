@@ -27,7 +27,7 @@ from harness import run_ranks
 # every lmforge name this file uses (one place to follow a rename)
 from lmforge.launcher import cli
 from lmforge.training import checkpoint, dist, engine as engine_lib
-from lmforge.training.config import build_ds_config, load_config
+from lmforge.training.config import ConfigError, build_ds_config, load_config
 
 LOG = logging.getLogger("test_units_checkpoint")
 SAVE_AT, STEPS = 3, 6
@@ -323,3 +323,54 @@ def test_disk_full_mid_save_fails_every_rank_cleanly(tmp_path):
         assert r["first"] is None and r["latest"] == "step_1"  # the earlier checkpoint untouched
         assert r["third"] is None  # the engine saves again once there is room
     assert any(f"checkpoint {step_2} may not fit: " in w and "previous checkpoint took" in w for w in ranks[0]["warnings"])
+
+
+def _fake_checkpoints(root: Path, *steps_: int) -> None:
+    for s in steps_:
+        ckpt = root / checkpoint.tag(s)
+        ckpt.mkdir(parents=True)
+        (ckpt / "client.json").write_text(json.dumps({"step": s}))
+        checkpoint.write_manifest(ckpt, s)
+
+
+def test_rollback_keeps_newer_checkpoints_until_the_first_publish_then_moves_them_aside(tmp_path, caplog):
+    """checkpoint.resume=step_10 over step_10..30: chosen without touching step_20/30; the first
+    publish of the new timeline (what save calls before publish) moves them, their derived dir and
+    best.json to superseded-<time>/, so no later resume or prune finds them; the same setting then
+    continues the new timeline; pruning after it never reaches step_10 through the old ones."""
+    root = tmp_path / "run" / "checkpoints"
+    _fake_checkpoints(root, 10, 20, 30)
+    (root / "step_20_universal").mkdir()
+    checkpoint.mark_best(root, "step_30", "eval/loss", 1.0, 30)
+    before = {p.name: (p / "manifest.json").read_bytes() for p in checkpoint.steps(root)}
+    cfg = load_config(DEBUG, [f"run_dir={tmp_path / 'run'}", "checkpoint.resume=step_10", "checkpoint.keep=2"])
+    with caplog.at_level(logging.INFO):
+        assert checkpoint.resume_choice(cfg, LOG) == root / "step_10"
+    assert "rolling back to" in caplog.text and "step_30, step_20 stay untouched" in caplog.text
+    assert {p.name: (p / "manifest.json").read_bytes() for p in checkpoint.steps(root)} == before  # untouched
+
+    checkpoint.supersede_abandoned(root, cfg, LOG)  # the new run's first save, then its publish of step_20:
+    _fake_checkpoints(root, 20)
+    checkpoint.prune(root, cfg.checkpoint.keep)
+    assert [p.name for p in checkpoint.steps(root)] == ["step_20", "step_10"]
+    aside = next(root.glob("superseded-*"))
+    assert sorted(p.name for p in aside.iterdir()) == ["best.json", "step_20", "step_20_universal", "step_30"]
+    assert {n: (aside / n / "manifest.json").read_bytes() for n in ("step_20", "step_30")} == {
+        n: before[n] for n in ("step_20", "step_30")}
+    assert checkpoint.read_best(root) is None
+    # a restart with the same setting continues the new timeline, and a later save moves nothing
+    assert checkpoint.resume_choice(cfg, LOG) == root / "step_20"
+    checkpoint.supersede_abandoned(root, cfg, LOG)
+    assert [p.name for p in checkpoint.steps(root)] == ["step_20", "step_10"] and len(list(root.glob("superseded-*"))) == 1
+    # a path works as step_N does; a missing or incomplete one is refused naming what exists
+    by_path = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": str(aside / "step_30")})})
+    assert checkpoint.resume_choice(by_path, LOG) == aside / "step_30"
+    with pytest.raises(ConfigError, match=r"checkpoint.resume=step_40: .*step_40: does not exist \(complete "
+                                          r"checkpoints in .*: step_20, step_10\)"):
+        checkpoint.resume_choice(load_config(DEBUG, [f"run_dir={tmp_path / 'run'}", "checkpoint.resume=step_40"]), LOG)
+
+
+@pytest.mark.parametrize("value", ["latest", "step10", "checkpoints"])
+def test_checkpoint_resume_value_is_checked(value):
+    with pytest.raises(ConfigError, match="give auto, never, step_N"):
+        load_config(DEBUG, [f"checkpoint.resume={value}"])

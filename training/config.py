@@ -192,8 +192,20 @@ class CheckpointConfig(_Section):
     dir: str | None = Field(None, description="default <run_dir>/checkpoints")
     interval: int = Field(100, ge=0, description="steps between checkpoints; 0: only at the end")
     keep: int = Field(3, ge=1, description="newest checkpoints kept")
-    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest complete checkpoint")
+    resume: str = Field("auto", description="auto: continue from the newest complete checkpoint; never: start "
+                                            "fresh; step_N or a checkpoint's path: roll back to it (the newer "
+                                            "checkpoints move to checkpoints/superseded-<time>/ when this run "
+                                            "publishes its first)")
     allow_config_change: bool = Field(False, description="resume even if model/data/batch keys changed")
+
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, v: str) -> str:
+        if v not in ("auto", "never") and not re.fullmatch(r"step_\d+", v) and "/" not in v:
+            raise ValueError(f"checkpoint.resume={v!r}: give auto, never, step_N (under checkpoint.dir) or a "
+                             "checkpoint's path (with a /, e.g. runs/x/checkpoints/step_10)")
+        return v
 
 
 class DistConfig(_Section):
@@ -461,6 +473,8 @@ class Config(_Section):
             node[name] = absolute(node[name])
         tree["data"]["paths"] = [absolute(p) for p in tree["data"]["paths"]]
         tree["data"]["eval_paths"] = [absolute(p) for p in tree["data"]["eval_paths"]]
+        if "/" in tree["checkpoint"]["resume"]:  # a checkpoint's path, not auto/never/step_N
+            tree["checkpoint"]["resume"] = absolute(tree["checkpoint"]["resume"])
         return Config.model_validate(tree)
 
     def to_dict(self) -> dict[str, Any]:

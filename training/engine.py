@@ -125,6 +125,17 @@ def initialize(cfg: Config, model: torch.nn.Module, ds_config: dict, total_steps
     return engine
 
 
+def apply_configured_lr(engine, cfg: Config) -> None:
+    """After loading a checkpoint: the schedule at train.lr as configured now. The scheduler's saved
+    state carries the peak lr it was built with (LambdaLR's base_lrs), which would otherwise win and
+    make a changed train.lr (a rollback after a loss spike, checkpoint.resume) silently ineffective.
+    With train.lr unchanged, every group's lr is what was saved (the same product)."""
+    sched = engine.lr_scheduler
+    sched.base_lrs = [cfg.train.lr] * len(sched.base_lrs)
+    for group, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * f(sched.last_epoch)
+
+
 class AdaLoraStep:
     """AdaLoRA's rank allocation around DeepSpeed's optimizer step. peft's recipe is
     `optimizer.step(); model.base_model.update_and_allocate(step); zero_grad()`, but DeepSpeed's

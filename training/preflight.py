@@ -73,7 +73,7 @@ def preflight(cfg: Config, world_size: int, log) -> Prepared:
     max_pos = model_lib.max_positions(conf)
     if max_pos is not None and cfg.data.seq_len > max_pos:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the model's max positions ({max_pos})")
-    resume = checkpoint.find_latest(cfg.checkpoint_dir, log) if cfg.checkpoint.resume == "auto" else None
+    resume = checkpoint.resume_choice(cfg, log)
     change, ds_config = resume_point(cfg, world_size, resume, ds_config, log)
     return Prepared(runtime, prepared, conf, ds_config, resume, change)
 

@@ -43,7 +43,8 @@ def agree(cfg: Config, plan: Prepared, rank: int, world_size: int, log) -> Prepa
     """Collective: the plan with rank 0's resume point on every rank, or SplitResume everywhere.
     The chosen checkpoint's contents are verified against its manifest's hashes by all ranks, each
     reading a share; a corrupt one is skipped for the next older one, as a truncated one is."""
-    root = Path(cfg.checkpoint_dir)
+    # checkpoint.resume may name a checkpoint outside this run's directory (a path)
+    root = plan.resume_from.parent if plan.resume_from is not None else Path(cfg.checkpoint_dir)
     mine = plan.resume_from.name if plan.resume_from is not None else None
     candidate = plan.resume_from
     while True:
@@ -51,6 +52,8 @@ def agree(cfg: Config, plan: Prepared, rank: int, world_size: int, log) -> Prepa
         problem = checkpoint.verify_contents_collective(root / name, rank, world_size) if name else None
         if problem is None:
             break
+        if candidate is not None and candidate == checkpoint.chosen(cfg):  # asked for by name: no other one
+            raise RuntimeError(f"checkpoint.resume={cfg.checkpoint.resume}: {chosen} is broken: {problem}")
         log.warning(f"skipping checkpoint {chosen}: {problem}")
         candidate = checkpoint.find_latest(root, log, older_than=root / name)  # rank 0's is the one used
     others = {r: m for r, m in enumerate(_all(mine, world_size)) if m != name}

@@ -377,6 +377,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
             client = universal.load(engine, plan.resume_from, cfg, d.rank, log)
         else:
             client = checkpoint.load(engine, plan.resume_from, d.rank)
+        engine_lib.apply_configured_lr(engine, cfg)
         progress = Progress(client["step"], client["tokens"], client.get("before", client.get("ppl_before")))
         sampler.load_state_dict(client["sampler"])
         if stopping is not None:

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import xxhash
 
-from ..config import Config, config_hash, incompatible_keys, yaml_load
+from ..config import Config, ConfigError, config_hash, incompatible_keys, yaml_load
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -424,6 +424,7 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
             (tmp / "client.json").write_text(json.dumps(client, indent=1))
             (tmp / "config.yaml").write_text(cfg.to_yaml())
             write_manifest(tmp, step, hashes)
+            supersede_abandoned(root, cfg, log)  # after a rollback: the abandoned newer ones move aside first
             drop_derived(final)  # converted from the save of this step being replaced: stale
             publish(tmp, final, "latest")
             prune(root, cfg.checkpoint.keep)
@@ -526,6 +527,92 @@ def find_latest(root: Path, log, older_than: Path | None = None) -> Path | None:
             return path
         log.warning(f"skipping checkpoint {path}: {problem}")
     return None
+
+
+# --------------------------------------------------------------------------- rolling back on purpose
+
+ROLLBACK_FILE = "rollback.json"  # beside the steps: the rollback this run did (checkpoint.resume=step_N)
+
+
+def chosen(cfg: Config) -> Path | None:
+    """checkpoint.resume as a directory when it names one (step_N under checkpoint.dir, or a path)."""
+    r = cfg.checkpoint.resume
+    if r in ("auto", "never"):
+        return None
+    return Path(cfg.checkpoint_dir) / r if _STEP_DIR.match(r) else Path(r).expanduser()
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else int(read_manifest(path)["step"])
+
+
+def _done_rollback(root: Path, target: Path) -> dict | None:
+    """The record of the rollback to `target` if this run directory already published after it."""
+    try:
+        rec = json.loads((root / ROLLBACK_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return rec if rec.get("to") == str(target.resolve()) else None
+
+
+def resume_choice(cfg: Config, log) -> Path | None:
+    """The checkpoint this start resumes from, per checkpoint.resume: auto, the newest complete one;
+    never, none; step_N or a path, that one (a ConfigError if it is not complete). Once a rollback
+    has published its first checkpoint, the same setting continues that new timeline (a restart, a
+    requeue or the same command again continue, not repeat, the rollback)."""
+    root, r = Path(cfg.checkpoint_dir), cfg.checkpoint.resume
+    if r == "never":
+        return None
+    target = chosen(cfg)
+    if target is None:
+        return find_latest(root, log)
+    done = _done_rollback(root, target)
+    if done is not None:
+        latest = find_latest(root, log)
+        log.info(f"checkpoint.resume={r}: rolled back to it at {done['time']} (abandoned checkpoints in "
+                 f"{done['superseded'] or 'none'}); continuing this timeline from {latest}")
+        return latest
+    problem = verify(target) if target.is_dir() else "does not exist"
+    if problem is not None:
+        have = ", ".join(p.name for p in steps(root) if verify(p) is None) or "none"
+        raise ConfigError(f"checkpoint.resume={r}: {target}: {problem} (complete checkpoints in {root}: {have})")
+    newer = [p.name for p in steps(root) if _step_of(p) > _step_of(target)]
+    if newer:
+        log.warning(f"checkpoint.resume={r}: rolling back to {target}; the newer {', '.join(newer)} stay untouched "
+                    f"until this run publishes its first checkpoint, then move to {root}/superseded-<time>/")
+    return target
+
+
+def supersede_abandoned(root: Path, cfg: Config, log) -> None:
+    """Rank 0, before this run publishes a checkpoint: after a rollback (checkpoint.resume=step_N or
+    a path), the first publish moves the checkpoints newer than the one rolled back to (with their
+    derived dirs, and best.json if it names one of them) into superseded-<time>/, where neither a
+    resume nor checkpoint.keep's pruning looks, and records the rollback in rollback.json."""
+    target = chosen(cfg)
+    if target is None or _done_rollback(root, target) is not None:
+        return
+    import time
+
+    k = _step_of(target)
+    newer = [p for p in steps(root) if _step_of(p) > k]
+    now = time.strftime("%Y%m%d-%H%M%S")
+    dest = None
+    if newer:
+        dest = root / f"superseded-{now}"
+        dest.mkdir()
+        best = read_best(root)
+        for p in newer:
+            for d in (p, *(derived_dir(p, kind) for kind in DERIVED)):
+                if d.exists():
+                    os.replace(d, dest / d.name)
+            if best and best.get("tag") == p.name:
+                os.replace(root / "best.json", dest / "best.json")
+        _fsync_dir(root)
+        log.warning(f"checkpoint.resume={cfg.checkpoint.resume}: this run publishes its first checkpoint after "
+                    f"rolling back to {target.name}; the abandoned {', '.join(p.name for p in newer)} moved to {dest}")
+    _write_atomic(root / ROLLBACK_FILE, json.dumps({"to": str(target.resolve()), "step": k, "time": now,
+                                                   "superseded": str(dest) if dest else None}))
 
 
 def check_compatible(path: Path, cfg: Config, world_size: int) -> None:
