@@ -29,18 +29,20 @@ BATCH_DOCS = 256
 
 
 def _encoder(tok, dtype):
-    def encode(batch: dict) -> dict:
+    def encode(batch):  # a pyarrow.Table of documents -> one of their token ids (bytes), counts, node
+        import pyarrow as pa
         import ray
 
-        ids = data.encode_batch(tok, list(batch["text"]))
-        return {"ids": np.array([np.asarray(x, dtype=dtype).tobytes() for x in ids], dtype=object),
-                "n": np.array([len(x) for x in ids], dtype=np.int64),
-                "node": np.array([ray.get_runtime_context().get_node_id()] * len(ids), dtype=object)}
+        ids = data.encode_batch(tok, batch.column("text").to_pylist())
+        return pa.table({"ids": pa.array([np.asarray(x, dtype=dtype).tobytes() for x in ids], pa.binary()),
+                         "n": pa.array([len(x) for x in ids], pa.int64()),
+                         "node": pa.array([ray.get_runtime_context().get_node_id()] * len(ids), pa.string())})
     return encode
 
 
 def ray_write_tokens(log, cpus: int):
     """data.prepare's `write_tokens`, encoding with Ray Data on the connected cluster."""
+    import pyarrow.compute as pc
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -55,16 +57,16 @@ def ray_write_tokens(log, cpus: int):
         blocks = min(len(ds), max(2 * cpus, -(-len(ds) // BATCH_DOCS)))
         size = -(-len(ds) // blocks)
         rds = ray.data.from_arrow([table.slice(i, size) for i in range(0, len(ds), size)])
-        enc = rds.map_batches(_encoder(tok, dtype), batch_size=None, batch_format="numpy").materialize()
+        enc = rds.map_batches(_encoder(tok, dtype), batch_size=None, batch_format="pyarrow").materialize()
         # the materialized blocks are read twice, locally: the token count first (the .npy header
         # holds the length), then the tokens themselves
-        total = sum(int(b["n"].sum()) for b in enc.iter_batches(batch_size=None, batch_format="numpy"))
+        total = sum(pc.sum(b.column("n")).as_py() or 0 for b in enc.iter_batches(batch_size=None, batch_format="pyarrow"))
         per_node: collections.Counter = collections.Counter()
 
         def chunks():
-            for batch in enc.iter_batches(batch_size=None, batch_format="numpy"):
-                per_node.update(collections.Counter(batch["node"].tolist()))
-                yield np.frombuffer(b"".join(batch["ids"]), dtype=dtype)
+            for batch in enc.iter_batches(batch_size=None, batch_format="pyarrow"):
+                per_node.update(collections.Counter(batch.column("node").to_pylist()))
+                yield np.frombuffer(b"".join(batch.column("ids").to_pylist()), dtype=dtype)
 
         data.write_token_file(chunks(), total, dtype, out)
         dt = time.perf_counter() - t0
