@@ -111,7 +111,7 @@ def main() -> None:
     log = get_logger(0)
     log.setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
-    overrides = [args.config, f"data.paths=[{args.paths!r}]"]
+    overrides = [args.config, f"data.paths=[{args.paths!r}]", "data.on_bad_file=skip"]
     tok = data.prepare(load_config(args.config, [*overrides[1:], f"data.cache_dir={work / 'tok'}"]).data).tokenizer_dir
     overrides.append(f"data.tokenizer={tok}")
     token = new_token_file()
