@@ -262,6 +262,17 @@ def test_prepare_on_ray_writes_the_single_node_token_files_byte_for_byte(cluster
     _no_token_in(tmp_path / "ray-cache", proc.stdout, proc.stderr)
 
 
+def test_prepare_on_ray_refuses_a_record_task_before_connecting():
+    import logging
+
+    from lmforge.launcher import ray_prepare
+    from lmforge.training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="task sft prepares its records on one machine: drop --on ray"):
+        ray_prepare.prepare(load_config(REPO / "configs" / "sft.yaml", ["launch.address=127.0.0.5:1"]),
+                            logging.getLogger("test"))
+
+
 def test_unreachable_address_fails_fast(tmp_path, data_cache):
     port = _free_port()  # nobody listens here
     t0 = time.time()
