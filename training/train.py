@@ -370,14 +370,22 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
                                   cfg.train.micro_batch_size, accum)
     stopping = EarlyStopping(cfg) if cfg.eval.early_stopping.metric else None
     progress = Progress()
+
+    def restore(path: Path) -> dict:
+        """Load a checkpoint on this run's layout (a resume, the guard's rollback), the schedule then
+        at train.lr as configured now (the checkpoint may be an earlier timeline's, another lr)."""
+        client = checkpoint.load(engine, path, d.rank)
+        engine_lib.apply_configured_lr(engine, cfg)
+        return client
+
     if plan.resume_from is not None:
         if plan.layout_change is not None:
             from .checkpoint import universal  # only a resume on another layout needs it
 
             client = universal.load(engine, plan.resume_from, cfg, d.rank, log)
+            engine_lib.apply_configured_lr(engine, cfg)
         else:
-            client = checkpoint.load(engine, plan.resume_from, d.rank)
-        engine_lib.apply_configured_lr(engine, cfg)
+            client = restore(plan.resume_from)
         progress = Progress(client["step"], client["tokens"], client.get("before", client.get("ppl_before")))
         sampler.load_state_dict(client["sampler"])
         if stopping is not None:
@@ -412,7 +420,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
                tokens_per_step=tokens_per_step, loss_scale=parallel.loss_scale(plan.ds_config, groups.sequence),
                stopping=stopping, resumed_from=plan.resume_from, adalora=adalora, distiller=distiller, task=task,
                guard=NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite, cfg.train.spike_threshold),
-               restore=lambda path: checkpoint.load(engine, path, d.rank),
+               restore=restore,
                no_rollback_to=plan.resume_from if plan.layout_change is not None else None, faults=faults, log=log)
 
 
