@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -132,6 +133,7 @@ def main() -> None:
                     _stop(proc)
     finally:
         remove_token_file(token)
+        shutil.rmtree(work, ignore_errors=True)
     hashes = {r[2] for runs in rows.values() for r in runs}
     print(f"# bench_prepare {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
           f"{os.cpu_count()} CPU(s), corpus data.paths={args.paths}, {rows['local (datasets.map, 1 process)'][0][1]:,} "

@@ -60,7 +60,8 @@ def ray_write_tokens(log, cpus: int):
         enc = rds.map_batches(_encoder(tok, dtype), batch_size=None, batch_format="pyarrow").materialize()
         # the materialized blocks are read twice, locally: the token count first (the .npy header
         # holds the length), then the tokens themselves
-        total = sum(pc.sum(b.column("n")).as_py() or 0 for b in enc.iter_batches(batch_size=None, batch_format="pyarrow"))
+        total = sum(pc.sum(b.column("n")).as_py() or 0
+                    for b in enc.iter_batches(batch_size=None, batch_format="pyarrow"))
         per_node: collections.Counter = collections.Counter()
 
         def chunks():
