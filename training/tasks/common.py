@@ -42,6 +42,7 @@ class TaskData:
     pad_id: int | None = None         # set on a model config that has none (sequence classification needs it)
     labels: list[str] | None = None   # classification labels / ner tags: the model's head
     summary: dict = field(default_factory=dict)  # what `lmforge prepare` prints
+    source_rows: list[int] | None = None  # data.mixture: train rows are its sources' rows, one source after another
 
 
 # --------------------------------------------------------------------------- records
@@ -98,9 +99,14 @@ def require_columns(train: list[dict], held: list[dict], columns: dict[str, str]
 
 
 def load_splits(cfg: Config, log) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records): data.eval_paths, or a stable hash split of data.paths."""
+    """(train records, eval records): data.eval_paths, or a stable hash split of data.paths (or data.dataset)."""
+    from ..data import load_hub_dataset
+
     cache = cfg.data.resolved_cache_dir() / "hf_datasets"
-    train = _load_records(cfg.data, cfg.data.paths, cache, log)
+    if cfg.data.dataset:
+        train = load_hub_dataset(cfg.data, cache)
+    else:
+        train = _load_records(cfg.data, cfg.data.paths, cache, log)
     if cfg.data.eval_paths:
         held = _load_records(cfg.data, cfg.data.eval_paths, cache, log)
         return train.to_list(), held.to_list()
@@ -203,6 +209,7 @@ class RecordTask:
     and the evaluation loop. A task adds its attributes and the hooks below."""
     causal = False
     parallel = ("data",)  # sequence/tensor parallelism are for pretraining long or wide models
+    mixtures = False      # data.mixture: a task that takes one sets this and implements concat()
 
     # ---- hooks
     def texts(self, cfg: DataConfig, records: list[dict]) -> Iterable[str]:
@@ -212,6 +219,10 @@ class RecordTask:
     def examples(self, cfg: Config, tok, train: list[dict], held: list[dict],
                  log) -> tuple[object, object, list[str] | None]:
         """(train examples, eval examples, head labels or None) from the records; bad records raise ConfigError."""
+        raise NotImplementedError
+
+    def concat(self, parts: list) -> object:
+        """Several sources' examples (what examples() returns) as one, rows in order (data.mixture)."""
         raise NotImplementedError
 
     def predictions(self, logits: torch.Tensor, targets: torch.Tensor, real: list[int]) -> list[tuple[int, object]]:
@@ -226,16 +237,27 @@ class RecordTask:
     # ---- the protocol
     def prepare(self, cfg: Config, init_dir: Path | None, log) -> TaskData:
         """Records → examples. Every bad input is a ConfigError here, before a model is built."""
-        train, held = load_splits(cfg, log)
-        if not train or not held:
-            raise ConfigError(f"data: {'training' if not train else 'eval'} split is empty")
-        tok = tokenizer_for(cfg, init_dir, lambda: self.texts(cfg.data, train), log)
+        # one run config per source (data.mixture's entries; else the run's own): its records, fields, format
+        per_source = [cfg.model_copy(update={"data": s}) for s in cfg.data.sources()]
+        splits = [load_splits(c, log) for c in per_source]
+        for train, held in splits:
+            if not train or not held:
+                raise ConfigError(f"data: {'training' if not train else 'eval'} split is empty")
+        tok = tokenizer_for(cfg, init_dir, lambda: (t for c, (train, _) in zip(per_source, splits)
+                                                    for t in self.texts(c.data, train)), log)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        tr, ev, labels = self.examples(cfg, tok, train, held, log)
+        made = [self.examples(c, tok, train, held, log) for c, (train, held) in zip(per_source, splits)]
+        if len(made) == 1:
+            (tr, ev, labels), rows = made[0], None
+        else:
+            tr, ev, labels = self.concat([m[0] for m in made]), self.concat([m[1] for m in made]), made[0][2]
+            rows = [len(m[0]) for m in made]
         summary = {"task": cfg.task, "train_rows": len(tr), "eval_rows": len(ev), "labels": labels,
                    "vocab_size": len(tok)}
-        return TaskData(tok, tr, ev, len(tok), tok.eos_token_id, tok.pad_token_id, labels, summary)
+        if rows:
+            summary["source_rows"] = dict(zip(cfg.data.source_names(), rows))
+        return TaskData(tok, tr, ev, len(tok), tok.eos_token_id, tok.pad_token_id, labels, summary, rows)
 
     def model_inputs(self, inputs: dict, targets: torch.Tensor, device, groups=None) -> tuple[dict, torch.Tensor]:
         return {k: v.to(device) for k, v in inputs.items()}, targets.to(device)

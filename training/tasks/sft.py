@@ -179,6 +179,7 @@ class Sft(RecordTask):
     causal = True
     auto_model = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
+    mixtures = True
 
     def metrics(self, cfg: Config) -> tuple[str, ...]:
         return ("eval/loss", "eval/ppl", "eval/bleu") if cfg.eval.generate else ("eval/loss", "eval/ppl")
@@ -195,6 +196,11 @@ class Sft(RecordTask):
         log.info(f"sft: {len(train)} training records in {len(tr)} rows of ≤{cfg.data.seq_len} tokens "
                  f"({'packed' if cfg.data.packing else 'one per row'}), {len(held)} eval records")
         return tr, ev, None
+
+    def concat(self, parts: list[CausalExamples]) -> CausalExamples:
+        return CausalExamples([x for p in parts for x in p.inputs], [x for p in parts for x in p.targets],
+                              [x for p in parts for x in p.positions], parts[0].pad_id, parts[0].seq_len,
+                              [r for p in parts for r in p.records])
 
     def scores(self, engine, data: TaskData, cfg: Config, groups, device, loss, predictions):
         out = {"eval/ppl": math.exp(min(loss, 50.0))}  # of the responses
