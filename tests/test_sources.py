@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEBUG, debug_overrides, lmforge
+from conftest import DEBUG, REPO as ROOT, debug_overrides, lmforge
 from harness import run_ranks
 # every lmforge name this file uses (one place to follow a rename)
-from lmforge.training import data
+from lmforge.training import data, tasks
 from lmforge.training.config import ConfigError, DataConfig, load_config
 from lmforge.training.tasks import common
 
@@ -233,3 +233,23 @@ def test_cli_mixture_run_measures_shares_and_derives_steps_and_warmup(tmp_path, 
     warmup = round(0.25 * steps)
     assert logged[1]["train/lr"] == pytest.approx(cfg.train.lr / warmup)
     assert logged[warmup]["train/lr"] == pytest.approx(cfg.train.lr)
+
+
+def test_sft_mixture_encodes_each_source_with_its_own_fields(tmp_path):
+    """An SFT mixture: each entry's own columns (prompt/response here, a chat column there), one
+    tokenizer over both, the train rows laid out source after source for the sampler."""
+    (tmp_path / "qa.jsonl").write_bytes(_jsonl([{"q": f"what is {i}?", "a": f"it is {i}"} for i in range(30)]))
+    (tmp_path / "chat.jsonl").write_bytes(_jsonl([{"turns": [{"role": "user", "content": f"hi {i}"},
+                                                             {"role": "assistant", "content": f"hello {i}"}]}
+                                                  for i in range(20)]))
+    cfg = load_config(ROOT / "configs" / "sft.yaml", [
+        "model.init_from=null", "data.paths=[]", "data.eval_paths=[]", "data.vocab_size=300", "data.seq_len=128",
+        "data.packing=false", f"data.cache_dir={tmp_path / 'cache'}", "data.holdout=0.1", "model.preset=llama-debug",
+        f"data.mixture=[{{weight: 2, name: qa, paths: [{tmp_path / 'qa.jsonl'}], prompt_field: q, response_field: a}},"
+        f" {{weight: 1, name: chat, paths: [{tmp_path / 'chat.jsonl'}], messages_field: turns}}]"])
+    prepared = tasks.prepare(cfg, None, _Log())
+    qa_rows, chat_rows = prepared.source_rows
+    assert qa_rows + chat_rows == len(prepared.train) and qa_rows > 20 and chat_rows > 10
+    decode = lambda i: prepared.tokenizer.decode(prepared.train.inputs[i].tolist())  # noqa: E731
+    assert "what is" in decode(0) and "hi " in decode(qa_rows) and "what is" not in decode(qa_rows)
+    assert prepared.summary["source_rows"] == {"qa": qa_rows, "chat": chat_rows}
