@@ -467,8 +467,8 @@ class Config(_Section):
         if refused:
             raise ValueError(f"task={self.task} does not run parallel.{refused[0]} > 1 (its layouts: "
                              f"{', '.join(task.parallel)})")
-        if self.data.mixture and not getattr(task, "mixtures", False):
-            *head, last = (n for n in tasks.names() if getattr(tasks.get(n), "mixtures", False))
+        if self.data.mixture and not task.mixtures:
+            *head, last = (n for n in tasks.names() if tasks.get(n).mixtures)
             raise ValueError(f"data.mixture: task={self.task} reads one source; mixtures are for {', '.join(head)} "
                              f"and {last}")
         es = self.eval.early_stopping

@@ -398,6 +398,8 @@ def _write_tokens(ds, tok, out: Path, num_proc: int, desc: str) -> int:
 
 def prepare(cfg: DataConfig, log=None) -> PreparedData:
     """Find or build the tokenizer and token files for this one source; safe to call from every rank."""
+    if cfg.mixture:
+        raise ValueError("data.prepare takes one source: prepare_sources(cfg) prepares a mixture's")
     identity, fmt, load = documents(cfg, log)
     if fmt == "tokens":
         return _prepare_pretokenized(cfg, load())
