@@ -55,7 +55,7 @@ def cmd_config(args) -> int:
     ds = build_ds_config(cfg, nproc, runtime.precision)
     print(f"# resolved config ({runtime.describe()}, {nproc} rank(s), "
           f"gradient accumulation {cfg.grad_accum(cfg.data_parallel_size(nproc))}, "
-          f"{f'train.epochs={cfg.train.epochs:g} of the prepared rows' if cfg.train.epochs else cfg.total_steps()} steps)")
+          f"{f'steps from train.epochs={cfg.train.epochs:g} of the prepared rows' if cfg.train.epochs else f'{cfg.total_steps()} steps'})")
     print(f"# checkpoints: {cfg.checkpoint_dir}  tensorboard: {cfg.tensorboard_dir}")
     print(cfg.to_yaml())
     print("# DeepSpeed config")
