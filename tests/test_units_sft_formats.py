@@ -105,7 +105,7 @@ def test_bad_records_name_file_record_and_field(tmp_path):
     msg = str(err.value)
     assert f"{b} record 1: field 'conversations[1].from' is 'bot'" in msg and "\n" not in msg, msg
     ok_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"paths": [str(a)], "format": "sharegpt"})})
-    train, held = common.load_splits(ok_cfg, LOG, lambda r, where, log: sft.conversations(ok_cfg.data, r, where, log))
+    train, held = common.load_splits(ok_cfg, LOG, lambda r, where: sft.conversations(ok_cfg.data, r, where))
     assert len(train) == 3 and train[0]["messages"][1] == {"role": "assistant", "content": "A"}
 
     d = data_cfg("data.format=alpaca")

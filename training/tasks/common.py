@@ -112,12 +112,12 @@ def require_columns(train: list[dict], held: list[dict], columns: dict[str, str]
 
 def load_splits(cfg: Config, log, convert: Callable | None = None) -> tuple[list[dict], list[dict]]:
     """(train records, eval records): data.eval_paths, or a stable hash split of data.paths.
-    convert(records, where, log) → records runs on each file set before the split (RecordTask.rows)."""
+    convert(records, where) → records runs on each file set before the split (RecordTask.rows)."""
     cache = cfg.data.resolved_cache_dir() / "hf_datasets"
 
     def load(paths):
         records, where = _load_records(cfg.data, paths, cache, log)
-        return convert(records, where, log) if convert and records else records
+        return convert(records, where) if convert and records else records
 
     records = load(cfg.data.paths)
     if cfg.data.eval_paths:
@@ -248,7 +248,7 @@ class RecordTask:
     # ---- the protocol
     def prepare(self, cfg: Config, init_dir: Path | None, log) -> TaskData:
         """Records → examples. Every bad input is a ConfigError here, before a model is built."""
-        train, held = load_splits(cfg, log, lambda records, where, log: self.rows(cfg.data, records, where, log))
+        train, held = load_splits(cfg, log, lambda records, where: self.rows(cfg.data, records, where, log))
         if not train or not held:
             raise ConfigError(f"data: {'training' if not train else 'eval'} split is empty")
         tok = tokenizer_for(cfg, init_dir, lambda: self.texts(cfg.data, train), log)

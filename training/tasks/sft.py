@@ -192,9 +192,9 @@ def conversations(cfg: DataConfig, records: list[dict], where, log=None) -> list
     from ..config import ROW_SCHEMAS
 
     schema = cfg.format if cfg.format in ROW_SCHEMAS else detect_schema(cfg, records[0])
-    if log is not None and cfg.format not in ROW_SCHEMAS:
-        log.info(f"sft: data.format={cfg.format}: {where(0)} has the keys of "
-                 f"{'prompt/response or messages' if schema == 'prompt' else schema} records")
+    if log is not None:
+        how = "" if cfg.format in ROW_SCHEMAS else f", detected from the keys of {where(0)}"
+        log.info(f"sft: {len(records)} records read as {schema} (data.format={cfg.format}{how})")
     to_messages = SCHEMAS[schema]
     out = []
     for i, r in enumerate(records):
