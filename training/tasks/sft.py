@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -186,7 +186,7 @@ def detect_schema(cfg: DataConfig, first: dict) -> str:
     return "prompt"
 
 
-def conversations(cfg: DataConfig, records: list[dict], where, log=None) -> list[dict]:
+def conversations(cfg: DataConfig, records: list[dict], where: Callable[[int], str], log=None) -> list[dict]:
     """Records of one file set → {data.messages_field: conversation} records; where(i) names record
     i (file and index) in the ConfigError of a record that does not fit."""
     from ..config import ROW_SCHEMAS
@@ -342,7 +342,7 @@ class Sft(RecordTask):
                                                   {"content": r.get(cfg.response_field, "")}]
             yield "\n".join(str(m.get("content", "")) for m in msgs)
 
-    def rows(self, cfg: DataConfig, records: list[dict], where, log) -> list[dict]:
+    def rows(self, cfg: DataConfig, records: list[dict], where: Callable[[int], str], log) -> list[dict]:
         return conversations(cfg, records, where, log)
 
     def examples(self, cfg: Config, tok, train: list[dict], held: list[dict], log):
