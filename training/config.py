@@ -79,10 +79,18 @@ class ModelConfig(_Section):
         return self
 
 
+# data.format values that name the shape of sft records (json/jsonl/parquet rows), not a file type.
+ROW_SCHEMAS = ("alpaca", "sharegpt", "messages")
+
+
 class DataConfig(_Section):
     paths: list[str] = Field(..., description="files, directories or globs; `{stdlib}` is Python's standard library directory")
-    format: Literal["auto", "text", "json", "parquet", "arrow", "tokens"] = Field(
-        "auto", description="text: one document per file; json/jsonl/parquet: one per row; arrow: datasets.save_to_disk; tokens: a 1-D .npy of token ids")
+    format: Literal["auto", "text", "json", "parquet", "arrow", "tokens", "alpaca", "sharegpt", "messages"] = Field(
+        "auto", description="text: one document per file; json/jsonl/parquet: one per row; arrow: datasets.save_to_disk; "
+                            "tokens: a 1-D .npy of token ids. sft only: alpaca (instruction/input/output/system), "
+                            "sharegpt (conversations of from/value), messages (OpenAI [{role, content}]): json/jsonl/"
+                            "parquet rows of that shape (file type from the extension); auto/json/parquet/arrow: "
+                            "the shape is detected from the first record's keys")
     text_field: str = Field("text", description="column holding the text (json/parquet/arrow)")
     tokenizer: str | None = Field(None, description="local tokenizer directory; unset: train a byte-level BPE on the training split")
     vocab_size: int = Field(8192, ge=260, description="vocabulary of the locally trained tokenizer")
@@ -100,8 +108,9 @@ class DataConfig(_Section):
     prompt_field: str = Field("prompt", description="sft: prompt column (records with prompt/response)")
     response_field: str = Field("response", description="sft: response column")
     messages_field: str = Field("messages", description="sft: chat column ([{role, content}, ...]); used when present")
-    chat_template: str | None = Field(None, description="sft: a Jinja chat template (or a file holding one); default "
-                                                        "the tokenizer's, else lmforge's built-in one")
+    chat_template: str | None = Field(None, description="sft: a named template (chatml, llama-3, mistral-instruct), a "
+                                                        "Jinja file, or inline Jinja; default the tokenizer's, else "
+                                                        "lmforge's built-in one")
     packing: bool = Field(True, description="sft: pack several records per sequence; attention and loss never "
                                             "cross a record boundary (position_ids restart per record)")
     on_bad_file: Literal["error", "skip"] = Field(
@@ -375,6 +384,9 @@ class Config(_Section):
         if refused:
             raise ValueError(f"task={self.task} does not run parallel.{refused[0]} > 1 (its layouts: "
                              f"{', '.join(task.parallel)})")
+        if self.data.format in ROW_SCHEMAS and self.task != "sft":
+            raise ValueError(f"data.format={self.data.format} is a conversation schema for task=sft; this run has "
+                             f"task={self.task}")
         es = self.eval.early_stopping
         if es.metric is not None:
             known = task.metrics(self)

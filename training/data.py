@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from .config import ConfigError, DataConfig
+from .config import ROW_SCHEMAS, ConfigError, DataConfig
 
 EOS_TOKEN = "<|endoftext|>"
 _SUFFIX_FORMAT = {".txt": "text", ".md": "text", ".py": "text", ".rst": "text", ".json": "json",
@@ -69,7 +69,7 @@ def resolve_files(cfg: DataConfig) -> tuple[list[Path], str]:
             raise ConfigError(f"data.paths: {pattern} matches no files")
         files += matched
     files = sorted(set(files))
-    fmt = cfg.format
+    fmt = "auto" if cfg.format in ROW_SCHEMAS else cfg.format  # an sft record shape: the file type from the suffix
     if fmt == "auto":
         kinds = {_SUFFIX_FORMAT.get(f.suffix.lower(), "text") for f in files}
         if len(kinds) > 1:
