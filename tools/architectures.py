@@ -24,13 +24,12 @@ class Architecture:
     causal_lm: str         # the transformers class of its causal LM (config.json's `architectures`)
     gguf_arch: str         # llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES)
     qk_interleaved: bool   # llama.cpp applies RoPE to interleaved pairs: Q/K rows are permuted when written
-    qkv_bias: bool         # q/k/v projections always carry a bias
 
 
 ARCHITECTURES = {a.model_type: a for a in (
-    Architecture("llama", "LlamaForCausalLM", "llama", qk_interleaved=True, qkv_bias=False),
-    Architecture("mistral", "MistralForCausalLM", "llama", qk_interleaved=True, qkv_bias=False),
-    Architecture("qwen2", "Qwen2ForCausalLM", "qwen2", qk_interleaved=False, qkv_bias=True),
+    Architecture("llama", "LlamaForCausalLM", "llama", qk_interleaved=True),
+    Architecture("mistral", "MistralForCausalLM", "llama", qk_interleaved=True),
+    Architecture("qwen2", "Qwen2ForCausalLM", "qwen2", qk_interleaved=False),
 )}
 SUPPORTED = ", ".join(ARCHITECTURES)
 
