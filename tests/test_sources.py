@@ -253,3 +253,5 @@ def test_sft_mixture_encodes_each_source_with_its_own_fields(tmp_path):
     decode = lambda i: prepared.tokenizer.decode(prepared.train.inputs[i].tolist())  # noqa: E731
     assert "what is" in decode(0) and "hi " in decode(qa_rows) and "what is" not in decode(qa_rows)
     assert prepared.summary["source_rows"] == {"qa": qa_rows, "chat": chat_rows}
+    # the held-out conversations (eval.generate's prompts) read with each source's own fields
+    assert {c[0]["content"].split()[0] for c in prepared.eval.conversations} == {"what", "hi"}

@@ -80,6 +80,10 @@ class ModelConfig(_Section):
         return self
 
 
+# data.format values that name the shape of sft records (json/jsonl/parquet rows), not a file type.
+ROW_SCHEMAS = ("alpaca", "sharegpt", "messages")
+
+
 def is_url(path: str) -> bool:
     """A path fsspec reads from a remote filesystem (s3://, gs://, hf://, https://, ...)."""
     return "://" in path and not path.startswith("file://")
@@ -119,8 +123,12 @@ class DataConfig(_Section):
     mixture: list["MixtureSource"] = Field(default_factory=list, description="several sources sampled by weight "
                                            "(pretrain, sft): [{weight, paths or dataset, ...}]; an entry inherits the "
                                            "keys above that it does not set")
-    format: Literal["auto", "text", "json", "parquet", "arrow", "tokens"] = Field(
-        "auto", description="text: one document per file; json/jsonl/parquet: one per row; arrow: datasets.save_to_disk; tokens: a 1-D .npy of token ids")
+    format: Literal["auto", "text", "json", "parquet", "arrow", "tokens", "alpaca", "sharegpt", "messages"] = Field(
+        "auto", description="text: one document per file; json/jsonl/parquet: one per row; arrow: datasets.save_to_disk; "
+                            "tokens: a 1-D .npy of token ids. sft only: alpaca (instruction/input/output/system), "
+                            "sharegpt (conversations of from/value), messages (OpenAI [{role, content}]): json/jsonl/"
+                            "parquet rows of that shape (file type from the extension); auto/json/parquet/arrow: "
+                            "the shape is detected from the first record's keys")
     text_field: str = Field("text", description="column holding the text (json/parquet/arrow)")
     tokenizer: str | None = Field(None, description="local tokenizer directory; unset: train a byte-level BPE on the training split")
     vocab_size: int = Field(8192, ge=260, description="vocabulary of the locally trained tokenizer")
@@ -138,8 +146,9 @@ class DataConfig(_Section):
     prompt_field: str = Field("prompt", description="sft: prompt column (records with prompt/response)")
     response_field: str = Field("response", description="sft: response column")
     messages_field: str = Field("messages", description="sft: chat column ([{role, content}, ...]); used when present")
-    chat_template: str | None = Field(None, description="sft: a Jinja chat template (or a file holding one); default "
-                                                        "the tokenizer's, else lmforge's built-in one")
+    chat_template: str | None = Field(None, description="sft: a named template (chatml, llama-3, mistral-instruct), a "
+                                                        "Jinja file, or inline Jinja; default the tokenizer's, else "
+                                                        "lmforge's built-in one")
     packing: bool = Field(True, description="sft: pack several records per sequence; attention and loss never "
                                             "cross a record boundary (position_ids restart per record)")
     on_bad_file: Literal["error", "skip"] = Field(
@@ -471,6 +480,10 @@ class Config(_Section):
             *head, last = (n for n in tasks.names() if tasks.get(n).mixtures)
             raise ValueError(f"data.mixture: task={self.task} reads one source; mixtures are for {', '.join(head)} "
                              f"and {last}")
+        schema = next((s.format for s in self.data.sources() if s.format in ROW_SCHEMAS), None)  # a mixture's too
+        if schema and self.task != "sft":
+            raise ValueError(f"data.format={schema} is a conversation schema for task=sft; this run has "
+                             f"task={self.task}")
         es = self.eval.early_stopping
         if es.metric is not None:
             known = task.metrics(self)

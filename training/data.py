@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 
-from .config import ConfigError, DataConfig, is_url
+from .config import ROW_SCHEMAS, ConfigError, DataConfig, is_url
 
 EOS_TOKEN = "<|endoftext|>"
 _SUFFIX_FORMAT = {".txt": "text", ".md": "text", ".py": "text", ".rst": "text", ".json": "json",
@@ -47,11 +47,6 @@ class PreparedData:
 
 
 # --------------------------------------------------------------------------- sources
-
-# data.format values that name an SFT record schema (tasks/sft.py converts the rows): their files
-# are json/jsonl/parquet rows like any others, the file type taken from the extension.
-ROW_SCHEMAS = ("alpaca", "sharegpt", "messages")
-
 
 def resolve_files(cfg: DataConfig) -> tuple[list[Path], str]:
     """Expand paths/globs/directories (local, or URLs fetched into the cache) into a sorted file
@@ -81,15 +76,12 @@ def resolve_files(cfg: DataConfig) -> tuple[list[Path], str]:
             raise ConfigError(f"data.paths: {pattern} matches no files")
         files += matched
     files = sorted(set(files))
-    fmt = cfg.format
-    if fmt == "auto" or fmt in ROW_SCHEMAS:
+    fmt = "auto" if cfg.format in ROW_SCHEMAS else cfg.format  # an sft record shape: the file type from the suffix
+    if fmt == "auto":
         kinds = {_SUFFIX_FORMAT.get(f.suffix.lower(), "text") for f in files}
         if len(kinds) > 1:
             raise ConfigError(f"data.paths mixes formats {sorted(kinds)}; set data.format")
         fmt = kinds.pop()
-        if cfg.format in ROW_SCHEMAS and fmt not in ("json", "parquet"):
-            raise ConfigError(f"data.format={cfg.format} reads json/jsonl/parquet rows; data.paths has {fmt} "
-                              f"files such as {files[0]}")
     empty = [f for f in files if f.is_file() and f.stat().st_size == 0]
     if empty and len(empty) == len(files):
         raise ConfigError(f"data.paths: every file is empty (e.g. {empty[0]})")
