@@ -10,6 +10,12 @@ wait and reuse. Corpora larger than RAM never need to fit in memory: tokens are 
 on-disk .npy and read back with np.load(mmap_mode="r"). A pre-tokenized 1-D .npy can be given
 directly with data.format=tokens. Before any of it, every text/json(l) file is checked to be UTF-8
 text (a binary file is refused or, with data.on_bad_file=skip, left out), once per corpus version.
+
+A source is local files, fsspec URLs (s3://, gs://, hf://, https://: fetched once into the cache,
+keyed by URL, ETag and size) or a Hugging Face dataset (data.dataset, via load_dataset). A
+data.mixture prepares each source with one shared tokenizer; MixtureSampler draws from them by weight.
+
+    lmforge prepare run.yaml data.mixture='[{weight: 7, paths: [s3://b/web]}, {weight: 3, dataset: org/books}]'
 """
 
 from __future__ import annotations
