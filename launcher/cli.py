@@ -78,9 +78,9 @@ def _stdout_to_stderr():
 def cmd_prepare(args) -> int:
     """The task's prepare, as preflight runs it: pretrain's tokenizer and token files; a record task's
     tokenized examples (checks labels, template, columns)."""
-    from lmforge.training.preflight import get_logger, prepare_data, resolve_hub_ids
+    from lmforge.training.preflight import get_logger, prepare_data, resolve_ids
 
-    cfg, _ = resolve_hub_ids(load_config(args.config, args.overrides))
+    cfg, _ = resolve_ids(load_config(args.config, args.overrides))
     with _stdout_to_stderr():  # the tokenizer trainer prints progress on fd 1; stdout stays JSON
         prepared, _ = prepare_data(cfg, get_logger(0))
     print(json.dumps(prepared.summary, indent=1))

@@ -104,14 +104,14 @@ def test_ids_resolve_to_their_snapshots(offline, tmp_path):
     # model.revision picks the tag; the loaders get the snapshot, the ranks the pinned commit
     cfg = load_config(DEBUG, [f"data.cache_dir={tmp_path}", "model.path=org/tiny", "model.revision=v2",
                               "data.tokenizer=org/tiny"])
-    local, pinned = hub.resolve_config(cfg)
+    local, pinned = hub.resolve_ids(cfg)
     assert local.model.path == str(snapshot(offline, V2)) and local.model.revision is None
     assert local.data.tokenizer == str(snapshot(offline, MAIN))  # model.revision is the model's only
     assert pinned.model.path == f"org/tiny@{V2}" and pinned.data.tokenizer == f"org/tiny@{MAIN}"
-    assert hub.resolve_config(pinned)[0].to_dict() == local.to_dict()
+    assert hub.resolve_ids(pinned)[0].to_dict() == local.to_dict()
     assert cfg.with_absolute_paths(tmp_path).model.path == "org/tiny"  # an id is not made a path
     with pytest.raises(ConfigError, match="names revision v2 and model.revision=main: set one"):
-        hub.resolve_config(cfg.model_copy(update={"model": cfg.model.model_copy(
+        hub.resolve_ids(cfg.model_copy(update={"model": cfg.model.model_copy(
             update={"path": "org/tiny@v2", "revision": "main"})}))
 
 
@@ -119,39 +119,46 @@ def test_remote_code_is_refused_unless_trusted(offline, tmp_path):
     base = [f"data.cache_dir={tmp_path}", "model.init_from=org/custom"]
     with pytest.raises(ConfigError, match=r"model.init_from: .* ships its own model code \(config.json auto_map: "
                                           r"AutoModelForCausalLM\).*model.trust_remote_code=true"):
-        hub.resolve_config(load_config(DEBUG, base))
-    local, _ = hub.resolve_config(load_config(DEBUG, base + ["model.trust_remote_code=true"]))
+        hub.resolve_ids(load_config(DEBUG, base))
+    local, _ = hub.resolve_ids(load_config(DEBUG, base + ["model.trust_remote_code=true"]))
     assert local.model.init_from == str(snapshot(offline, REMOTE, "org/custom"))
 
 
-def test_train_and_export_from_hub_ids_offline(hf_home, data_cache, tmp_path):
-    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
-    # an uncached id: one line naming it and the cache, exit 2, before any rank or run directory
-    absent = tmp_path / "absent"
-    proc = lmforge("train", DEBUG, "--nproc", "2", *debug_overrides(absent, data_cache, "model.path=org/absent"),
-                   check=False, env_extra=env)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"model.path: org/absent is not a local directory, and as a Hub id it is not in the Hub cache " \
-           f"{hf_home / 'hub'} (HF_HUB_OFFLINE is set)" in proc.stderr
-    assert not absent.exists()
+def test_uncached_id_exits_2_before_any_rank(offline, data_cache, tmp_path, capsys):
+    from lmforge.launcher import cli
 
-    # 2 ranks train the main revision of org/tiny with its own tokenizer, both named by id
+    run_dir = tmp_path / "run"
+    code = cli.main(["train", str(DEBUG), "--nproc", "1", *debug_overrides(run_dir, data_cache, "model.path=org/absent")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert (f"lmforge: config error: model.path: org/absent is not a local directory, and as a Hub id it is not in the "
+            f"Hub cache {offline} (HF_HUB_OFFLINE is set)") in err
+    assert not run_dir.exists()
+
+
+def test_a_tool_reads_an_id_at_its_revision(offline, tmp_path, capsys):
+    from gguf import GGUFReader
+
+    from lmforge.launcher import cli
+
+    out = tmp_path / "v2.gguf"
+    assert cli.main(["export", "org/tiny@v2", "--format", "gguf", "--out", str(out)]) == 0, capsys.readouterr().err
+    blocks = GGUFReader(str(out)).fields["llama.block_count"]
+    assert int(blocks.parts[blocks.data[0]][0]) == 2  # v2's two layers, not main's one
+
+
+def test_two_ranks_train_from_a_hub_id_offline(hf_home, data_cache, tmp_path):
+    # HF_HOME and HF_HUB_OFFLINE from the environment, as a user sets them
     run_dir = tmp_path / "run"
     lmforge("train", DEBUG, "--nproc", "2", *debug_overrides(
-        run_dir, data_cache, "model.path=org/tiny", "data.tokenizer=org/tiny", "train.steps=4",
-        "checkpoint.interval=0", "eval.interval=0", "eval.batches=1"), env_extra=env)
-    assert sorted(losses(run_dir)) == [1, 2, 3, 4]
-    ckpt = run_dir / "checkpoints" / "step_4"
+        run_dir, data_cache, "model.path=org/tiny", "data.tokenizer=org/tiny", "train.steps=2",
+        "checkpoint.interval=0", "eval.interval=0", "eval.batches=1"),
+        env_extra={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    assert sorted(losses(run_dir)) == [1, 2]
+    ckpt = run_dir / "checkpoints" / "step_2"
     main = snapshot(hf_home / "hub", MAIN)
     saved = load_config(ckpt / "config.yaml")
     assert saved.model.path == str(main) and saved.data.tokenizer == str(main)
     hf_conf = json.loads((ckpt / "hf" / "config.json").read_text())
-    assert hf_conf["num_hidden_layers"] == 1 and hf_conf["vocab_size"] == 320  # main's model, untouched shape
-
-    # a tool reads an id too: @v2 is the other snapshot (2 layers)
-    from gguf import GGUFReader
-
-    out = tmp_path / "v2.gguf"
-    lmforge("export", "org/tiny@v2", "--format", "gguf", "--out", out, env_extra=env)
-    blocks = GGUFReader(str(out)).fields["llama.block_count"]
-    assert int(blocks.parts[blocks.data[0]][0]) == 2
+    assert hf_conf["num_hidden_layers"] == 1 and hf_conf["vocab_size"] == 320  # main's model, its shape kept
+    assert (ckpt / "hf" / "tokenizer.json").read_text() == (main / "tokenizer.json").read_text()

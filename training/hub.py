@@ -32,7 +32,7 @@ _IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf", "*.tf
 def parse(name: str) -> tuple[str, str | None] | None:
     """(repo id, revision or None) if `name` has the form of a Hub id, else None."""
     m = _ID.match(name)
-    if m is None or ".." in name or name.startswith(("./", "~")):
+    if m is None or ".." in name:
         return None
     return m["repo"], m["rev"]
 
@@ -70,15 +70,15 @@ def resolve(name: str, key: str, revision: str | None = None) -> Path:
 
     ident = f"{repo}@{rev}" if rev else repo
     offline = constants.HF_HUB_OFFLINE
+    # A commit never changes: a cached one needs no Hub (the ranks get pinned commits, hub.resolve_ids).
+    cache_first = offline or bool(rev and _COMMIT.match(rev))
     try:
         try:
-            # A commit never changes: a cached one needs no Hub (and an offline run may not ask).
-            return Path(snapshot_download(repo, revision=rev, ignore_patterns=_IGNORE,
-                                          local_files_only=offline or bool(rev and _COMMIT.match(rev))))
+            return Path(snapshot_download(repo, revision=rev, ignore_patterns=_IGNORE, local_files_only=cache_first))
         except LocalEntryNotFoundError:
-            if offline:
+            if offline or not cache_first:
                 raise
-            return Path(snapshot_download(repo, revision=rev, ignore_patterns=_IGNORE))
+            return Path(snapshot_download(repo, revision=rev, ignore_patterns=_IGNORE))  # a commit not cached yet
     except LocalEntryNotFoundError:
         raise ConfigError(f"{key}: {ident} is not a local directory, and as a Hub id it is not in the Hub cache "
                           f"{cache_dir()}{' (HF_HUB_OFFLINE is set)' if offline else ' and the Hub cannot be reached'}"
@@ -152,7 +152,7 @@ def _with(cfg: Config, values: dict[str, str]) -> Config:
     return Config.model_validate(tree)
 
 
-def resolve_config(cfg: Config) -> tuple[Config, Config]:
+def resolve_ids(cfg: Config) -> tuple[Config, Config]:
     """(cfg with every Hub id replaced by its snapshot directory, for the loaders; cfg with every
     Hub id pinned to the commit it resolved to, `org/name@<sha>`, for ranks started elsewhere)."""
     found = _resolved(cfg)
