@@ -110,6 +110,8 @@ def test_ids_resolve_to_their_snapshots(offline, tmp_path):
     assert pinned.model.path == f"org/tiny@{V2}" and pinned.data.tokenizer == f"org/tiny@{MAIN}"
     assert hub.resolve_ids(pinned)[0].to_dict() == local.to_dict()
     assert cfg.with_absolute_paths(tmp_path).model.path == "org/tiny"  # an id is not made a path
+    with pytest.raises(ConfigError, match="data.tokenizer: /no/tok is not a directory and not a Hub id"):
+        hub.resolve_ids(load_config(DEBUG, [f"data.cache_dir={tmp_path}", "data.tokenizer=/no/tok"]))
     with pytest.raises(ConfigError, match="names revision v2 and model.revision=main: set one"):
         hub.resolve_ids(cfg.model_copy(update={"model": cfg.model.model_copy(
             update={"path": "org/tiny@v2", "revision": "main"})}))

@@ -115,10 +115,10 @@ def _get(tree: dict, key: str):
 
 
 def _resolved(cfg: Config) -> dict[str, tuple[str, Path]]:
-    """key → (Hub repo id, snapshot directory) for each of HUB_KEYS that names a Hub id; every
-    model directory checked for remote code."""
+    """key → (Hub repo id, snapshot directory) for each of HUB_KEYS that names a Hub id (a name not
+    on disk that is no Hub id either is refused); every model directory checked for remote code."""
     tree = cfg.to_dict()
-    ids = {key: _get(tree, key) for key in HUB_KEYS if is_hub_id(_get(tree, key))}
+    ids = {key: name for key in HUB_KEYS if (name := _get(tree, key)) and not Path(name).expanduser().exists()}
     out = {}
     if ids:
         from filelock import FileLock
@@ -129,7 +129,8 @@ def _resolved(cfg: Config) -> dict[str, tuple[str, Path]]:
         with FileLock(str(lock)):
             for key, name in ids.items():
                 revision = cfg.model.revision if key.startswith("model.") else None
-                out[key] = parse(name)[0], resolve(name, key, revision)
+                snapshot = resolve(name, key, revision)  # refuses a name that is no Hub id
+                out[key] = parse(name)[0], snapshot
     for key in ("model.path", "model.init_from", "distill.teacher"):
         value = _get(tree, key)
         if value:
