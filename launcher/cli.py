@@ -245,8 +245,8 @@ def _resolve_hub_inputs(args) -> None:
     from lmforge.training.hub import tool_input
 
     for name in HUB_INPUTS.get(args.command, ()):
-        value = getattr(args, name)
-        resolved = [tool_input(v, name) for v in value] if isinstance(value, list) else tool_input(value, name)
+        value, arg = getattr(args, name), f"lmforge {args.command} {name}"
+        resolved = [tool_input(v, arg) for v in value] if isinstance(value, list) else tool_input(value, arg)
         setattr(args, name, resolved)
 
 
