@@ -149,6 +149,7 @@ def test_a_tool_reads_an_id_at_its_revision(offline, tmp_path, capsys):
     assert int(blocks.parts[blocks.data[0]][0]) == 2  # v2's two layers, not main's one
 
 
+@pytest.mark.slow  # starts `lmforge train`
 def test_two_ranks_train_from_a_hub_id_offline(hf_home, data_cache, tmp_path):
     # HF_HOME and HF_HUB_OFFLINE from the environment, as a user sets them
     run_dir = tmp_path / "run"
