@@ -79,9 +79,9 @@ def _stdout_to_stderr():
 def cmd_prepare(args) -> int:
     """The task's prepare, as preflight runs it: pretrain's tokenizer and token files; a record task's
     tokenized examples (checks labels, template, columns)."""
-    from lmforge.training.preflight import get_logger, prepare_data
+    from lmforge.training.preflight import get_logger, prepare_data, resolve_ids
 
-    cfg = load_config(args.config, args.overrides)
+    cfg, _ = resolve_ids(load_config(args.config, args.overrides))
     with _stdout_to_stderr():  # the tokenizer trainer prints progress on fd 1; stdout stays JSON
         prepared, _ = prepare_data(cfg, get_logger(0))
     print(json.dumps(prepared.summary, indent=1))
@@ -237,6 +237,18 @@ COMMANDS = {
     "verify": (cmd_verify, _verify_args, "check checkpoints' files against their manifests (sizes and content hashes)"),
 }
 TOOLS = ("compress", "prune", "report", "serve")
+# The arguments that name a model directory: a Hub id there is resolved to its snapshot directory
+# (training/hub.py) before the command runs, so the tools themselves only ever see local paths.
+HUB_INPUTS = {"export": ("path",), "compress": ("path",), "prune": ("path",), "report": ("artifacts", "baseline")}
+
+
+def _resolve_hub_inputs(args) -> None:
+    from lmforge.training.hub import tool_input
+
+    for name in HUB_INPUTS.get(args.command, ()):
+        value, arg = getattr(args, name), f"lmforge {args.command} {name}"
+        resolved = [tool_input(v, arg) for v in value] if isinstance(value, list) else tool_input(value, arg)
+        setattr(args, name, resolved)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(getattr(args, "overrides", [])) + rest
     try:
+        _resolve_hub_inputs(args)
         return args.func(args)
     except ConfigError as e:
         print(f"lmforge: config error: {e}", file=sys.stderr)

@@ -229,6 +229,7 @@ print("deepspeed" in sys.modules)
 
 
 def test_relative_paths_are_resolved_for_remote_ranks(tmp_path):
+    (tmp_path / "models/m").mkdir(parents=True)  # a model name that is not on disk is a Hub id (test_hub.py)
     cfg = load_config(DEBUG, ["run_dir=runs/x", "data.paths=[data/*.jsonl, '{stdlib}/json/*.py', /abs/a.txt]",
                               "data.cache_dir=cache", "model.path=models/m"])
     a = cfg.with_absolute_paths(tmp_path)

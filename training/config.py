@@ -59,9 +59,15 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 class ModelConfig(_Section):
     preset: str | None = Field("llama-debug", description="size preset: " + ", ".join(MODEL_PRESETS))
-    path: str | None = Field(None, description="local Hugging Face model directory (any AutoModelForCausalLM)")
-    init_from: str | None = Field(None, description="fine-tune from weights: a local Hugging Face model directory or an "
-                                                    "lmforge run directory / checkpoint (step_N; consolidated once)")
+    path: str | None = Field(None, description="Hugging Face model (the task's auto class): a local directory or a "
+                                               "Hub id org/name[@revision]")
+    init_from: str | None = Field(None, description="fine-tune from weights: a Hugging Face model (local directory or "
+                                                    "Hub id org/name[@revision]) or an lmforge run directory / "
+                                                    "checkpoint (step_N; consolidated once)")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a Hub id in model.path / "
+                                                   "model.init_from; `org/name@revision` says the same")
+    trust_remote_code: bool = Field(False, description="allow models whose config.json has auto_map (code from their "
+                                                       "repository, run on load); refused otherwise")
     pretrained: bool = Field(True, description="with `path`: load its weights (false: its config only, random init)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="keys set on the HF config, e.g. num_hidden_layers")
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
@@ -130,7 +136,8 @@ class DataConfig(_Section):
                             "parquet rows of that shape (file type from the extension); auto/json/parquet/arrow: "
                             "the shape is detected from the first record's keys")
     text_field: str = Field("text", description="column holding the text (json/parquet/arrow)")
-    tokenizer: str | None = Field(None, description="local tokenizer directory; unset: train a byte-level BPE on the training split")
+    tokenizer: str | None = Field(None, description="tokenizer: a local directory or a Hub id org/name[@revision]; unset: "
+                                                    "train a byte-level BPE on the training split")
     vocab_size: int = Field(8192, ge=260, description="vocabulary of the locally trained tokenizer")
     seq_len: int = Field(256, ge=8, description="tokens per training sequence (documents are packed, EOS between)")
     holdout: float = Field(0.02, gt=0.0, lt=0.5, description="fraction of documents held out for evaluation")
@@ -426,8 +433,9 @@ class FinetuneConfig(_Section):
 
 class DistillConfig(_Section):
     """Knowledge distillation from a frozen teacher (healing a pruned model: configs/heal.yaml)."""
-    teacher: str | None = Field(None, description="teacher: a local Hugging Face causal LM directory with the student's "
-                                                  "tokenizer (e.g. the unpruned model); unset: no distillation")
+    teacher: str | None = Field(None, description="teacher: a Hugging Face causal LM (local directory or Hub id "
+                                                  "org/name[@revision]) with the student's tokenizer (e.g. the "
+                                                  "unpruned model); unset: no distillation")
     alpha: float = Field(0.5, ge=0, le=1, description="loss = (1 - alpha) * cross entropy + alpha * T^2 * "
                                                       "KL(teacher || student) over the same target tokens")
     temperature: float = Field(1.0, gt=0, description="T: both distributions are softmax(logits / T)")
@@ -571,10 +579,16 @@ class Config(_Section):
     def with_absolute_paths(self, base: Path | None = None) -> "Config":
         """A copy whose relative paths are resolved against `base` (default: the current
         directory), for ranks that start elsewhere (Ray workers, Tune trials, batch jobs)."""
+        from .hub import HUB_KEYS, parse
+
         base = base or Path.cwd()
 
-        def absolute(p: str | None) -> str | None:
-            return p if p is None or p.startswith(("/", "~", "{")) or is_url(p) else str(base / p)
+        def absolute(p: str | None, key: str = "") -> str | None:
+            if p is None or p.startswith(("/", "~", "{")) or is_url(p):
+                return p
+            if key in HUB_KEYS and parse(p) is not None and not (base / p).exists():
+                return p  # a Hub id (training/hub.py), not a path
+            return str(base / p)
 
         def local_dataset(d: str | None) -> str | None:
             # a Hub id ("org/name") stays as it is; a dataset directory relative to `base` is made absolute
@@ -584,7 +598,7 @@ class Config(_Section):
         for key in PATH_KEYS:
             section, _, name = key.rpartition(".")
             node = tree[section] if section else tree
-            node[name] = absolute(node[name])
+            node[name] = absolute(node[name], key)
         for node in [tree["data"], *tree["data"]["mixture"]]:
             if node.get("paths") is not None:
                 node["paths"] = [absolute(p) for p in node["paths"]]

@@ -93,7 +93,9 @@ def main(cfg: Config, report: Callable[[dict], None] | None = None) -> dict:
 
 def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop: dist.StopRequest) -> dict:
     """The loop: step, log, evaluate, let the checkpointer decide, honour a stop; one way out."""
-    plan = resume.agree(cfg, preflight(cfg, d.world_size, log), d.rank, d.world_size, log)
+    prepared = preflight(cfg, d.world_size, log)
+    cfg = prepared.cfg  # Hub ids replaced by their snapshot directories (training/hub.py)
+    plan = resume.agree(cfg, prepared, d.rank, d.world_size, log)
     if d.is_main:
         dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
     log.info("config:\n" + cfg.to_yaml())
