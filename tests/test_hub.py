@@ -21,9 +21,10 @@ from lmforge.training import hub
 from lmforge.training.config import ConfigError, load_config
 
 MAIN, V2, REMOTE = "1" * 40, "2" * 40, "3" * 40  # commits: refs/main, tag v2, a model with its own code
+SFT_HUB_MODEL = "HuggingFaceTB/SmolLM2-135M"
 
 
-def tiny_model(path: Path, layers: int) -> Path:
+def tiny_model(path: Path, layers: int, positions: int = 128) -> Path:
     """A Llama of `layers` layers with lmforge's own byte-level BPE tokenizer and run config."""
     import datasets
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -34,7 +35,7 @@ def tiny_model(path: Path, layers: int) -> Path:
     text = [Path(json.__file__).read_text()]
     tok = _train_tokenizer(datasets.Dataset.from_dict({"text": text}), 300, path)
     LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=positions,
                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)).save_pretrained(path)
     write_run_config(load_config(DEBUG), path)  # what `lmforge export` carries: GGUF export reads it
     return path
@@ -71,6 +72,8 @@ def hf_home(tmp_path_factory) -> Path:
     conf["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
     (custom / "config.json").write_text(json.dumps(conf))
     add_snapshot(home / "hub", "org/custom", custom, REMOTE, ("main",))
+    # what configs/sft_hub.yaml names, as a tiny stand-in (the recipe's code path, not its 135M weights)
+    add_snapshot(home / "hub", SFT_HUB_MODEL, tiny_model(build / "smol", 1, positions=256), MAIN, ("main",))
     return home
 
 
@@ -165,3 +168,23 @@ def test_two_ranks_train_from_a_hub_id_offline(hf_home, data_cache, tmp_path):
     hf_conf = json.loads((ckpt / "hf" / "config.json").read_text())
     assert hf_conf["num_hidden_layers"] == 1 and hf_conf["vocab_size"] == 320  # main's model, its shape kept
     assert (ckpt / "hf" / "tokenizer.json").read_text() == (main / "tokenizer.json").read_text()
+
+
+@pytest.mark.slow  # starts `lmforge train`
+def test_sft_hub_recipe_fine_tunes_a_hub_id_on_alpaca_and_sharegpt_mixed_70_30(hf_home, data_cache, tmp_path):
+    """configs/sft_hub.yaml as written, offline from the Hub cache, only shorter. The measured shares
+    of the two record formats are its weights."""
+    run_dir = tmp_path / "run"
+    recipe = DEBUG.parent / "sft_hub.yaml"
+    proc = lmforge("train", recipe, "--nproc", "2", *debug_overrides(
+        run_dir, data_cache, "train.steps=16", "checkpoint.interval=16", "eval.interval=16",
+        "eval.generate=2", "eval.max_new_tokens=4"),
+        env_extra={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    shares = [r for r in rows if "data/share/alpaca" in r][-1]
+    assert abs(shares["data/share/alpaca"] - 0.7) < 0.01 and abs(shares["data/share/sharegpt"] - 0.3) < 0.01, shares
+    assert sorted(losses(run_dir)) == list(range(1, 17))
+    assert any("eval/loss" in r for r in rows)
+    saved = load_config(run_dir / "checkpoints" / "step_16" / "config.yaml")
+    assert saved.model.init_from == str(snapshot(hf_home / "hub", MAIN, SFT_HUB_MODEL))  # read from the Hub cache
+    assert "as alpaca" in proc.stderr and "as sharegpt" in proc.stderr, proc.stderr[-3000:]

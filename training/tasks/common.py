@@ -49,8 +49,8 @@ class TaskData:
 # --------------------------------------------------------------------------- records
 
 def embedded_paths(cfg: DataConfig, paths: list[str]) -> list[str]:
-    """`{embedded:TASK}/train.jsonl`: the labelled stdlib data of training/embedded.py, built once
-    into the cache (under a file lock, so every rank may ask)."""
+    """`{embedded:TASK}/train.jsonl` (or `{embedded:sft-SCHEMA}`, e.g. sft-alpaca): the labelled stdlib
+    data of training/embedded.py, built once into the cache (under a file lock, so every rank may ask)."""
     out = []
     for p in paths:
         if p.startswith("{embedded:"):
@@ -60,10 +60,11 @@ def embedded_paths(cfg: DataConfig, paths: list[str]) -> list[str]:
 
             name, _, rest = p[len("{embedded:"):].partition("}")
             root = cfg.resolved_cache_dir() / "embedded" / name
+            task, _, schema = name.partition("-")  # sft-alpaca: the sft pairs as alpaca records
             with FileLock(str(root) + ".lock"):
                 if not (root / "train.jsonl").is_file():
                     try:
-                        embedded.build(name, root)
+                        embedded.build(task, root, **({"schema": schema} if schema else {}))
                     except ValueError as e:
                         raise ConfigError(f"data.paths: {p}: {e}") from None
             p = str(root) + rest
