@@ -41,8 +41,9 @@ def prepared(cfg: Config, world_size: int, log, absolute: bool = True) -> Iterat
 def prepare(cfg: Config, world_size: int, log, absolute: bool = True, dump: bool = True) -> Config:
     """Before any rank starts: every check bad config or data can fail (training.preflight), paths
     made absolute for ranks that start elsewhere (Ray workers, batch jobs), the resolved config
-    written to RUN_DIR/config.yaml for the ranks to read. Returns the config the ranks run."""
-    preflight(cfg, world_size, log)
+    written to RUN_DIR/config.yaml for the ranks to read. Returns the config the ranks run: Hub
+    ids pinned to the commits preflight resolved (training/hub.py)."""
+    cfg = preflight(cfg, world_size, log).pinned
     if absolute:
         cfg = cfg.with_absolute_paths()
     if dump:

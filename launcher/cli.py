@@ -54,7 +54,8 @@ def cmd_config(args) -> int:
     runtime = select_runtime(cfg)
     ds = build_ds_config(cfg, nproc, runtime.precision)
     print(f"# resolved config ({runtime.describe()}, {nproc} rank(s), "
-          f"gradient accumulation {cfg.grad_accum(cfg.data_parallel_size(nproc))}, {cfg.total_steps()} steps)")
+          f"gradient accumulation {cfg.grad_accum(cfg.data_parallel_size(nproc))}, "
+          f"{f'steps from train.epochs={cfg.train.epochs:g} of the prepared rows' if cfg.train.epochs else f'{cfg.total_steps()} steps'})")
     print(f"# checkpoints: {cfg.checkpoint_dir}  tensorboard: {cfg.tensorboard_dir}")
     print(cfg.to_yaml())
     print("# DeepSpeed config")
@@ -78,9 +79,9 @@ def _stdout_to_stderr():
 def cmd_prepare(args) -> int:
     """The task's prepare, as preflight runs it: pretrain's tokenizer and token files; a record task's
     tokenized examples (checks labels, template, columns)."""
-    from lmforge.training.preflight import get_logger, prepare_data
+    from lmforge.training.preflight import get_logger, prepare_data, resolve_ids
 
-    cfg = _load_with_flags(args)
+    cfg, _ = resolve_ids(_load_with_flags(args))
     with _stdout_to_stderr():  # the tokenizer trainer prints progress on fd 1; stdout stays JSON
         if cfg.launch.backend == "ray":  # token files encoded across the cluster; what follows finds them
             from lmforge.launcher import ray_prepare
@@ -247,6 +248,18 @@ COMMANDS = {
     "verify": (cmd_verify, _verify_args, "check checkpoints' files against their manifests (sizes and content hashes)"),
 }
 TOOLS = ("compress", "prune", "report", "serve")
+# The arguments that name a model directory: a Hub id there is resolved to its snapshot directory
+# (training/hub.py) before the command runs, so the tools themselves only ever see local paths.
+HUB_INPUTS = {"export": ("path",), "compress": ("path",), "prune": ("path",), "report": ("artifacts", "baseline")}
+
+
+def _resolve_hub_inputs(args) -> None:
+    from lmforge.training.hub import tool_input
+
+    for name in HUB_INPUTS.get(args.command, ()):
+        value, arg = getattr(args, name), f"lmforge {args.command} {name}"
+        resolved = [tool_input(v, arg) for v in value] if isinstance(value, list) else tool_input(value, arg)
+        setattr(args, name, resolved)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(getattr(args, "overrides", [])) + rest
     try:
+        _resolve_hub_inputs(args)
         return args.func(args)
     except ConfigError as e:
         print(f"lmforge: config error: {e}", file=sys.stderr)

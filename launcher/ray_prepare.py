@@ -8,7 +8,7 @@ The driver does everything but the encoding, exactly as training/data.py's prepa
 resolved and screened, documents loaded and split, the tokenizer loaded or trained (BPE training is
 one pass over the corpus and stays here), and the cache under data.cache_dir written and locked. Only
 `write_tokens` differs: each split becomes a Ray Dataset whose blocks are encoded by
-`data.encode_batch` (the function the single-node path calls) in Ray tasks spread over the nodes,
+`data.tokenize_documents` (the function the single-node path calls) in Ray tasks spread over the nodes,
 order preserved, and the driver streams the results into `data.write_token_file`. data.cache_dir
 must be on storage the later training ranks see; the Ray workers themselves never touch it.
 """
@@ -33,7 +33,7 @@ def _encoder(tok, dtype):
         import pyarrow as pa
         import ray
 
-        ids = data.encode_batch(tok, batch.column("text").to_pylist())
+        ids = data.tokenize_documents(batch.column("text").to_pylist(), tok)
         return pa.table({"ids": pa.array([np.asarray(x, dtype=dtype).tobytes() for x in ids], pa.binary()),
                          "n": pa.array([len(x) for x in ids], pa.int64()),
                          "node": pa.array([ray.get_runtime_context().get_node_id()] * len(ids), pa.string())})
@@ -79,8 +79,9 @@ def ray_write_tokens(log, cpus: int):
     return write_tokens
 
 
-def prepare(cfg: Config, log) -> data.PreparedData:
-    """Build (or find) cfg's tokenizer and token files, encoding on the Ray cluster of launch.address."""
+def prepare(cfg: Config, log) -> list[data.PreparedData]:
+    """Build (or find) cfg's tokenizer and token files (every source of a data.mixture), encoding on
+    the Ray cluster of launch.address."""
     from lmforge.launcher import ray as ray_launcher
     from lmforge.training.tasks import pretrain
 
@@ -95,4 +96,4 @@ def prepare(cfg: Config, log) -> data.PreparedData:
     data_cfg = pretrain.data_config(cfg, init_dir)
     with ray_launcher.session(cfg, log) as nodes:
         cpus = int(sum(n["Resources"].get("CPU", 0) for n in nodes)) or 1
-        return data.prepare(data_cfg, log, write_tokens=ray_write_tokens(log, cpus))
+        return data.prepare_sources(data_cfg, log, write_tokens=ray_write_tokens(log, cpus))

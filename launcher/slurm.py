@@ -250,8 +250,7 @@ def launch(cfg: Config, dry_run: bool = False, follow_log: bool = False) -> int:
     check_run_dir_free(cfg.run_dir, cfg.dist.lock_stale_s)
     check_request(cfg)
     # bad config or data fail here, not on the nodes; the job script writes config.yaml when it starts
-    prepare(cfg, world_size(cfg), get_logger(0), absolute=False, dump=False)
-    cfg = resolve(cfg)
+    cfg = resolve(prepare(cfg, world_size(cfg), get_logger(0), absolute=False, dump=False))
     run_dir = Path(cfg.run_dir)
     text = render(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens the job's log there before the script runs

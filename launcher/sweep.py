@@ -75,10 +75,12 @@ def sweep(cfg: Config, specs: list[str], trials: int) -> int:
     base = cfg.to_dict()
     # every swept key must exist and accept a sampled value, before any trial starts
     _trial_config(base, {k: d.sample() for k, d in params.items()}, str(root / "probe"))
-    preflight(cfg, 1, log)  # data prepared once, before any trial
+    prepared = preflight(cfg, 1, log)  # data prepared once, Hub ids pinned, before any trial
+    cfg = prepared.pinned
+    base = cfg.to_dict()
     with session(cfg, log):
         resources = {"CPU": cfg.launch.cpus_per_worker, "GPU": cfg.launch.gpus_per_worker}
-        total = cfg.total_steps()
+        total = cfg.total_steps(len(prepared.data.train))
         tuner = tune.Tuner(
             tune.with_resources(_trial, resources),
             param_space={"base": base, "root": str(root), "params": params},

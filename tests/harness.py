@@ -1,12 +1,13 @@
 """In-process rank harness: `run_ranks(fn, 2, *args)` runs `fn(*args)` on 2 spawned worker processes
 that form a real gloo process group (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set as
-torchrun sets them), and returns each rank's return value, rank 0 first. A rank that raises makes
+torchrun sets them), and returns each rank's return value, rank 0 first. The workers are forked from a
+forkserver that imported torch, DeepSpeed and the rank code once per pytest process. A rank that raises makes
 run_ranks raise with that rank's traceback (the other ranks are stopped).
 
 `fn` must be a module-level function (it is pickled by name into the spawned workers) and so must
-its arguments and return values; tensors come back by value. A start costs ~2-4 s on 2 cores
-(each worker imports torch and the test module), so a test of collectives runs in seconds instead
-of the 10-20 s of a CLI run.
+its arguments and return values; tensors come back by value. A start costs ~1 s on 2 cores
+after the first (which pays the forkserver's imports), so a test of collectives runs in seconds
+instead of the 10-20 s of a CLI run.
 
     def total(x):
         t = torch.tensor([x + torch.distributed.get_rank()])
@@ -66,7 +67,10 @@ def run_ranks(fn, world_size: int = 2, *args, timeout: float = 300, env: dict | 
     environment variables for the workers."""
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    # Forked from one server per pytest process that imported torch, DeepSpeed and the rank code once
+    # (as the local launcher forks its ranks): a start costs ~1 s instead of every worker's imports.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "deepspeed", "lmforge.training.train"])
     results = ctx.Queue()
     port = _free_port()
     worker_env = {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or _extensions_dir(),

@@ -65,15 +65,53 @@ def test_steps_from_tokens_and_accumulation():
     assert cfg.grad_accum(1) == 2 and cfg.grad_accum(2) == 1
 
 
+def test_steps_from_epochs_and_warmup_from_ratio():
+    from lmforge.training.engine import lr_lambda
+
+    cfg = load_config(DEBUG, ["train.steps=null", "train.epochs=2.5", "train.warmup=0", "train.warmup_ratio=0.1"])
+    with pytest.raises(ConfigError, match="train.epochs: the steps follow from the training rows"):
+        cfg.total_steps()
+    assert cfg.total_steps(train_rows=100) == 32  # ceil(2.5 * 100 / 8)
+    assert cfg.warmup_steps(32) == 3
+    f = lr_lambda(cfg, 32)
+    assert [round(f(s), 4) for s in range(4)] == [round(1 / 3, 4), round(2 / 3, 4), 1.0, 1.0]
+    assert load_config(DEBUG, ["train.warmup=50"]).warmup_steps(30) == 30  # never past the end
+
+
+def test_mixture_entries_inherit_and_survive_a_round_trip(tmp_path):
+    """An entry's own keys win, the rest come from `data`; config.yaml (and the absolute-path copy a
+    Ray worker gets) keep which keys an entry set, so a reloaded entry still inherits."""
+    cfg = load_config(DEBUG, ["data.text_field=body", "data.mixture=[{weight: 3, name: web, paths: [s3://b/web]}, "
+                                                      "{weight: 1, dataset: org/books, text_field: text}]"])
+    web, books = cfg.data.sources()
+    assert (web.paths, web.dataset, web.text_field) == (["s3://b/web"], None, "body")
+    assert (books.paths, books.dataset, books.text_field) == ([], "org/books", "text")
+    assert cfg.data.weights() == [0.75, 0.25] and cfg.data.source_names() == ["web", "1"]
+    for again in (load_config(None, [f"{k}={json.dumps(v)}" for k, v in cfg.to_dict().items()]),
+                  cfg.with_absolute_paths(tmp_path)):
+        assert [s.model_dump() for s in again.data.sources()] == [s.model_dump() for s in cfg.data.sources()]
+
+
 @pytest.mark.parametrize("override,expected", [
     (["train.lrr=1"], "unknown key train.lrr; did you mean train.lr?"),
     (["trian.lr=1"], "unknown key trian; did you mean train?"),
     (["parallel.zero_stage=4"], "parallel.zero_stage: Input should be 1, 2 or 3"),
     (["train.precision=fp8"], "train.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
-    (["train.steps=null"], "set exactly one of train.steps and train.tokens"),
+    (["train.steps=null"], "set one of train.steps, train.tokens and train.epochs"),
+    (["train.epochs=2"], "train.steps and train.epochs are both set; set one"),
+    (["train.warmup=5", "train.warmup_ratio=0.1"], "train.warmup and train.warmup_ratio are both set; set one"),
+    (["train.warmup_ratio=1.5"], "train.warmup_ratio: Input should be less than 1"),
     (["train.global_batch_size=10"], "train.global_batch_size (10) is not a multiple of train.micro_batch_size (4)"),
     (["model.preset=llama-3b"], "unknown preset 'llama-3b'"),
-    (["data.paths=[]"], "data.paths must list at least one non-empty path"),
+    (["data.paths=[]"], "set data.paths (files or URLs), data.dataset (a Hugging Face dataset) or data.mixture"),
+    (["data.dataset=org/name"], "set data.paths or data.dataset, not both"),
+    (["data.data_files=[a.jsonl]"], "data.data_files selects files of data.dataset"),
+    (["data.mixture=[{weight: 0.7}, {weight: 0.3, format: csv}]"], "data.mixture[1]: format: Input should be"),
+    (["data.mixture=[{weight: 0}]"], "data.mixture.0.weight: Input should be greater than 0"),
+    (["data.mixture=[{weight: 1, colour: red}]"], "unknown key data.mixture.0.colour"),
+    (["data.mixture=[{weight: 1}]", "data.eval_paths=[x.jsonl]"], "data.eval_paths is not combined with data.mixture"),
+    (["task=classification", "data.mixture=[{weight: 1}]"], "data.mixture: task=classification reads one source; "
+                                                            "mixtures are for pretrain and sft"),
     (["parallel.zero_stage=2", "parallel.offload_params=true"], "parallel.offload_params needs parallel.zero_stage=3"),
     (["train.lr"], "is not key=value"),
 ])
@@ -229,6 +267,7 @@ print("deepspeed" in sys.modules)
 
 
 def test_relative_paths_are_resolved_for_remote_ranks(tmp_path):
+    (tmp_path / "models/m").mkdir(parents=True)  # a model name that is not on disk is a Hub id (test_hub.py)
     cfg = load_config(DEBUG, ["run_dir=runs/x", "data.paths=[data/*.jsonl, '{stdlib}/json/*.py', /abs/a.txt]",
                               "data.cache_dir=cache", "model.path=models/m"])
     a = cfg.with_absolute_paths(tmp_path)

@@ -30,14 +30,15 @@ def built(tmp_path_factory) -> dict:
     """Each task built twice into separate directories: (result, second result) by name."""
     out = {}
     for name, task, kw in (("classification", "classification", {}), ("ner", "ner", {}),
-                           ("sft", "sft", {}), ("sft_chat", "sft", {"chat": True})):
+                           ("sft", "sft", {}), ("sft_chat", "sft", {"schema": "messages"}),
+                           ("sft_alpaca", "sft", {"schema": "alpaca"}), ("sft_sharegpt", "sft", {"schema": "sharegpt"})):
         runs = [embedded.build(task, tmp_path_factory.mktemp(f"{name}{i}"), max_train=400, max_eval=90,
                                seed=0, packages=PACKAGES, **kw) for i in range(2)]
         out[name] = runs
     return out
 
 
-@pytest.mark.parametrize("name", ["classification", "ner", "sft", "sft_chat"])
+@pytest.mark.parametrize("name", ["classification", "ner", "sft", "sft_chat", "sft_alpaca", "sft_sharegpt"])
 def test_deterministic_split_by_file(built, name):
     first, second = built[name]
     for split in ("train", "eval"):
@@ -117,6 +118,22 @@ def test_sft_records(built):
     chat = _read(built["sft_chat"][0]["train"])
     assert [(r["prompt"], r["response"]) for r in plain] == [(r["messages"][0]["content"], r["messages"][1]["content"])
                                                             for r in chat]
+    alpaca = _read(built["sft_alpaca"][0]["train"])
+    assert [(r["prompt"], r["response"]) for r in plain] == [(r["instruction"], r["output"]) for r in alpaca]
+    sharegpt = _read(built["sft_sharegpt"][0]["train"])
+    assert {tuple(t["from"] for t in r["conversations"]) for r in sharegpt} == {("system", "human", "gpt")}
+    assert [(r["prompt"], r["response"]) for r in plain] == [(r["conversations"][1]["value"], r["conversations"][2]["value"])
+                                                            for r in sharegpt]
+    # each shape reads back through the sft task's own conversion (and detection) as the same exchange
+    from lmforge.training.config import DataConfig
+    from lmforge.training.tasks import sft
+
+    cfg = DataConfig(paths=["x"])
+    for shape, records in (("alpaca", alpaca), ("sharegpt", sharegpt)):
+        assert sft.detect_schema(cfg, records[0]) == shape
+        convs = [sft.SCHEMAS[shape](cfg, r) for r in records]
+        assert [(c[-2]["content"], c[-1]["content"]) for c in convs] == [(r["prompt"], r["response"]) for r in plain]
+        assert [c[-1]["role"] for c in convs] == ["assistant"] * len(plain)
 
 
 def test_cli_defaults(tmp_path):

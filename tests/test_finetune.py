@@ -358,6 +358,25 @@ def test_bad_task_inputs_fail_before_training(tmp_path, data_cache, tiny_base):
     assert "match no linear layer" in msg and "q_proj" in msg
 
 
+@pytest.mark.slow
+def test_sft_on_alpaca_records_with_chatml_on_two_ranks(tmp_path, data_cache, tiny_base):
+    """End to end: alpaca records (some with input, some with a system prompt) and the chatml template,
+    2 ranks under ZeRO-3: it trains, evaluates and generates."""
+    rows = [{"instruction": f"Name the module of json.{f}.", "input": "Answer briefly." if i % 2 else "",
+             "output": f"json.{f} lives in the json package.", **({"system": "Be terse."} if i % 3 == 0 else {})}
+            for i, f in enumerate(["dumps", "loads", "dump", "load", "JSONDecoder", "JSONEncoder"] * 4)]
+    path = _jsonl(tmp_path / "alpaca.jsonl", rows)
+    run_dir = tmp_path / "run"
+    proc = lmforge("train", CONFIGS / "sft.yaml", *debug_overrides(
+        run_dir, data_cache, f"model.init_from={tiny_base}", f"data.paths=[{path}]", "data.eval_paths=[]",
+        "data.format=alpaca", "data.chat_template=chatml", "data.seq_len=192", "train.steps=4",
+        "checkpoint.interval=0", "eval.interval=4", "eval.generate=2", "eval.max_new_tokens=4"), "--nproc", "2")
+    assert "records read as alpaca (data.format=alpaca)" in proc.stderr
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4] and all(np.isfinite(list(losses(run_dir).values())))
+    last = evals(run_dir)[4]
+    assert np.isfinite(last["eval/loss"]) and "eval/bleu" in last
+
+
 def test_bad_finetune_combinations_are_config_errors():
     from lmforge.training.config import ConfigError, load_config
 

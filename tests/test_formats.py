@@ -275,7 +275,7 @@ def test_cli_refuses_bad_flags_and_artifacts(lm_hf, tmp_path):
     (dict(fmt="gguf", int8=True), "pass --quant q8_0"),
     (dict(fmt="gguf", quant="q8_0", out_name="model.bin"), "*.gguf"),
     (dict(fmt="gguf", quant="q8_0", hidden_size=48, head_dim=12), "not multiples of 32"),
-    (dict(fmt="gguf", model_type="gpt2"), "Llama-architecture"),
+    (dict(fmt="gguf", model_type="gpt2"), "supports the Llama-family architectures"),
     (dict(fmt="hf"), "already a Hugging Face directory"),
 ])
 def test_export_refuses(lm_hf, tmp_path, args, match):

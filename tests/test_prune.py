@@ -193,7 +193,7 @@ def test_bad_prune_input_is_refused_before_any_output(lm_hf, tmp_path):
                                (lm_hf, Keep(heads=0.2), "at least one must stay"),  # 0.2 x 2 groups rounds to 0
                                (lm_hf, Keep(), "nothing to prune"),
                                (classifier, Keep(mlp=0.5), "causal language models (LlamaForCausalLM)"),
-                               (gpt2, Keep(mlp=0.5), "supports Llama models"),
+                               (gpt2, Keep(mlp=0.5), "supports the Llama-family architectures"),
                                (tmp_path, Keep(mlp=0.5), "not a Hugging Face model directory"),
                                (weightless, Keep(mlp=0.5), "holds no weights")):
         with pytest.raises(ConfigError, match=re.escape(message)):

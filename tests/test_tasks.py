@@ -20,7 +20,7 @@ from lmforge.training.config import ConfigError, load_config
 # one checkpoint at the end. eval.generate/max_new_tokens keep SFT's BLEU generation short.
 SMOKE = ("train.steps=6", "eval.interval=0", "checkpoint.interval=0", "eval.early_stopping.metric=null",
          "eval.generate=2", "eval.max_new_tokens=8")
-MEMBERS = ("name", "recipe", "headline", "causal", "parallel", "auto_model", "peft_task_type",
+MEMBERS = ("name", "recipe", "headline", "causal", "parallel", "auto_model", "peft_task_type", "mixtures",
            "metrics", "prepare", "model_inputs", "loss", "evaluate")
 
 

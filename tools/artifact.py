@@ -190,8 +190,10 @@ def _tokens(cfg: Config, split: str) -> "np.ndarray":
     # SFT runs hold chat records; their data.paths still tokenize as a plain text stream through the
     # same tokenizer, which is what calibration and perplexity need (one definition for both tasks).
     require_causal(cfg, "held-out perplexity and calibration")
-    prepared = data.prepare(cfg.data)
-    return np.load(prepared.train_tokens if split == "train" else prepared.val_tokens, mmap_mode="r")
+    # a data.mixture: its sources' streams one after another (they share the run's tokenizer)
+    streams = [np.load(p.train_tokens if split == "train" else p.val_tokens, mmap_mode="r")
+               for p in data.prepare_sources(cfg.data)]
+    return streams[0] if len(streams) == 1 else np.concatenate(streams)
 
 
 def _rows(stream: "np.ndarray", n: int | None, seq_len: int, what: str, flag: str) -> "torch.Tensor":

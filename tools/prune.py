@@ -1,6 +1,8 @@
 """`lmforge prune`: structured pruning that really shrinks a model (the Minitron recipe). Whole MLP
 channels, whole attention key/value groups and whole layers are removed and the kept slices copied
-into a freshly built, smaller Llama, so the file, the memory and every forward pass shrink with it.
+into a freshly built, smaller model of the same architecture (Llama, Mistral or Qwen2, whose q/k/v
+biases are cut with their rows: tools/architectures.py), so the file, the memory and every forward
+pass shrink with it.
 (Unstructured and 2:4 sparsity do neither on CPU in this stack: their zeros are stored and multiplied.)
 
     lmforge prune exports/debug --out exports/debug-pruned --mlp 0.5               # half the MLP channels
@@ -12,10 +14,11 @@ KEEP is the fraction kept of each dimension. Importance comes from calibration t
 training split (the lmforge_run.yaml the directory carries, or --data CONFIG):
 - MLP channels (--mlp): activation = mean |act_fn(gate(x)) * up(x)| per channel (what down_proj reads);
   magnitude = the L2 norm of the channel's gate row, up row and down column. Every layer keeps its own
-  top channels, the same number in each layer (a Llama config has one intermediate_size).
+  top channels, the same number in each layer (the config has one intermediate_size).
 - Attention (--heads): whole key/value groups, so the model stays GQA with the same query heads per
   key/value head; activation = mean L2 norm of the group's attention output (what o_proj reads),
-  magnitude = the norm of its q/k/v rows and o columns. head_dim stays as it was.
+  magnitude = the norm of its q/k/v rows (and biases) and o columns. head_dim stays as it was, and so
+  does the config's attention window (Mistral's sliding_window; Qwen2's layer types, cut with the layers).
 - Depth (--layers): block importance 1 - cos(hidden in, hidden out) (ShortGPT / Minitron), always from
   calibration tokens; the least important layers go.
 All scores come from one pass over the unpruned model. The output is a Hugging Face directory
@@ -32,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.tools import artifact
+from lmforge.tools import architectures, artifact
 from lmforge.training.config import Config, ConfigError, load_config
 
 SCORES = ("activation", "magnitude")
@@ -90,15 +93,10 @@ def plan(conf, keep: Keep, score: str) -> Plan:
 
 
 def check_model(src: Path):
-    """The source's transformers config, if it is a causal Llama this tool can rebuild smaller."""
+    """The source's transformers config, if it is a causal LM of an architecture this tool can rebuild
+    smaller (architectures.ARCHITECTURES: the module layout it slices)."""
     conf = artifact.dense_hf_config(src, "lmforge prune")
-    archs = getattr(conf, "architectures", None) or []
-    if conf.model_type != "llama":
-        raise ConfigError(f"{src}: lmforge prune supports Llama models (model_type llama); this one is "
-                          f"{conf.model_type!r}, whose module layout it does not know")
-    if archs and "LlamaForCausalLM" not in archs:
-        raise ConfigError(f"{src}: lmforge prune works on causal language models (LlamaForCausalLM); this one is "
-                          f"{', '.join(archs)}")
+    architectures.get(conf, str(src), "lmforge prune")
     if getattr(conf, "layer_types", None) and len(set(conf.layer_types)) > 1:
         raise ConfigError(f"{src}: mixed attention layer types {sorted(set(conf.layer_types))} are not supported")
     return conf
@@ -118,15 +116,19 @@ def magnitude_scores(model) -> Scores:
     import torch
 
     conf = model.config
-    hd, rep = conf.head_dim, conf.num_attention_heads // conf.num_key_value_heads
+    hd, rep = architectures.head_dim(conf), conf.num_attention_heads // conf.num_key_value_heads
     out = Scores()
     with torch.no_grad():
         for layer in model.model.layers:
             mlp, att = layer.mlp, layer.self_attn
             sq = lambda w, dim: w.float().pow(2).sum(dim)  # noqa: E731 - squared norms along one axis
-            out.mlp.append((sq(mlp.gate_proj.weight, 1) + sq(mlp.up_proj.weight, 1) + sq(mlp.down_proj.weight, 0)).sqrt())
-            q = sq(att.q_proj.weight, 1).view(-1, rep * hd).sum(1)     # query rows of each group's heads
-            kv = (sq(att.k_proj.weight, 1) + sq(att.v_proj.weight, 1)).view(-1, hd).sum(1)
+
+            def rows(linear):  # a row's weights and its bias (Qwen2's q/k/v; Llama's with attention_bias)
+                return sq(linear.weight, 1) + (0 if linear.bias is None else linear.bias.float().pow(2))
+
+            out.mlp.append((rows(mlp.gate_proj) + rows(mlp.up_proj) + sq(mlp.down_proj.weight, 0)).sqrt())
+            q = rows(att.q_proj).view(-1, rep * hd).sum(1)             # query rows of each group's heads
+            kv = (rows(att.k_proj) + rows(att.v_proj)).view(-1, hd).sum(1)
             o = sq(att.o_proj.weight, 0).view(-1, rep * hd).sum(1)     # o_proj columns those heads feed
             out.groups.append((q + kv + o).sqrt())
     return out
@@ -196,7 +198,9 @@ def smaller_config(conf, p: Plan):
     rep = conf.num_attention_heads // conf.num_key_value_heads
     new.num_key_value_heads = p.groups
     new.num_attention_heads = p.groups * rep
-    new.head_dim = conf.head_dim  # otherwise derived as hidden_size / heads, which pruning heads would change
+    # otherwise derived as hidden_size / heads, which pruning heads would change (Qwen2's config has no
+    # head_dim of its own; its attention reads one when set)
+    new.head_dim = architectures.head_dim(conf)
     new.num_hidden_layers = p.layers
     if getattr(conf, "layer_types", None):
         new.layer_types = conf.layer_types[:p.layers]  # one type for all (check_model)
@@ -208,7 +212,7 @@ def sliced_state(state: dict, conf, kept_layers: list[int], channels: dict, grou
     channels/groups: old layer index → kept indices (absent: keep all)."""
     import torch
 
-    hd, rep = conf.head_dim, conf.num_attention_heads // conf.num_key_value_heads
+    hd, rep = architectures.head_dim(conf), conf.num_attention_heads // conf.num_key_value_heads
 
     def rows(idx, width):  # unit indices → the weight rows they own
         return (idx[:, None] * width + torch.arange(width)).reshape(-1)
@@ -226,8 +230,10 @@ def sliced_state(state: dict, conf, kept_layers: list[int], channels: dict, grou
         name = f"model.layers.{renumber[i]}.{rest}"
         ch, g = channels.get(i), groups.get(i)
         module, _, kind = rest.rpartition(".")
+        # q/k/v/gate/up: output rows, of the weight and of the bias; o/down: input columns of the weight
+        # only (their bias belongs to the hidden size, which pruning keeps)
         if ch is not None and module in ("mlp.gate_proj", "mlp.up_proj"):
-            t = t[ch]                       # output rows (weight and bias)
+            t = t[ch]
         elif ch is not None and module == "mlp.down_proj" and kind == "weight":
             t = t[:, ch]                    # input columns
         elif g is not None and module == "self_attn.q_proj":
@@ -319,13 +325,17 @@ def _record(src, tmp, conf, new_conf, model, small, p: Plan, score, kept_layers,
     def mean(xs) -> float:
         return float(sum(xs) / len(xs)) if len(xs) else float("nan")
 
-    shape = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-             "hidden_size", "vocab_size")
+    def shape(c) -> dict:
+        keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size",
+                "vocab_size")
+        return {**{k: getattr(c, k) for k in keys}, "head_dim": architectures.head_dim(c),
+                "sliding_window": architectures.layer_windows(c)[0]}
+
     return {
         "source": str(src), "score": score,
         "calibration": {"samples": n_calib, "seq_len": int(tokens.shape[1]) if tokens is not None else None},
-        "config_before": {k: getattr(conf, k) for k in shape},
-        "config_after": {k: getattr(new_conf, k) for k in shape},
+        "config_before": shape(conf),
+        "config_after": shape(new_conf),
         "params_before": param_count(model), "params_after": param_count(small),
         "bytes_before": artifact.weight_bytes(src), "bytes_after": artifact.weight_bytes(tmp),
         "removed": {
@@ -346,8 +356,8 @@ def _record(src, tmp, conf, new_conf, model, small, p: Plan, score, kept_layers,
 
 def register(sub) -> None:
     p = sub.add_parser("prune", help="structured pruning (MLP channels, attention head groups, layers) into a "
-                                     "smaller Llama; heal it with configs/heal.yaml")
-    p.add_argument("path", help="Hugging Face Llama directory (lmforge export)")
+                                     "smaller model (Llama, Mistral, Qwen2); heal it with configs/heal.yaml")
+    p.add_argument("path", help="Hugging Face Llama, Mistral or Qwen2 directory (lmforge export)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mlp", type=float, default=None, metavar="KEEP", help="fraction of MLP channels kept, (0, 1]")
     p.add_argument("--heads", type=float, default=None, metavar="KEEP",

@@ -1,4 +1,5 @@
-"""A Hugging Face Llama directory → one GGUF file for llama.cpp / Ollama (`lmforge export --format gguf`).
+"""A Hugging Face Llama, Mistral or Qwen2 directory → one GGUF file for llama.cpp / Ollama
+(`lmforge export --format gguf`).
 
     lmforge export runs/debug --format gguf --out exports/debug-f16.gguf                 # f16 (default)
     lmforge export exports/debug --format gguf --quant q8_0 --out exports/debug-q8_0.gguf
@@ -9,9 +10,11 @@ ships only inside llama-cpp-python's source, and it refuses a locally trained BP
 pre-tokenizer was not recognized": it identifies tokenizers by hashing the tokens of a fixed text,
 so only published ones pass). lmforge's own tokenizer is byte-level BPE with GPT-2's split regex,
 which llama.cpp knows as pre-tokenizer "gpt-2" — we can name it instead of guessing it by hash.
-Names come from gguf-py's own tensor map (the table the converter uses); Q/K rows are permuted as
-the converter does, because llama.cpp applies rotary embeddings to interleaved pairs while
-transformers rotates the two halves of each head.
+Names come from gguf-py's own tensor map for the llama.cpp architecture (the table the converter
+uses; tools/architectures.py: Llama and Mistral are llama.cpp's "llama", Qwen2 its "qwen2" with q/k/v
+bias tensors). For "llama", Q/K rows are permuted as the converter does, because llama.cpp applies
+rotary embeddings to interleaved pairs there while transformers rotates the two halves of each head;
+llama.cpp's "qwen2" rotates halves too (NEOX), so its rows are written as they are.
 
 f32/f16/q8_0 are written by gguf-py (its `quants` module). Q4_K_M is a k-quant mix (Q4_K/Q6_K
 per tensor) only llama.cpp computes: the f32 file goes through llama.cpp's `llama_model_quantize`
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 if TYPE_CHECKING:
     import numpy as np
 
+from lmforge.tools import architectures
 from lmforge.training.config import ConfigError
 
 QUANTS = ("f32", "f16", "q8_0", "q4_k_m")
@@ -59,7 +63,7 @@ def llama_cpp_available() -> bool:
 
 def _rows(conf: dict) -> dict[str, int]:
     """Row length (input features) of every kind of weight matrix, which a block quant must divide."""
-    head_dim = conf.get("head_dim") or conf["hidden_size"] // conf["num_attention_heads"]
+    head_dim = architectures.head_dim(conf)
     return {"hidden_size": conf["hidden_size"], "intermediate_size": conf["intermediate_size"],
             "num_attention_heads * head_dim": conf["num_attention_heads"] * head_dim}
 
@@ -67,12 +71,18 @@ def _rows(conf: dict) -> dict[str, int]:
 def check_model(meta_dir: Path, quant: str) -> None:
     """Refuse, before any weights are read, what this writer cannot express faithfully."""
     conf = json.loads((meta_dir / "config.json").read_text())
-    if conf.get("model_type") != "llama":
-        raise ConfigError(f"--format gguf writes Llama-architecture models; {meta_dir} is model_type "
-                          f"{conf.get('model_type')!r} (export it with --format onnx, or convert it with llama.cpp's "
-                          "convert_hf_to_gguf.py)")
-    if conf.get("attention_bias") or conf.get("mlp_bias"):
-        raise ConfigError(f"--format gguf: {meta_dir} has attention/MLP biases, which this GGUF writer does not carry")
+    arch = architectures.get(conf, str(meta_dir), "--format gguf",
+                             hint="export it with --format onnx, or convert it with llama.cpp's convert_hf_to_gguf.py")
+    if conf.get("attention_bias") or conf.get("mlp_bias"):  # Llama's optional ones; Qwen2's q/k/v biases are written
+        raise ConfigError(f"--format gguf: {meta_dir} has attention/MLP biases, which this GGUF writer does not carry "
+                          f"for model_type {arch.model_type}")
+    context = conf["max_position_embeddings"]
+    short = [w for w in architectures.layer_windows(conf) if w is not None and w < context]
+    if short:
+        raise ConfigError(f"--format gguf: {meta_dir} attends within a sliding window of {short[0]} tokens in "
+                          f"{len(short)} of {conf['num_hidden_layers']} layers (sliding_window), shorter than "
+                          f"max_position_embeddings {context}; llama.cpp's {arch.gguf_arch!r} architecture attends to "
+                          "the whole context, so the GGUF would compute something else beyond the window")
     rope = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ConfigError(f"--format gguf: rope_type {rope.get('rope_type', rope.get('type'))!r} (rope scaling) is not "
@@ -119,7 +129,8 @@ def _tokens(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int]]:
 
 
 def _permute(w, n_head: int):
-    """HF's rotate-half Q/K rows → llama.cpp's interleaved pairs (convert_hf_to_gguf LlamaModel.permute)."""
+    """HF's rotate-half Q/K rows (of a weight or a bias) → llama.cpp's interleaved pairs (convert_hf_to_gguf
+    LlamaModel.permute)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -145,7 +156,7 @@ def _state(hf_dir: Path) -> tuple[set[str], Iterator[tuple[str, "np.ndarray"]]]:
 
 
 def _add_hparams(w, conf: dict, vocab_size: int) -> None:
-    head_dim = conf.get("head_dim") or conf["hidden_size"] // conf["num_attention_heads"]
+    head_dim = architectures.head_dim(conf)
     rope = conf.get("rope_parameters") or {}
     w.add_context_length(conf["max_position_embeddings"])
     w.add_embedding_length(conf["hidden_size"])
@@ -179,8 +190,8 @@ def _add_tokenizer(w, hf_dir: Path, vocab_size: int) -> None:
 
 def write(hf_dir: Path, out_file: Path, quant: str, run_config_yaml: str, name: str = "lmforge",
           log: Callable[[str], None] = print) -> dict:
-    """Write `hf_dir` (a dense HF Llama directory) as GGUF `quant` to `out_file` (general.name `name`);
-    returns {ggml type: tensor count} of the written file."""
+    """Write `hf_dir` (a dense HF directory of an architectures.ARCHITECTURES model) as GGUF `quant` to
+    `out_file` (general.name `name`); returns {ggml type: tensor count} of the written file."""
     if quant == "q4_k_m":
         f32 = out_file.with_name(out_file.name + ".f32.tmp")
         try:
@@ -206,17 +217,19 @@ def _write_gguf(hf_dir: Path, out_file: Path, quant: str, run_config_yaml: str, 
     from tqdm import tqdm
 
     conf = json.loads((hf_dir / "config.json").read_text())
+    arch = architectures.get(conf, str(hf_dir), "--format gguf")
+    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.gguf_arch)
     vocab_size = conf["vocab_size"]
     n_head, n_kv = conf["num_attention_heads"], conf.get("num_key_value_heads") or conf["num_attention_heads"]
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[quant]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, conf["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(model_arch, conf["num_hidden_layers"])
 
     # use_temp_file: gguf-py spools tensors into a SpooledTemporaryFile (RAM up to 256 MiB, then $TMPDIR) as they
     # are added, so memory holds about one tensor plus 256 MiB, not the model
-    w = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], use_temp_file=True)
+    w = gguf.GGUFWriter(str(out_file), arch.gguf_arch, use_temp_file=True)
     w.add_name(name)
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -235,10 +248,11 @@ def _write_gguf(hf_dir: Path, out_file: Path, quant: str, run_config_yaml: str, 
             hf_name = "model.embed_tokens.weight"
         gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise ConfigError(f"--format gguf: tensor {hf_name} has no llama.cpp name (not a plain Llama checkpoint)")
-        if hf_name.endswith("q_proj.weight"):
+            raise ConfigError(f"--format gguf: tensor {hf_name} has no name in llama.cpp's {arch.gguf_arch!r} "
+                              f"architecture (not a plain {arch.causal_lm} checkpoint)")
+        if arch.qk_interleaved and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             data = _permute(data, n_head)
-        elif hf_name.endswith("k_proj.weight"):
+        elif arch.qk_interleaved and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             data = _permute(data, n_kv)
         if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:  # norms stay f32, as in llama.cpp's own files
             w.add_tensor(gname, np.ascontiguousarray(data, dtype=np.float32))

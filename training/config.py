@@ -16,6 +16,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import sysconfig
@@ -59,9 +60,15 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 class ModelConfig(_Section):
     preset: str | None = Field("llama-debug", description="size preset: " + ", ".join(MODEL_PRESETS))
-    path: str | None = Field(None, description="local Hugging Face model directory (any AutoModelForCausalLM)")
-    init_from: str | None = Field(None, description="fine-tune from weights: a local Hugging Face model directory or an "
-                                                    "lmforge run directory / checkpoint (step_N; consolidated once)")
+    path: str | None = Field(None, description="Hugging Face model (the task's auto class): a local directory or a "
+                                               "Hub id org/name[@revision]")
+    init_from: str | None = Field(None, description="fine-tune from weights: a Hugging Face model (local directory or "
+                                                    "Hub id org/name[@revision]) or an lmforge run directory / "
+                                                    "checkpoint (step_N; consolidated once)")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a Hub id in model.path / "
+                                                   "model.init_from; `org/name@revision` says the same")
+    trust_remote_code: bool = Field(False, description="allow models whose config.json has auto_map (code from their "
+                                                       "repository, run on load); refused otherwise")
     pretrained: bool = Field(True, description="with `path`: load its weights (false: its config only, random init)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="keys set on the HF config, e.g. num_hidden_layers")
     attention: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
@@ -80,12 +87,58 @@ class ModelConfig(_Section):
         return self
 
 
+# data.format values that name the shape of sft records (json/jsonl/parquet rows), not a file type.
+ROW_SCHEMAS = ("alpaca", "sharegpt", "messages")
+
+
+def is_url(path: str) -> bool:
+    """A path fsspec reads from a remote filesystem (s3://, gs://, hf://, https://, ...)."""
+    return "://" in path and not path.startswith("file://")
+
+
+class MixtureSource(_Section):
+    """One entry of data.mixture: a weight, and the source keys of `data` it sets for itself (unset:
+    inherited from `data`; the values are checked as data's own)."""
+    weight: float = Field(..., gt=0, description="this source's share of the training samples (weights are normalised)")
+    name: str | None = Field(None, description="the source's name in metrics (data/share/NAME); default its index")
+    paths: list[str] | None = Field(None, description="as data.paths")
+    dataset: str | None = Field(None, description="as data.dataset")
+    dataset_config: str | None = Field(None, description="as data.dataset_config")
+    split: str | None = Field(None, description="as data.split")
+    data_files: list[str] | None = Field(None, description="as data.data_files")
+    format: str | None = Field(None, description="as data.format")
+    text_field: str | None = Field(None, description="as data.text_field")
+    prompt_field: str | None = Field(None, description="as data.prompt_field")
+    response_field: str | None = Field(None, description="as data.response_field")
+    messages_field: str | None = Field(None, description="as data.messages_field")
+    min_doc_chars: int | None = Field(None, ge=0, description="as data.min_doc_chars")
+    storage_options: dict[str, Any] | None = Field(None, description="as data.storage_options")
+
+
 class DataConfig(_Section):
-    paths: list[str] = Field(..., description="files, directories or globs; `{stdlib}` is Python's standard library directory")
-    format: Literal["auto", "text", "json", "parquet", "arrow", "tokens"] = Field(
-        "auto", description="text: one document per file; json/jsonl/parquet: one per row; arrow: datasets.save_to_disk; tokens: a 1-D .npy of token ids")
+    paths: list[str] = Field(default_factory=list, description="files, directories or globs, local or fsspec URLs (s3://, "
+                             "gs://, hf://, https://; fetched once into the cache); `{stdlib}` is Python's standard library directory")
+    dataset: str | None = Field(None, description="a Hugging Face dataset instead of paths: a Hub id or a local dataset "
+                                                  "repository directory, read by datasets.load_dataset")
+    dataset_config: str | None = Field(None, description="with `dataset`: its configuration (subset) name")
+    split: str = Field("train", description="with `dataset`: the split to read, e.g. train or train[:10%]")
+    data_files: list[str] = Field(default_factory=list, description="with `dataset`: data_files passed to "
+                                                                    "load_dataset (files of the repository)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for URL paths and "
+                                            "`dataset`, e.g. {endpoint_url: http://127.0.0.1:9000} for an S3-compatible "
+                                            "server (credentials: the backend's environment, never here)")
+    mixture: list["MixtureSource"] = Field(default_factory=list, description="several sources sampled by weight "
+                                           "(pretrain, sft): [{weight, paths or dataset, ...}]; an entry inherits the "
+                                           "keys above that it does not set")
+    format: Literal["auto", "text", "json", "parquet", "arrow", "tokens", "alpaca", "sharegpt", "messages"] = Field(
+        "auto", description="text: one document per file; json/jsonl/parquet: one per row; arrow: datasets.save_to_disk; "
+                            "tokens: a 1-D .npy of token ids. sft only: alpaca (instruction/input/output/system), "
+                            "sharegpt (conversations of from/value), messages (OpenAI [{role, content}]): json/jsonl/"
+                            "parquet rows of that shape (file type from the extension); auto/json/parquet/arrow: "
+                            "the shape is detected from the first record's keys")
     text_field: str = Field("text", description="column holding the text (json/parquet/arrow)")
-    tokenizer: str | None = Field(None, description="local tokenizer directory; unset: train a byte-level BPE on the training split")
+    tokenizer: str | None = Field(None, description="tokenizer: a local directory or a Hub id org/name[@revision]; unset: "
+                                                    "train a byte-level BPE on the training split")
     vocab_size: int = Field(8192, ge=260, description="vocabulary of the locally trained tokenizer")
     seq_len: int = Field(256, ge=8, description="tokens per training sequence (documents are packed, EOS between)")
     holdout: float = Field(0.02, gt=0.0, lt=0.5, description="fraction of documents held out for evaluation")
@@ -101,8 +154,9 @@ class DataConfig(_Section):
     prompt_field: str = Field("prompt", description="sft: prompt column (records with prompt/response)")
     response_field: str = Field("response", description="sft: response column")
     messages_field: str = Field("messages", description="sft: chat column ([{role, content}, ...]); used when present")
-    chat_template: str | None = Field(None, description="sft: a Jinja chat template (or a file holding one); default "
-                                                        "the tokenizer's, else lmforge's built-in one")
+    chat_template: str | None = Field(None, description="sft: a named template (chatml, llama-3, mistral-instruct), a "
+                                                        "Jinja file, or inline Jinja; default the tokenizer's, else "
+                                                        "lmforge's built-in one")
     packing: bool = Field(True, description="sft: pack several records per sequence; attention and loss never "
                                             "cross a record boundary (position_ids restart per record)")
     on_bad_file: Literal["error", "skip"] = Field(
@@ -111,15 +165,58 @@ class DataConfig(_Section):
                              "(exit 2); skip leaves it out with a warning")
 
     @model_validator(mode="after")
-    def _non_empty(self) -> "DataConfig":
-        if not self.paths or any(not p.strip() for p in self.paths):
-            raise ValueError("data.paths must list at least one non-empty path")
+    def _one_source(self) -> "DataConfig":
+        if any(not p.strip() for p in self.paths):
+            raise ValueError("data.paths has an empty path")
+        if self.mixture:
+            if self.eval_paths:
+                raise ValueError("data.eval_paths is not combined with data.mixture: each source holds out "
+                                 "data.holdout of its own data")
+            for i in range(len(self.mixture)):
+                self.source(i)  # validates the entry with what it inherits
+            return self
+        if self.paths and self.dataset:
+            raise ValueError("set data.paths or data.dataset, not both")
+        if not self.paths and not self.dataset:
+            raise ValueError("set data.paths (files or URLs), data.dataset (a Hugging Face dataset) or data.mixture")
+        if self.data_files and not self.dataset:
+            raise ValueError("data.data_files selects files of data.dataset; with data.paths list the files there")
         return self
 
+    def sources(self) -> list["DataConfig"]:
+        """The sources of this run: the mixture's entries (each with what it inherits), or this config."""
+        return [self.source(i) for i in range(len(self.mixture))] if self.mixture else [self]
+
+    def weights(self) -> list[float]:
+        """Each source's share of the training samples (sums to 1)."""
+        if not self.mixture:
+            return [1.0]
+        total = sum(e.weight for e in self.mixture)
+        return [e.weight / total for e in self.mixture]
+
+    def source(self, i: int) -> "DataConfig":
+        """Mixture entry i as a one-source DataConfig: the entry's keys over the top-level ones."""
+        entry = self.mixture[i]
+        own = entry.model_dump(exclude={"weight", "name"}, exclude_none=True)
+        if ("paths" in own or "dataset" in own) and not ("paths" in own and "dataset" in own):
+            # an entry names its own data: it does not inherit the top level's other kind of source
+            own.setdefault("paths", [])
+            own.setdefault("dataset", None)
+        tree = {**self.model_dump(exclude={"mixture"}), **own}
+        try:
+            return DataConfig.model_validate(tree)
+        except ValidationError as e:
+            raise ValueError(f"data.mixture[{i}]: " + _format_error(e)) from None
+
+    def source_names(self) -> list[str]:
+        """A short name per source for metrics: the entry's `name`, else its index."""
+        return [e.name or str(i) for i, e in enumerate(self.mixture)] if self.mixture else ["0"]
+
     def expanded_paths(self, paths: list[str] | None = None) -> list[str]:
-        """data.paths (or the given list, e.g. eval_paths) with {stdlib} and ~ expanded."""
+        """data.paths (or the given list, e.g. eval_paths) with {stdlib} and ~ expanded (URLs as they are)."""
         stdlib = sysconfig.get_paths()["stdlib"]
-        return [os.path.expanduser(p.replace("{stdlib}", stdlib)) for p in (self.paths if paths is None else paths)]
+        return [p if is_url(p) else os.path.expanduser(p.replace("{stdlib}", stdlib))
+                for p in (self.paths if paths is None else paths)]
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
@@ -127,9 +224,14 @@ class DataConfig(_Section):
         return Path(os.environ.get("LMFORGE_CACHE", "~/.cache/lmforge")).expanduser()
 
 
+DataConfig.model_rebuild()
+
+
 class TrainConfig(_Section):
-    steps: int | None = Field(None, ge=1, description="optimizer steps (or give `tokens`)")
+    steps: int | None = Field(None, ge=1, description="optimizer steps (or give `tokens` or `epochs`)")
     tokens: int | None = Field(None, ge=1, description="training tokens; steps = tokens / (global_batch_size * seq_len)")
+    epochs: float | None = Field(None, gt=0, description="passes over the training rows (of all mixture sources); "
+                                                         "steps = ceil(epochs * rows / global_batch_size)")
     micro_batch_size: int = Field(8, ge=1, description="sequences per rank per forward pass")
     global_batch_size: int = Field(16, ge=1, description="sequences per optimizer step; accumulation is derived")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "lion_8bit"] = Field(
@@ -139,6 +241,8 @@ class TrainConfig(_Section):
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of lr")
     warmup: int = Field(0, ge=0, description="linear warmup steps")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="warmup as a fraction of the steps (instead of "
+                                                                    "`warmup`): round(warmup_ratio * steps)")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay (not on norms/biases)")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas")
@@ -158,8 +262,12 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _steps_or_tokens(self) -> "TrainConfig":
-        if (self.steps is None) == (self.tokens is None):
-            raise ValueError("set exactly one of train.steps and train.tokens")
+        given = [f"train.{k}" for k in ("steps", "tokens", "epochs") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"{' and '.join(given)} are both set; set one" if given
+                             else "set one of train.steps, train.tokens and train.epochs")
+        if self.warmup and self.warmup_ratio is not None:
+            raise ValueError("train.warmup and train.warmup_ratio are both set; set one")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"train.global_batch_size ({self.global_batch_size}) is not a multiple of "
                              f"train.micro_batch_size ({self.micro_batch_size})")
@@ -338,8 +446,9 @@ class FinetuneConfig(_Section):
 
 class DistillConfig(_Section):
     """Knowledge distillation from a frozen teacher (healing a pruned model: configs/heal.yaml)."""
-    teacher: str | None = Field(None, description="teacher: a local Hugging Face causal LM directory with the student's "
-                                                  "tokenizer (e.g. the unpruned model); unset: no distillation")
+    teacher: str | None = Field(None, description="teacher: a Hugging Face causal LM (local directory or Hub id "
+                                                  "org/name[@revision]) with the student's tokenizer (e.g. the "
+                                                  "unpruned model); unset: no distillation")
     alpha: float = Field(0.5, ge=0, le=1, description="loss = (1 - alpha) * cross entropy + alpha * T^2 * "
                                                       "KL(teacher || student) over the same target tokens")
     temperature: float = Field(1.0, gt=0, description="T: both distributions are softmax(logits / T)")
@@ -388,6 +497,14 @@ class Config(_Section):
         if refused:
             raise ValueError(f"task={self.task} does not run parallel.{refused[0]} > 1 (its layouts: "
                              f"{', '.join(task.parallel)})")
+        if self.data.mixture and not task.mixtures:
+            *head, last = (n for n in tasks.names() if tasks.get(n).mixtures)
+            raise ValueError(f"data.mixture: task={self.task} reads one source; mixtures are for {', '.join(head)} "
+                             f"and {last}")
+        schema = next((s.format for s in self.data.sources() if s.format in ROW_SCHEMAS), None)  # a mixture's too
+        if schema and self.task != "sft":
+            raise ValueError(f"data.format={schema} is a conversation schema for task=sft; this run has "
+                             f"task={self.task}")
         es = self.eval.early_stopping
         if es.metric is not None:
             known = task.metrics(self)
@@ -453,25 +570,52 @@ class Config(_Section):
                 f"({data_parallel_size}) = {per_step}")
         return self.train.global_batch_size // per_step
 
-    def total_steps(self) -> int:
-        if self.train.steps is not None:
-            return self.train.steps
-        return max(1, self.train.tokens // (self.train.global_batch_size * self.data.seq_len))
+    def total_steps(self, train_rows: int | None = None) -> int:
+        """Optimizer steps: train.steps, or derived from train.tokens, or from train.epochs over the
+        `train_rows` training rows (sequences; known once the data are prepared)."""
+        t = self.train
+        if t.steps is not None:
+            return t.steps
+        if t.tokens is not None:
+            return max(1, t.tokens // (t.global_batch_size * self.data.seq_len))
+        if train_rows is None:
+            raise ConfigError("train.epochs: the steps follow from the training rows, known once the data are "
+                              "prepared (lmforge prepare)")
+        return max(1, math.ceil(t.epochs * train_rows / t.global_batch_size))
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """train.warmup, or train.warmup_ratio of the total steps; never more than the total."""
+        t = self.train
+        warmup = round(t.warmup_ratio * total_steps) if t.warmup_ratio is not None else t.warmup
+        return min(warmup, total_steps)
 
     def with_absolute_paths(self, base: Path | None = None) -> "Config":
         """A copy whose relative paths are resolved against `base` (default: the current
         directory), for ranks that start elsewhere (Ray workers, Tune trials, batch jobs)."""
+        from .hub import HUB_KEYS, parse
+
         base = base or Path.cwd()
 
-        def absolute(p: str | None) -> str | None:
-            return p if p is None or p.startswith(("/", "~", "{")) else str(base / p)
+        def absolute(p: str | None, key: str = "") -> str | None:
+            if p is None or p.startswith(("/", "~", "{")) or is_url(p):
+                return p
+            if key in HUB_KEYS and parse(p) is not None and not (base / p).exists():
+                return p  # a Hub id (training/hub.py), not a path
+            return str(base / p)
+
+        def local_dataset(d: str | None) -> str | None:
+            # a Hub id ("org/name") stays as it is; a dataset directory relative to `base` is made absolute
+            return absolute(d) if d is not None and (base / d).is_dir() else d
 
         tree = self.to_dict()
         for key in PATH_KEYS:
             section, _, name = key.rpartition(".")
             node = tree[section] if section else tree
-            node[name] = absolute(node[name])
-        tree["data"]["paths"] = [absolute(p) for p in tree["data"]["paths"]]
+            node[name] = absolute(node[name], key)
+        for node in [tree["data"], *tree["data"]["mixture"]]:
+            if node.get("paths") is not None:
+                node["paths"] = [absolute(p) for p in node["paths"]]
+            node["dataset"] = local_dataset(node.get("dataset"))
         tree["data"]["eval_paths"] = [absolute(p) for p in tree["data"]["eval_paths"]]
         if "/" in tree["checkpoint"]["resume"]:  # a checkpoint's path, not auto/never/step_N
             tree["checkpoint"]["resume"] = absolute(tree["checkpoint"]["resume"])
@@ -491,7 +635,8 @@ PATH_KEYS = ("run_dir", "model.path", "model.init_from", "distill.teacher", "dat
 # optimizer state layout). lr, steps, intervals and logging may change on resume; so may the
 # parallel layout (ZeRO stage, TP/SP degree, like the world size), which checkpoint.layout_change
 # reports and checkpoint/universal.py resumes through DeepSpeed's universal format.
-COMPAT_KEYS = ("task", "finetune", "model", "data.paths", "data.eval_paths", "data.label_field",
+COMPAT_KEYS = ("task", "finetune", "model", "data.paths", "data.dataset", "data.dataset_config", "data.split",
+               "data.data_files", "data.mixture", "data.eval_paths", "data.label_field",
                "data.words_field", "data.prompt_field", "data.response_field", "data.messages_field",
                "data.chat_template", "data.packing", "data.format", "data.text_field", "data.tokenizer", "data.vocab_size",
                "data.seq_len", "data.holdout", "data.min_doc_chars", "train.global_batch_size",
@@ -550,7 +695,7 @@ def _format_error(err: ValidationError) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-            lines.append(f"{key}: {msg}{got}" if key else msg)
+            lines.append(f"{key}: {msg}{got}" if key and not msg.startswith(key + ".") else f"{msg}{got}")
     return "; ".join(lines)
 
 

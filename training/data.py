@@ -10,6 +10,12 @@ wait and reuse. Corpora larger than RAM never need to fit in memory: tokens are 
 on-disk .npy and read back with np.load(mmap_mode="r"). A pre-tokenized 1-D .npy can be given
 directly with data.format=tokens. Before any of it, every text/json(l) file is checked to be UTF-8
 text (a binary file is refused or, with data.on_bad_file=skip, left out), once per corpus version.
+
+A source is local files, fsspec URLs (s3://, gs://, hf://, https://: fetched once into the cache,
+keyed by URL, ETag and size) or a Hugging Face dataset (data.dataset, via load_dataset). A
+data.mixture prepares each source with one shared tokenizer; MixtureSampler draws from them by weight.
+
+    lmforge prepare run.yaml data.mixture='[{weight: 7, paths: [s3://b/web]}, {weight: 3, dataset: org/books}]'
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from filelock import FileLock
 
-from .config import ConfigError, DataConfig
+from .config import ROW_SCHEMAS, ConfigError, DataConfig, is_url
 
 EOS_TOKEN = "<|endoftext|>"
 _SUFFIX_FORMAT = {".txt": "text", ".md": "text", ".py": "text", ".rst": "text", ".json": "json",
@@ -48,10 +55,16 @@ class PreparedData:
 # --------------------------------------------------------------------------- sources
 
 def resolve_files(cfg: DataConfig) -> tuple[list[Path], str]:
-    """Expand paths/globs/directories into a sorted file list and settle the format."""
+    """Expand paths/globs/directories (local, or URLs fetched into the cache) into a sorted file
+    list and settle the file type: text, json, parquet, arrow or tokens."""
     files: list[Path] = []
     for pattern in cfg.expanded_paths():
         p = Path(pattern)
+        if is_url(pattern):
+            if cfg.format == "arrow":
+                raise ConfigError(f"data.paths: {pattern}: data.format=arrow reads a local save_to_disk directory")
+            files += fetch(pattern, cfg)
+            continue
         if cfg.format == "arrow":
             if not p.is_dir():
                 raise ConfigError(f"data.paths: {pattern} is not a datasets.save_to_disk directory")
@@ -69,7 +82,7 @@ def resolve_files(cfg: DataConfig) -> tuple[list[Path], str]:
             raise ConfigError(f"data.paths: {pattern} matches no files")
         files += matched
     files = sorted(set(files))
-    fmt = cfg.format
+    fmt = "auto" if cfg.format in ROW_SCHEMAS else cfg.format  # an sft record shape: the file type from the suffix
     if fmt == "auto":
         kinds = {_SUFFIX_FORMAT.get(f.suffix.lower(), "text") for f in files}
         if len(kinds) > 1:
@@ -79,6 +92,69 @@ def resolve_files(cfg: DataConfig) -> tuple[list[Path], str]:
     if empty and len(empty) == len(files):
         raise ConfigError(f"data.paths: every file is empty (e.g. {empty[0]})")
     return files, fmt
+
+
+# A remote object's version as its filesystem reports it (S3/HTTP ETag, GCS etag, Hub blob id, ...).
+_VERSION_KEYS = ("ETag", "etag", "blob_id", "md5Hash", "LastModified", "last_modified", "updated", "mtime")
+
+
+def fetch(url: str, cfg: DataConfig) -> list[Path]:
+    """Local copies of the files at an fsspec URL (a file, a directory or a glob): each fetched once
+    into <cache>/remote/, keyed by its URL, version (ETag, ...) and size, so a changed object is fetched
+    again and an unchanged one never. Safe from every rank (a file lock per object)."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **cfg.storage_options)
+        fs.invalidate_cache()  # fsspec keeps filesystems and their listings per process: see changes now
+        if any(ch in root for ch in "*?["):
+            infos = [i for i in fs.glob(root, detail=True).values() if i["type"] == "file"]
+        else:
+            info = fs.info(root)
+            infos = list(fs.find(root, detail=True).values()) if info["type"] == "directory" else [info]
+    except ImportError as e:
+        raise ConfigError(f"data.paths: {url} needs fsspec's {protocol}:// backend ({e}); "
+                          "pip install 'lmforge[cloud]'") from None
+    except FileNotFoundError:
+        raise ConfigError(f"data.paths: {url} does not exist") from None
+    except Exception as e:  # credentials, endpoint, network: each backend raises its own types
+        raise ConfigError(f"data.paths: cannot read {url}: {type(e).__name__}: {e}") from None
+    infos = [i for i in infos if not Path(i["name"]).name.startswith(".")]
+    if not infos:
+        raise ConfigError(f"data.paths: {url} matches no files")
+    out = []
+    for info in sorted(infos, key=lambda i: i["name"]):
+        version = next((str(info[k]) for k in _VERSION_KEYS if info.get(k)), "")
+        key = hashlib.sha256(f"{protocol}://{info['name']}|{version}|{info.get('size')}".encode()).hexdigest()[:20]
+        local = cfg.resolved_cache_dir() / "remote" / key / Path(info["name"]).name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(local.parent) + ".lock"):
+            if not local.is_file():
+                tmp = local.with_name(local.name + ".part")
+                try:
+                    fs.get_file(info["name"], str(tmp))
+                except Exception as e:
+                    raise ConfigError(f"data.paths: cannot fetch {protocol}://{info['name']}: {e}") from None
+                os.replace(tmp, local)
+        out.append(local)
+    return out
+
+
+def load_hub_dataset(cfg: DataConfig, cache: Path):
+    """data.dataset (a Hub id or a local dataset repository) with its config, split and data_files, as
+    one datasets.Dataset; offline (HF_HUB_OFFLINE=1) it is read from the datasets cache."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split,
+                                   data_files=cfg.data_files or None, cache_dir=str(cache),
+                                   storage_options=cfg.storage_options or None)
+    except Exception as e:  # datasets raises many types: unknown dataset/config/split, offline, bad files
+        what = cfg.dataset + (f" (config {cfg.dataset_config})" if cfg.dataset_config else "")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"data.dataset: cannot load {what}, split {cfg.split!r}: {type(e).__name__}: {first}") from None
+    return ds
 
 
 # A file of these formats is read as UTF-8 by `datasets`, which fails on a bad byte without naming
@@ -165,11 +241,15 @@ def screen_files(cfg: DataConfig, files: list[Path], fmt: str, log=None) -> list
     return good
 
 
-def _fingerprint(cfg: DataConfig, files: list[Path], fmt: str) -> str:
+def _identity(files: list[Path]) -> list[str]:
+    """What identifies a corpus version: each file's path, size and mtime."""
+    return [f"{f}|{(st := f.stat()).st_size}|{st.st_mtime_ns}" for f in files]
+
+
+def _fingerprint(cfg: DataConfig, identity: list[str], fmt: str) -> str:
     h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for line in identity:
+        h.update(f"{line}\n".encode())
     tok_id = "trained:%d" % cfg.vocab_size
     if cfg.tokenizer:
         tok_dir = Path(cfg.tokenizer).expanduser()
@@ -204,10 +284,30 @@ def _load_documents(files: list[Path], fmt: str, cfg: DataConfig, hf_cache: Path
         field = cfg.text_field
     else:
         raise AssertionError(fmt)
+    return _text_column(ds, field)
+
+
+def _text_column(ds, field: str):
     if field not in ds.column_names:
         raise ConfigError(f"data.text_field: column {field!r} not in the data (columns: {ds.column_names})")
     ds = ds.select_columns([field])
     return ds.rename_column(field, "text") if field != "text" else ds
+
+
+def documents(cfg: DataConfig, log=None) -> tuple[list[str], str, "Callable[[], object]"]:
+    """One source's (identity, kind, loader): what versions it (file stats, or the datasets
+    fingerprint of data.dataset), its file type ("dataset" for data.dataset), and a function that
+    returns its documents as a datasets.Dataset with a `text` column (not called for kind tokens)."""
+    cache = cfg.resolved_cache_dir() / "hf_datasets"
+    if cfg.dataset:
+        ds = load_hub_dataset(cfg, cache)
+        ident = [f"dataset|{cfg.dataset}|{cfg.dataset_config}|{cfg.split}|{ds._fingerprint}"]
+        return ident, "dataset", lambda: _text_column(ds, cfg.text_field)
+    files, fmt = resolve_files(cfg)
+    if fmt == "tokens":
+        return _identity(files), fmt, lambda: files
+    files = screen_files(cfg, files, fmt, log)  # the fingerprint covers the files used, not those left out
+    return _identity(files), fmt, lambda: _load_documents(files, fmt, cfg, cache)
 
 
 def _split(ds, cfg: DataConfig):
@@ -264,11 +364,12 @@ def load_tokenizer(path: str | Path):
 
 # --------------------------------------------------------------------------- token files
 
-def encode_batch(tok, texts: list[str]) -> list[list[int]]:
-    """Each document's token ids with EOS appended: the one encode step of both preparation paths
-    (`datasets.map` here, Ray Data's map_batches in launcher/ray_prepare.py)."""
+def tokenize_documents(texts: list[str], tok) -> list[list[int]]:
+    """Each document's token ids with EOS after it: the one tokenization of pretraining data, a plain
+    function over a batch of documents (datasets.map here; another engine can map it too)."""
     eos = tok.eos_token_id
-    return [ids + [eos] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    return [ids + [eos] for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
+
 
 
 def token_dtype(tok) -> type:
@@ -295,7 +396,7 @@ def _write_tokens(ds, tok, out: Path, num_proc: int, desc: str) -> int:
     dtype = token_dtype(tok)
 
     def encode(batch):
-        ids = encode_batch(tok, batch["text"])
+        ids = tokenize_documents(batch["text"], tok)
         return {"ids": ids, "n": [len(x) for x in ids]}
 
     enc = ds.map(encode, batched=True, num_proc=num_proc if num_proc > 1 else None,
@@ -306,30 +407,30 @@ def _write_tokens(ds, tok, out: Path, num_proc: int, desc: str) -> int:
 
 
 def prepare(cfg: DataConfig, log=None, write_tokens=_write_tokens) -> PreparedData:
-    """Find or build the tokenizer and token files for this corpus; safe to call from every rank.
-    `write_tokens(ds, tok, out, num_proc, desc) -> tokens` encodes and writes one split (Ray's in
+    """Find or build the tokenizer and token files for this one source; safe to call from every rank.
+    `write_tokens(ds, tok, out, num_proc, desc) -> tokens` encodes and writes one split (Ray Data's in
     launcher/ray_prepare.py; the result is the same file, byte for byte)."""
-    files, fmt = resolve_files(cfg)
+    if cfg.mixture:
+        raise ValueError("data.prepare takes one source: prepare_sources(cfg) prepares a mixture's")
+    identity, fmt, load = documents(cfg, log)
     if fmt == "tokens":
-        return _prepare_pretokenized(cfg, files)
-    files = screen_files(cfg, files, fmt, log)  # the fingerprint covers the files used, not those left out
+        return _prepare_pretokenized(cfg, load())
     root = cfg.resolved_cache_dir()
-    out = root / "data" / _fingerprint(cfg, files, fmt)
+    out = root / "data" / _fingerprint(cfg, identity, fmt)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
     with FileLock(str(out / ".lock")):
         if not meta_path.is_file():
             if log:
-                log.info(f"preparing data: {len(files)} file(s) ({fmt}) → {out}")
-            ds = _load_documents(files, fmt, cfg, root / "hf_datasets")
-            train_ds, val_ds = _split(ds, cfg)
+                log.info(f"preparing data: {len(identity)} file(s) ({fmt}) → {out}")
+            train_ds, val_ds = _split(load(), cfg)
             tok_dir = out / "tokenizer"
             tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else _train_tokenizer(train_ds, cfg.vocab_size, tok_dir)
             if cfg.tokenizer:
                 tok.save_pretrained(str(tok_dir))
             n_train = write_tokens(train_ds, tok, out / "train.npy", cfg.num_proc, "train")
             n_val = write_tokens(val_ds, tok, out / "val.npy", cfg.num_proc, "held-out")
-            meta = dict(format=fmt, files=len(files), train_docs=len(train_ds), val_docs=len(val_ds),
+            meta = dict(format=fmt, files=len(identity), train_docs=len(train_ds), val_docs=len(val_ds),
                         train_tokens=n_train, val_tokens=n_val, vocab_size=len(tok), eos_id=tok.eos_token_id)
             tmp = meta_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(meta, indent=1))
@@ -348,7 +449,7 @@ def _prepare_pretokenized(cfg: DataConfig, files: list[Path]) -> PreparedData:
     if arr.ndim != 1 or arr.dtype.kind not in "ui":
         raise ConfigError(f"data.paths: {files[0]} must be a 1-D integer array, got {arr.dtype} {arr.shape}")
     # The held-out split is the tail of the stream: the file is already flattened.
-    root = cfg.resolved_cache_dir() / "data" / _fingerprint(cfg, files, "tokens")
+    root = cfg.resolved_cache_dir() / "data" / _fingerprint(cfg, _identity(files), "tokens")
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".lock")):
         if not (root / "meta.json").is_file():
@@ -361,6 +462,37 @@ def _prepare_pretokenized(cfg: DataConfig, files: list[Path]) -> PreparedData:
                                                             eos_id=tok.eos_token_id)))
     meta = json.loads((root / "meta.json").read_text())
     return PreparedData(root / "tokenizer", root / "train.npy", root / "val.npy", meta["vocab_size"], meta["eos_id"], meta)
+
+
+def prepare_sources(cfg: DataConfig, log=None, write_tokens=_write_tokens) -> list[PreparedData]:
+    """Every source's token files (data.mixture's entries, or the one source), all with one
+    tokenizer: data.tokenizer, else a BPE trained on the training documents of all of them."""
+    sources = cfg.sources()
+    if not cfg.mixture:
+        return [prepare(cfg, log, write_tokens)]
+    tokenizer = cfg.tokenizer or str(_mixture_tokenizer(cfg, sources, log))
+    return [prepare(s.model_copy(update={"tokenizer": tokenizer}), log, write_tokens) for s in sources]
+
+
+def _mixture_tokenizer(cfg: DataConfig, sources: list[DataConfig], log) -> Path:
+    """A tokenizer trained on the training split of every source, cached by their identities."""
+    found = [documents(s, log) for s in sources]
+    if any(fmt == "tokens" for _, fmt, _ in found):
+        raise ConfigError("data.mixture: a source of format tokens needs data.tokenizer (the tokenizer that made "
+                          "its ids), which every source then shares")
+    h = hashlib.sha256(json.dumps([[ident, fmt, s.text_field, s.holdout, s.min_doc_chars]
+                                   for (ident, fmt, _), s in zip(found, sources)] + [cfg.vocab_size]).encode())
+    out = cfg.resolved_cache_dir() / "tokenizers" / h.hexdigest()[:20]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "tokenizer.json").is_file():
+            import datasets
+
+            if log:
+                log.info(f"training a {cfg.vocab_size}-token BPE tokenizer on {len(sources)} sources → {out}")
+            train = datasets.concatenate_datasets([_split(load(), s)[0] for (_, _, load), s in zip(found, sources)])
+            _train_tokenizer(train, cfg.vocab_size, out)
+    return out
 
 
 # --------------------------------------------------------------------------- packing and sampling
@@ -437,3 +569,103 @@ class ShardedSampler:
 def eval_indices(n: int, batches: int, micro: int, dp_rank: int, dp_size: int) -> list[list[int]]:
     """Fixed held-out micro batches for this rank (the same at every evaluation), wrapping if short."""
     return [[(b * dp_size * micro + dp_rank * micro + i) % n for i in range(micro)] for b in range(batches)]
+
+
+# --------------------------------------------------------------------------- mixtures
+
+class ConcatRows:
+    """Several row sets (e.g. one PackedTokens per mixture source) as one: global row i is row
+    i - offsets[k] of part k. With `interleave` (held-out data) row j is row j // m of part j % m
+    instead, wrapping, so the fixed evaluation batches cover every source alike."""
+
+    def __init__(self, parts: list, interleave: bool = False):
+        self.parts, self.interleave = parts, interleave
+        self.sizes = [len(p) for p in parts]
+        self.offsets = np.cumsum([0] + self.sizes)
+
+    def __len__(self) -> int:
+        return len(self.parts) * max(self.sizes) if self.interleave else int(self.offsets[-1])
+
+    @property
+    def tokens_per_row(self) -> float:
+        return float(np.mean([p.tokens_per_row for p in self.parts]))
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(part, row in that part) of global row i."""
+        if self.interleave:
+            k = i % len(self.parts)
+            return k, (i // len(self.parts)) % self.sizes[k]
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return k, i - int(self.offsets[k])
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        # rows of equal length (packed sequences): each part's rows fetched at once, then put back in order
+        where = [self.locate(int(i)) for i in indices]
+        inputs, targets, order = [], [], []
+        for k in sorted({k for k, _ in where}):
+            mine = [j for j, (kk, _) in enumerate(where) if kk == k]
+            x, y = self.parts[k].batch([where[j][1] for j in mine])
+            inputs.append(x)
+            targets.append(y)
+            order.extend(mine)
+        back = torch.from_numpy(np.argsort(np.asarray(order)))
+        return torch.cat(inputs)[back], torch.cat(targets)[back]
+
+
+class MixtureSampler:
+    """The ShardedSampler of a mixture: rows laid out source after source (`sizes`), each global
+    sample drawn from the source furthest below its weight so far (the deficit rule: after n samples
+    every source has within one sample of weight x n), and within a source in a seeded permutation
+    per pass over it (a small source with a large weight repeats). The order depends on nothing but
+    the state, the weights and the seed, so every rank computes the same global batch and takes its
+    own micro-batch slices of it; the state (samples consumed per source) rides in checkpoints."""
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int, dp_rank: int, dp_size: int,
+                 micro_batch: int, grad_accum: int, names: list[str] | None = None):
+        self.sizes, self.seed = [int(n) for n in sizes], seed
+        self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.names = names or [str(i) for i in range(len(sizes))]
+        self.offsets = np.cumsum([0] + self.sizes)
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.micro, self.accum = micro_batch, grad_accum
+        self.counts = np.zeros(len(sizes), dtype=np.int64)  # samples drawn from each source (all ranks)
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.dp_size * self.accum
+
+    @property
+    def consumed(self) -> int:
+        return int(self.counts.sum())
+
+    def _row(self, k: int, c: int) -> int:
+        """Global row of source k's c-th sample."""
+        epoch, i = divmod(c, self.sizes[k])
+        if self._perms.get(k, (None,))[0] != epoch:
+            self._perms[k] = (epoch, np.random.default_rng([self.seed, k, epoch]).permutation(self.sizes[k]))
+        return int(self.offsets[k]) + int(self._perms[k][1][i])
+
+    def next_step(self) -> list[list[int]]:
+        """Index lists of this rank's micro batches for the next optimizer step; advances the state."""
+        rows = []
+        for _ in range(self.global_batch):
+            k = int(np.argmax(self.weights * (self.consumed + 1) - self.counts))
+            rows.append(self._row(k, int(self.counts[k])))
+            self.counts[k] += 1
+        return [rows[(m * self.dp_size + self.dp_rank) * self.micro:][:self.micro] for m in range(self.accum)]
+
+    def shares(self) -> dict[str, float]:
+        """Each source's share of the samples drawn so far (what training consumed)."""
+        total = max(1, self.consumed)
+        return {name: float(c) / total for name, c in zip(self.names, self.counts)}
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "counts": self.counts.tolist(), "seed": self.seed, "n": self.sizes,
+                "weights": self.weights.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "counts" not in state or len(state["counts"]) != len(self.sizes):
+            raise ConfigError(f"the checkpoint's data position is not one of this {len(self.sizes)}-source mixture "
+                              f"(state {sorted(state)}); resume with the data it was written with")
+        self.counts = np.asarray(state["counts"], dtype=np.int64)

@@ -4,7 +4,7 @@ and SFT recipes and their tests run offline, and a given Python always yields th
 
     python -m lmforge.training.embedded classification /tmp/cls     # snippet → stdlib package
     python -m lmforge.training.embedded ner /tmp/ner                 # tokenize categories as BIO tags
-    python -m lmforge.training.embedded sft /tmp/sft [--chat]        # docstring summaries
+    python -m lmforge.training.embedded sft /tmp/sft [--schema messages|alpaca|sharegpt]   # docstring summaries
 
 Each writes OUT_DIR/train.jsonl and OUT_DIR/eval.jsonl and prints the counts and label
 distribution. Every record carries `source` (the file it came from, relative to the stdlib): the
@@ -13,7 +13,10 @@ the model has not seen. `source` is provenance, not a feature; recipes read only
     classification  {"text": "<source lines>", "label": "json", "source": ..., "line": 120}
     ner             {"tokens": ["import", "os", ".", "path"], "tags": ["B-KEYWORD", "B-NAME", "I-NAME", "I-NAME"], ...}
     sft             {"prompt": "Summarise what `json.dumps(obj, ...)` does.", "response": "Serialize ...", ...}
-                    or with --chat {"messages": [{"role": "user", ...}, {"role": "assistant", ...}], ...}
+                    --schema messages {"messages": [{"role": "user", ...}, {"role": "assistant", ...}], ...}
+                    --schema alpaca {"instruction": ..., "input": "", "output": ...}
+                    --schema sharegpt {"conversations": [{"from": "system", ...}, {"from": "human", ...}, {"from": "gpt", ...}]}
+Recipes name them {embedded:sft}, {embedded:sft-messages}, {embedded:sft-alpaca}, {embedded:sft-sharegpt}.
 The output depends only on the arguments and the Python version (the stdlib's text differs between
 versions), never on the machine, the hash seed or the file system's listing order.
 """
@@ -388,7 +391,23 @@ def _summary(node: ast.AST) -> str | None:
     return para
 
 
-def _sft_records(rel: str, seed: int, chat: bool) -> list[dict]:
+SFT_SCHEMAS = ("prompt", "messages", "alpaca", "sharegpt")  # prompt: {"prompt", "response"}
+SHAREGPT_SYSTEM = "You answer questions about the Python standard library."
+
+
+def _sft_record(prompt: str, answer: str, schema: str) -> dict:
+    """One pair in the record shape `schema` (the shapes data.format reads, tasks/sft.py)."""
+    if schema == "messages":
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+    if schema == "alpaca":
+        return {"instruction": prompt, "input": "", "output": answer}
+    if schema == "sharegpt":
+        return {"conversations": [{"from": "system", "value": SHAREGPT_SYSTEM}, {"from": "human", "value": prompt},
+                                  {"from": "gpt", "value": answer}]}
+    return {"prompt": prompt, "response": answer}
+
+
+def _sft_records(rel: str, seed: int, schema: str) -> list[dict]:
     text = _read(rel)
     try:
         tree = ast.parse(text) if text is not None else None
@@ -421,23 +440,22 @@ def _sft_records(rel: str, seed: int, chat: bool) -> list[dict]:
     for shown, kind, summary in found:
         template = _TEMPLATES[int(_stable_key(seed, shown), 16) % len(_TEMPLATES)]
         prompt = template.format(name=shown, kind=kind)
-        if chat:
-            rec = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": summary}]}
-        else:
-            rec = {"prompt": prompt, "response": summary}
-        out.append({**rec, "kind": kind, "source": rel})
+        out.append({**_sft_record(prompt, summary, schema), "kind": kind, "source": rel})
     return out
 
 
 def sft(packages: list[str] | None = None, *, max_train: int = DEFAULT_MAX["sft"][0],
-        max_eval: int = DEFAULT_MAX["sft"][1], seed: int = 0, chat: bool = False) -> tuple[list[dict], list[dict]]:
+        max_eval: int = DEFAULT_MAX["sft"][1], seed: int = 0, schema: str = "prompt") -> tuple[list[dict], list[dict]]:
     """(train, eval) instruction pairs from public functions', classes' and methods' docstrings,
     read with `ast` (modules are never imported: importing runs code and may need a display,
-    a network or a platform module). {"prompt", "response"}, or {"messages"} with chat=True.
-    By default the whole library (available_packages()): the default packages alone give ~900."""
+    a network or a platform module), written in the record shape `schema` (SFT_SCHEMAS; the
+    same pairs in every shape). By default the whole library (available_packages()): the default
+    packages alone give ~900."""
+    if schema not in SFT_SCHEMAS:
+        raise ValueError(f"sft schema must be one of {', '.join(SFT_SCHEMAS)}, got {schema!r}")
     tr_files, ev_files = split_packages(_resolve_packages(packages, default=None), seed)
-    train = [r for f in tr_files for r in _sft_records(f, seed, chat)]
-    evals = [r for f in ev_files for r in _sft_records(f, seed, chat)]
+    train = [r for f in tr_files for r in _sft_records(f, seed, schema)]
+    evals = [r for f in ev_files for r in _sft_records(f, seed, schema)]
     rng = random.Random(seed)
     return _take(train, max_train, rng), _take(evals, max_eval, rng)
 
@@ -466,10 +484,10 @@ def write_jsonl(records: list[dict], path: Path) -> None:
 
 
 def build(task: str, out_dir: Path | str, *, max_train: int | None = None, max_eval: int | None = None,
-          seed: int = 0, packages: list[str] | None = None, chat: bool = False) -> dict:
+          seed: int = 0, packages: list[str] | None = None, schema: str = "prompt") -> dict:
     """Write OUT_DIR/train.jsonl and OUT_DIR/eval.jsonl for `task`; returns their paths, counts and
     distributions: {"train": Path, "eval": Path, "counts": {"train", "eval"}, "distribution": {...}}.
-    max_* default to DEFAULT_MAX[task]; `chat` applies to sft only."""
+    max_* default to DEFAULT_MAX[task]; `schema` (SFT_SCHEMAS) applies to sft only."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     d_train, d_eval = DEFAULT_MAX[task]
@@ -479,7 +497,9 @@ def build(task: str, out_dir: Path | str, *, max_train: int | None = None, max_e
         raise ValueError(f"max_train and max_eval must be >= 1, got {max_train}, {max_eval}")
     builder: Callable[..., tuple[list[dict], list[dict]]] = {"classification": classification, "ner": ner,
                                                              "sft": sft}[task]
-    extra = {"chat": chat} if task == "sft" else {}
+    if task != "sft" and schema != "prompt":
+        raise ValueError(f"a record schema ({schema!r}) applies to sft only")
+    extra = {"schema": schema} if task == "sft" else {}
     train, evals = builder(packages, max_train=max_train, max_eval=max_eval, seed=seed, **extra)
     out = Path(out_dir)
     write_jsonl(train, out / "train.jsonl")
@@ -499,12 +519,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--packages", default=None,
                     help="comma-separated stdlib packages (default: %s)" % ",".join(DEFAULT_PACKAGES))
-    ap.add_argument("--chat", action="store_true", help="sft: write {'messages': [...]} records")
+    ap.add_argument("--schema", choices=SFT_SCHEMAS, default="prompt", help="sft: the record shape (default prompt/response)")
     a = ap.parse_args(argv)
     packages = a.packages.split(",") if a.packages else None
     try:
         res = build(a.task, a.out_dir, max_train=a.max_train, max_eval=a.max_eval, seed=a.seed,
-                    packages=packages, chat=a.chat)
+                    packages=packages, schema=a.schema)
     except ValueError as e:
         ap.error(str(e))
     for split in ("train", "eval"):

@@ -23,7 +23,7 @@ def lr_lambda(cfg: Config, total_steps: int):
     """Multiplier of train.lr at optimizer step s: linear warmup, then cosine/linear decay to
     min_lr_ratio (or constant)."""
     t = cfg.train
-    warmup = min(t.warmup, total_steps)
+    warmup = cfg.warmup_steps(total_steps)
 
     def f(step: int) -> float:
         if step < warmup:

@@ -38,7 +38,8 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int, source: Path | Non
         key = "model.init_from" if source else "model.path"
         if not (path / "config.json").is_file():
             raise ConfigError(f"{key}: {path} has no config.json (a local Hugging Face model directory is needed)")
-        conf = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        # trust_remote_code: hub.check_remote_code has refused a model with code unless it is set
+        conf = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=cfg.trust_remote_code)
         if conf.vocab_size < vocab_size:
             raise ConfigError(f"{key}: the model's vocab_size {conf.vocab_size} is smaller than the "
                               f"tokenizer's {vocab_size}; use the model's own tokenizer (data.tokenizer)")
@@ -98,12 +99,12 @@ def target_modules(model: torch.nn.Module, ft: FinetuneConfig) -> list[str]:
     return list(ft.target_modules)
 
 
-def check_finetune(conf, task: str, ft: FinetuneConfig) -> None:
+def check_finetune(conf, task: str, ft: FinetuneConfig, trust_remote_code: bool = False) -> None:
     """Validate the adapter settings against the model's modules without building it (meta device)."""
     if ft.method == "full":
         return
     with torch.device("meta"):
-        model = auto_class(task).from_config(conf)
+        model = auto_class(task).from_config(conf, trust_remote_code=trust_remote_code)
         targets = target_modules(model, ft)
     if ft.method == "qlora":
         check_4bit_training_path(model, targets)
@@ -197,9 +198,9 @@ def build(cfg: ModelConfig, conf, ds_config: dict, attention: str, dtype: torch.
                 bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(_HEADS))
         # A causal LM's weights under a classification head: the head is new (and reported so).
         model = cls.from_pretrained(str(weights), config=conf, attn_implementation=attention, dtype=dtype,
-                                    local_files_only=True, **extra)
+                                    local_files_only=True, trust_remote_code=cfg.trust_remote_code, **extra)
     else:
-        model = cls.from_config(conf, attn_implementation=attention, dtype=dtype)
+        model = cls.from_config(conf, attn_implementation=attention, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False  # no KV cache while training
     if activation_checkpointing:
         # Non-reentrant: works with ZeRO-3's parameter hooks and with inputs that need no grad.

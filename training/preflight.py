@@ -15,16 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, distill as distill_lib, dist, model as model_lib, parallel, tasks as tasks_lib
+from . import checkpoint, distill as distill_lib, dist, hub, model as model_lib, parallel, tasks as tasks_lib
 from .config import Config, ConfigError, build_ds_config
 from .dist import (EXIT_DIVERGED, EXIT_HUNG, EXIT_STOPPED, STOP_SIGNALS, free_port, get_logger,  # noqa: F401 (driver API)
                    read_failure, request_stop, stop_file)
 from .leftovers import die_with_parent  # noqa: F401 (driver API)
+from .hub import resolve_ids  # noqa: F401 (driver API: `lmforge prepare` reads the models a config names)
 from .runlock import ENV as RUN_LOCK_ENV, RunDirInUse, check_free as check_run_dir_free, hold as hold_run_dir  # noqa: F401
 
 __all__ = ["EXIT_DIVERGED", "EXIT_HUNG", "EXIT_STOPPED", "RUN_LOCK_ENV", "STOP_SIGNALS", "Prepared", "RunDirInUse",
            "check_run_dir_free", "die_with_parent", "find_latest", "free_port", "get_logger", "hold_run_dir", "preflight",
-           "prepare_data", "read_failure", "request_stop", "resume_point", "select_runtime", "stop_file"]
+           "prepare_data", "read_failure", "resolve_ids", "request_stop", "resume_point", "select_runtime", "stop_file"]
 find_latest = checkpoint.find_latest  # the newest complete checkpoint: what a restarted job resumes from
 
 
@@ -37,6 +38,8 @@ class Prepared:
     ds_config: dict
     resume_from: Path | None
     layout_change: checkpoint.LayoutChange | None = None  # resume_from's layout differs: universal resume
+    cfg: Config | None = None      # the config with Hub ids replaced by their snapshot directories (hub.py)
+    pinned: Config | None = None   # the config with Hub ids pinned to the commits resolved: for the ranks
 
 
 def select_runtime(cfg: Config) -> dist.Runtime:
@@ -60,13 +63,14 @@ def prepare_data(cfg: Config, log) -> tuple[tasks_lib.TaskData, Path | None]:
 
 def preflight(cfg: Config, world_size: int, log) -> Prepared:
     """Every check that bad config or bad data can fail, run before any rank starts (by the
-    launcher) and again, cheaply, inside each rank (for torchrun/srun starts): data are prepared
-    and cached, the model config resolved, the DeepSpeed config built, the resume point chosen."""
+    launcher) and again, cheaply, inside each rank (for torchrun/srun starts): Hub ids resolved,
+    data prepared and cached, the model config resolved, the DeepSpeed config built, the resume point chosen."""
     runtime = select_runtime(cfg)
     ds_config = build_ds_config(cfg, world_size, runtime.precision)
+    cfg, pinned = hub.resolve_ids(cfg)  # Hub ids → snapshot directories, before anything reads them
     prepared, meta = prepare_data(cfg, log)
     conf = model_lib.hf_config(cfg.model, prepared.vocab_size, prepared.eos_id, meta, prepared.labels, prepared.pad_id)
-    model_lib.check_finetune(conf, cfg.task, cfg.finetune)
+    model_lib.check_finetune(conf, cfg.task, cfg.finetune, cfg.model.trust_remote_code)
     if cfg.distill.teacher:
         distill_lib.check_teacher(cfg.distill, conf, prepared.tokenizer)
     parallel.check_model(cfg, conf)
@@ -75,7 +79,7 @@ def preflight(cfg: Config, world_size: int, log) -> Prepared:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the model's max positions ({max_pos})")
     resume = checkpoint.resume_choice(cfg, log)
     change, ds_config = resume_point(cfg, world_size, resume, ds_config, log)
-    return Prepared(runtime, prepared, conf, ds_config, resume, change)
+    return Prepared(runtime, prepared, conf, ds_config, resume, change, cfg, pinned)
 
 
 def resume_point(cfg: Config, world_size: int, resume: Path | None, ds_config: dict,

@@ -93,13 +93,15 @@ def main(cfg: Config, report: Callable[[dict], None] | None = None) -> dict:
 
 def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop: dist.StopRequest) -> dict:
     """The loop: step, log, evaluate, let the checkpointer decide, honour a stop; one way out."""
-    plan = resume.agree(cfg, preflight(cfg, d.world_size, log), d.rank, d.world_size, log)
+    prepared = preflight(cfg, d.world_size, log)
+    cfg = prepared.cfg  # Hub ids replaced by their snapshot directories (training/hub.py)
+    plan = resume.agree(cfg, prepared, d.rank, d.world_size, log)
     if d.is_main:
         dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
     log.info("config:\n" + cfg.to_yaml())
     log.info(f"runtime: {plan.runtime.describe()} world_size={d.world_size} threads={torch.get_num_threads()}")
     r = setup(cfg, d, plan, log)
-    p, total_steps = r.progress, cfg.total_steps()
+    p, total_steps = r.progress, r.total_steps
     # tqdm's default lock is a multiprocessing one, which starts a resource-tracker process (and,
     # in a rank forked by the launcher, leaves a "leaked semaphore" warning); one bar needs a thread lock
     tqdm.set_lock(threading.RLock())
@@ -139,7 +141,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
             if p.step % cfg.logging.interval == 0 or p.step == total_steps:
                 r.metrics.log(p.step, {"train/loss": loss, "train/lr": lr, "train/tokens": p.tokens,
                                        "train/grad_norm": grad_norm, "train/bad_steps": r.guard.total,
-                                       "mem/peak_gib": metrics_lib.memory_gib(), **kd, **perf})
+                                       "mem/peak_gib": metrics_lib.memory_gib(), **kd, **perf, **r.shares()})
             if cfg.eval.interval and p.step % cfg.eval.interval == 0:
                 watchdog.beat(f"evaluating at step {p.step}")
                 evals[p.step] = r.evaluate(p.step)
@@ -168,7 +170,7 @@ def _metric_name(headline: str) -> str:
 def finish(cfg: Config, r: "Run", ending: str | None, evals: dict[int, dict], stop: dist.StopRequest,
            report: Callable[[dict], None], log) -> dict:
     """The end of a run, however it ended: the checkpoint that holds it and the summary."""
-    p, total_steps = r.progress, cfg.total_steps()
+    p, total_steps = r.progress, r.total_steps
     out = {"step": p.step, "tokens": p.tokens}
     if ending == "early_stopped_before":
         log.info(f"{r.resumed_from} ended this run early (early stopping): nothing left to train")
@@ -254,7 +256,7 @@ class Run:
     engine: object
     groups: parallel.RankGroups
     train_data: object
-    sampler: data.ShardedSampler
+    sampler: data.ShardedSampler | data.MixtureSampler
     evaluate: Callable[[int], dict]
     headline: str
     metrics: object
@@ -273,6 +275,13 @@ class Run:
     no_rollback_to: Path | None = None  # resumed from another layout: DeepSpeed loads it only converted
     faults: Faults = Faults(set(), None)  # training/faults.py: drills and tests only
     log: object = None
+    total_steps: int = 0
+
+    def shares(self) -> dict[str, float]:
+        """data.mixture: each source's share of the training samples consumed so far (data/share/NAME)."""
+        if not isinstance(self.sampler, data.MixtureSampler):
+            return {}
+        return {f"data/share/{name}": v for name, v in self.sampler.shares().items()}
 
     def bad_step(self, loss: float, grad_norm: float) -> bool:
         """The guard's verdict on a finished step: False if it was good; True if it updated nothing
@@ -321,7 +330,7 @@ class Run:
 
 def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
     """Model, engine, data, sampler, metrics and checkpointer for the loop; a resumed run's state."""
-    total_steps = cfg.total_steps()
+    total_steps = cfg.total_steps(len(plan.data.train))
     groups = parallel.RankGroups.of(cfg, d.rank, d.world_size)
     accum = cfg.grad_accum(groups.dp_size)
     seq_len = cfg.data.seq_len
@@ -366,8 +375,14 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
 
     tokenizer = plan.data.tokenizer
     # Ranks of one sequence/tensor-parallel group read the same sequences: shard by data-parallel rank.
-    sampler = data.ShardedSampler(len(train_data), cfg.train.seed, groups.dp_rank, groups.dp_size,
-                                  cfg.train.micro_batch_size, accum)
+    if plan.data.source_rows is None:
+        sampler = data.ShardedSampler(len(train_data), cfg.train.seed, groups.dp_rank, groups.dp_size,
+                                      cfg.train.micro_batch_size, accum)
+    else:
+        sampler = data.MixtureSampler(plan.data.source_rows, cfg.data.weights(), cfg.train.seed, groups.dp_rank,
+                                      groups.dp_size, cfg.train.micro_batch_size, accum, cfg.data.source_names())
+        log.info("data.mixture: " + ", ".join(f"{n} weight {w:.3f} ({rows} rows)" for n, w, rows in
+                                              zip(cfg.data.source_names(), cfg.data.weights(), plan.data.source_rows)))
     stopping = EarlyStopping(cfg) if cfg.eval.early_stopping.metric else None
     progress = Progress()
 
@@ -421,7 +436,8 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
                stopping=stopping, resumed_from=plan.resume_from, adalora=adalora, distiller=distiller, task=task,
                guard=NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite, cfg.train.spike_threshold),
                restore=restore,
-               no_rollback_to=plan.resume_from if plan.layout_change is not None else None, faults=faults, log=log)
+               no_rollback_to=plan.resume_from if plan.layout_change is not None else None, faults=faults, log=log,
+               total_steps=total_steps)
 
 
 class EarlyStopping:

@@ -39,6 +39,7 @@ class Task(Protocol):
     parallel: tuple[str, ...]  # layouts it trains under: "data", and "sequence" (Ulysses) / "tensor" (AutoTP)
     auto_model: str            # the transformers auto class of its model, e.g. "AutoModelForCausalLM"
     peft_task_type: str        # the peft.TaskType of its adapters (which head modules train beside them)
+    mixtures: bool             # takes data.mixture (several weighted sources; train rows laid out source by source)
 
     def metrics(self, cfg: Config) -> tuple[str, ...]:
         """The keys its evaluation reports under this config (eval.early_stopping.metric picks one)."""

@@ -16,6 +16,7 @@ validation) imports this module, and must stay light.
 
 from __future__ import annotations
 
+import bisect
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +43,14 @@ class TaskData:
     pad_id: int | None = None         # set on a model config that has none (sequence classification needs it)
     labels: list[str] | None = None   # classification labels / ner tags: the model's head
     summary: dict = field(default_factory=dict)  # what `lmforge prepare` prints
+    source_rows: list[int] | None = None  # data.mixture: train rows are its sources' rows, one source after another
 
 
 # --------------------------------------------------------------------------- records
 
 def embedded_paths(cfg: DataConfig, paths: list[str]) -> list[str]:
-    """`{embedded:TASK}/train.jsonl`: the labelled stdlib data of training/embedded.py, built once
-    into the cache (under a file lock, so every rank may ask)."""
+    """`{embedded:TASK}/train.jsonl` (or `{embedded:sft-SCHEMA}`, e.g. sft-alpaca): the labelled stdlib
+    data of training/embedded.py, built once into the cache (under a file lock, so every rank may ask)."""
     out = []
     for p in paths:
         if p.startswith("{embedded:"):
@@ -58,10 +60,11 @@ def embedded_paths(cfg: DataConfig, paths: list[str]) -> list[str]:
 
             name, _, rest = p[len("{embedded:"):].partition("}")
             root = cfg.resolved_cache_dir() / "embedded" / name
+            task, _, schema = name.partition("-")  # sft-alpaca: the sft pairs as alpaca records
             with FileLock(str(root) + ".lock"):
                 if not (root / "train.jsonl").is_file():
                     try:
-                        embedded.build(name, root)
+                        embedded.build(task, root, **({"schema": schema} if schema else {}))
                     except ValueError as e:
                         raise ConfigError(f"data.paths: {p}: {e}") from None
             p = str(root) + rest
@@ -69,8 +72,9 @@ def embedded_paths(cfg: DataConfig, paths: list[str]) -> list[str]:
     return out
 
 
-def _load_records(cfg: DataConfig, paths: list[str], cache: Path, log):
-    """A datasets.Dataset of the records in `paths` (json/jsonl/parquet/arrow)."""
+def _load_records(cfg: DataConfig, paths: list[str], cache: Path, log) -> tuple[list[dict], Callable[[int], str]]:
+    """(the records in `paths` (json/jsonl/parquet/arrow), where(i): "FILE record K" of record i).
+    Each file is its own split of one load_dataset call, so a bad record can be traced to its file."""
     import datasets
 
     from ..data import resolve_files, screen_files
@@ -83,9 +87,20 @@ def _load_records(cfg: DataConfig, paths: list[str], cache: Path, log):
     if fmt == "arrow":
         parts = [datasets.load_from_disk(str(f)) for f in files]
         parts = [p["train"] if isinstance(p, datasets.DatasetDict) else p for p in parts]
-        return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    files = screen_files(cfg, files, fmt, log)
-    return datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train", cache_dir=str(cache))
+    else:
+        files = screen_files(cfg, files, fmt, log)
+        splits = datasets.load_dataset(fmt, data_files={f"file{i}": [str(f)] for i, f in enumerate(files)},
+                                       cache_dir=str(cache))
+        parts = [splits[f"file{i}"] for i in range(len(files))]
+    records, starts = [], []
+    for part in parts:
+        starts.append(len(records))
+        records += part.to_list()
+
+    def where(i: int) -> str:
+        k = bisect.bisect_right(starts, i) - 1
+        return f"{files[k]} record {i - starts[k]}"
+    return records, where
 
 
 def require_columns(train: list[dict], held: list[dict], columns: dict[str, str]) -> None:
@@ -97,14 +112,24 @@ def require_columns(train: list[dict], held: list[dict], columns: dict[str, str]
             raise ConfigError(f"data: the {where} records need columns {need}; they have {sorted(records[0])}")
 
 
-def load_splits(cfg: Config, log) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records): data.eval_paths, or a stable hash split of data.paths."""
+def load_splits(cfg: Config, log, convert: Callable | None = None) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records): data.eval_paths, or a stable hash split of data.paths (or of
+    data.dataset). convert(records, where) → records runs on each file set before the split (RecordTask.rows)."""
+    from ..data import load_hub_dataset
+
     cache = cfg.data.resolved_cache_dir() / "hf_datasets"
-    train = _load_records(cfg.data, cfg.data.paths, cache, log)
+
+    def load(paths: list[str] | None):
+        if paths is None:  # data.dataset
+            records = load_hub_dataset(cfg.data, cache).to_list()
+            where = lambda i: f"data.dataset {cfg.data.dataset} ({cfg.data.split}) record {i}"  # noqa: E731
+        else:
+            records, where = _load_records(cfg.data, paths, cache, log)
+        return convert(records, where) if convert and records else records
+
+    records = load(None if cfg.data.dataset else cfg.data.paths)
     if cfg.data.eval_paths:
-        held = _load_records(cfg.data, cfg.data.eval_paths, cache, log)
-        return train.to_list(), held.to_list()
-    records = train.to_list()
+        return records, load(cfg.data.eval_paths)
     cut = int(cfg.data.holdout * 10_000)
     is_val = [zlib.crc32(str(i).encode()) % 10_000 < cut for i in range(len(records))]
     if not any(is_val) and records:
@@ -203,15 +228,25 @@ class RecordTask:
     and the evaluation loop. A task adds its attributes and the hooks below."""
     causal = False
     parallel = ("data",)  # sequence/tensor parallelism are for pretraining long or wide models
+    mixtures = False      # data.mixture: a task that takes one sets this and implements concat()
 
     # ---- hooks
     def texts(self, cfg: DataConfig, records: list[dict]) -> Iterable[str]:
         """The text of each training record, for a tokenizer trained here."""
         raise NotImplementedError
 
+    def rows(self, cfg: DataConfig, records: list[dict], where: Callable[[int], str], log) -> list[dict]:
+        """The records as the task reads them, from the records of one file set; where(i) names record
+        i's file and index for a ConfigError. Default: as loaded."""
+        return records
+
     def examples(self, cfg: Config, tok, train: list[dict], held: list[dict],
                  log) -> tuple[object, object, list[str] | None]:
         """(train examples, eval examples, head labels or None) from the records; bad records raise ConfigError."""
+        raise NotImplementedError
+
+    def concat(self, parts: list) -> object:
+        """Several sources' examples (what examples() returns) as one, rows in order (data.mixture)."""
         raise NotImplementedError
 
     def predictions(self, logits: torch.Tensor, targets: torch.Tensor, real: list[int]) -> list[tuple[int, object]]:
@@ -226,16 +261,28 @@ class RecordTask:
     # ---- the protocol
     def prepare(self, cfg: Config, init_dir: Path | None, log) -> TaskData:
         """Records → examples. Every bad input is a ConfigError here, before a model is built."""
-        train, held = load_splits(cfg, log)
-        if not train or not held:
-            raise ConfigError(f"data: {'training' if not train else 'eval'} split is empty")
-        tok = tokenizer_for(cfg, init_dir, lambda: self.texts(cfg.data, train), log)
+        # one run config per source (data.mixture's entries; else the run's own): its records, fields, format
+        per_source = [cfg.model_copy(update={"data": s}) for s in cfg.data.sources()]
+        splits = [load_splits(c, log, lambda records, where, c=c: self.rows(c.data, records, where, log))
+                  for c in per_source]
+        for train, held in splits:
+            if not train or not held:
+                raise ConfigError(f"data: {'training' if not train else 'eval'} split is empty")
+        tok = tokenizer_for(cfg, init_dir, lambda: (t for c, (train, _) in zip(per_source, splits)
+                                                    for t in self.texts(c.data, train)), log)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        tr, ev, labels = self.examples(cfg, tok, train, held, log)
+        made = [self.examples(c, tok, train, held, log) for c, (train, held) in zip(per_source, splits)]
+        if len(made) == 1:
+            (tr, ev, labels), rows = made[0], None
+        else:
+            tr, ev, labels = self.concat([m[0] for m in made]), self.concat([m[1] for m in made]), made[0][2]
+            rows = [len(m[0]) for m in made]
         summary = {"task": cfg.task, "train_rows": len(tr), "eval_rows": len(ev), "labels": labels,
                    "vocab_size": len(tok)}
-        return TaskData(tok, tr, ev, len(tok), tok.eos_token_id, tok.pad_token_id, labels, summary)
+        if rows:
+            summary["source_rows"] = dict(zip(cfg.data.source_names(), rows))
+        return TaskData(tok, tr, ev, len(tok), tok.eos_token_id, tok.pad_token_id, labels, summary, rows)
 
     def model_inputs(self, inputs: dict, targets: torch.Tensor, device, groups=None) -> tuple[dict, torch.Tensor]:
         return {k: v.to(device) for k, v in inputs.items()}, targets.to(device)

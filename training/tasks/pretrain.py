@@ -26,6 +26,7 @@ class Pretrain:
     parallel = ("data", "sequence", "tensor")
     auto_model = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
+    mixtures = True
 
     def metrics(self, cfg: Config) -> tuple[str, ...]:
         return ("eval/loss", "eval/ppl")
@@ -33,13 +34,22 @@ class Pretrain:
     def prepare(self, cfg: Config, init_dir: Path | None, log) -> TaskData:
         from .. import data
 
-        prepared = data.prepare(data_config(cfg, init_dir), log)
+        sources = data.prepare_sources(data_config(cfg, init_dir), log)
         # PackedTokens refuses a split with fewer tokens than one sequence: a ConfigError here, in preflight
-        train, val = (data.PackedTokens(p, cfg.data.seq_len) for p in (prepared.train_tokens, prepared.val_tokens))
+        train, val = ([data.PackedTokens(p, cfg.data.seq_len) for p in paths]
+                      for paths in ([s.train_tokens for s in sources], [s.val_tokens for s in sources]))
+        prepared = sources[0]
         summary = {"tokenizer": str(prepared.tokenizer_dir), "train": str(prepared.train_tokens),
                    "val": str(prepared.val_tokens), **prepared.meta}
-        return TaskData(data.load_tokenizer(prepared.tokenizer_dir), train, val, prepared.vocab_size, prepared.eos_id,
-                        summary=summary)
+        if not cfg.data.mixture:
+            return TaskData(data.load_tokenizer(prepared.tokenizer_dir), train[0], val[0], prepared.vocab_size,
+                            prepared.eos_id, summary=summary)
+        summary = {"tokenizer": str(prepared.tokenizer_dir),
+                   "sources": {name: {"weight": round(w, 4), "train_rows": len(t), **s.meta} for name, w, t, s
+                               in zip(cfg.data.source_names(), cfg.data.weights(), train, sources)}}
+        return TaskData(data.load_tokenizer(prepared.tokenizer_dir), data.ConcatRows(train),
+                        data.ConcatRows(val, interleave=True), prepared.vocab_size, prepared.eos_id, summary=summary,
+                        source_rows=[len(t) for t in train])
 
     def model_inputs(self, inputs: torch.Tensor, targets: torch.Tensor, device, groups=None) -> tuple[dict, torch.Tensor]:
         from ..evaluate import model_inputs
