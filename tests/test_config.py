@@ -168,6 +168,22 @@ def test_ds_config_value_that_conflicts_with_the_run_config_names_both(tmp_path,
     assert expected in str(err.value) and str(path) in str(err.value)
 
 
+def test_ds_config_with_train_epochs_builds_before_the_data_and_refuses_a_step_count_it_cannot_check(tmp_path):
+    """train.epochs: the steps are known only once the data are prepared; the DeepSpeed config is built
+    before that (driver preflight), so "auto" schedule lengths pass and explicit ones are refused."""
+    epochs = ["train.steps=null", "train.epochs=1", "train.warmup=0", "train.warmup_ratio=0.1", "train.schedule=constant"]
+    cfg = load_config(DEBUG, [f"parallel.ds_config={HF_ZERO3_AUTO}", *epochs])
+    assert build_ds_config(cfg, 2, "fp32")["train_batch_size"] == cfg.train.global_batch_size
+    assert build_ds_config(load_config(DEBUG, epochs), 2, "fp32")["train_batch_size"] == cfg.train.global_batch_size
+    ds = json.loads(HF_ZERO3_AUTO.read_text())
+    ds["scheduler"]["params"]["total_num_steps"] = 100
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match=r"sets scheduler.params.total_num_steps=100, which this run derives from "
+                                          r"the prepared data \(train.steps / train.tokens / train.epochs\)"):
+        build_ds_config(load_config(DEBUG, [f"parallel.ds_config={path}", *epochs]), 2, "fp32")
+
+
 def test_ds_config_explicit_values_equal_to_the_run_config_are_accepted(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": 8, "gradient_clipping": 1.0,

@@ -227,10 +227,13 @@ def test_child_dies_with_its_parent(how):
 
 # --------------------------------------------------------------------------- through the CLI
 
-def _start(*args, shm: bool = False) -> subprocess.Popen:
+def _start(*args, shm: bool = False, slow: bool = False) -> subprocess.Popen:
     """`lmforge train ARGS` in a session of its own. shm: with LOCAL_SIZE set, as DeepSpeed's own
-    launcher sets it, which is what makes DeepSpeed's CPU comm op create its /dev/shm segments."""
+    launcher sets it, which is what makes DeepSpeed's CPU comm op create its /dev/shm segments.
+    slow: 0.2 s more per step, idle (training/faults.py), so the job outlives the test's checks."""
     e = {**env(), "LOCAL_SIZE": "2"} if shm else env()
+    if slow:
+        e["LMFORGE_FAULT_SLOW"] = "0.2"
     return subprocess.Popen([str(BIN / "lmforge"), "train", *map(str, args)], cwd=REPO, env=e,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -290,7 +293,7 @@ def test_busy_run_dir_refused_then_taken_over_after_kill(tmp_path, data_cache):
     the killed run or of the finished one stays in /dev/shm."""
     run_dir = tmp_path / "run"
     args = [DEBUG, "--nproc", "2", *debug_overrides(run_dir, data_cache, "checkpoint.interval=1000")]
-    first = _start(*args, "train.steps=200", shm=True)
+    first = _start(*args, "train.steps=100000", shm=True, slow=True)  # until the launcher is killed
     ranks, port = _ranks(first)
     # the ranks are in DeepSpeed's init (their orphan watch runs); also: the names we clean up are DeepSpeed's
     _wait_for(lambda: len(_segments(port)) == 2, first)

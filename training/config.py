@@ -842,8 +842,11 @@ _SCHEDULER_TYPES = {"constant": "WarmupLR", "linear": "WarmupDecayLR", "cosine":
 
 
 def _run_owned_values(cfg: Config, world_size: int, precision: str) -> dict[str, tuple[str, Any]]:
-    """JSON key (dotted) -> (the lmforge key that owns it, its value in this run)."""
+    """JSON key (dotted) -> (the lmforge key that owns it, its value in this run; None: known only
+    once the data are prepared, for train.epochs)."""
     t = cfg.train
+    total = None if t.epochs is not None else cfg.total_steps()
+    warmup = cfg.warmup_steps(total) if total is not None else (None if t.warmup_ratio is not None else t.warmup)
     return {
         "train_batch_size": ("train.global_batch_size", t.global_batch_size),
         "train_micro_batch_size_per_gpu": ("train.micro_batch_size", t.micro_batch_size),
@@ -861,8 +864,8 @@ def _run_owned_values(cfg: Config, world_size: int, precision: str) -> dict[str,
         "scheduler.type": ("train.schedule", t.schedule),
         "scheduler.params.warmup_min_lr": ("train.warmup (linear from 0)", 0),
         "scheduler.params.warmup_max_lr": ("train.lr", t.lr),
-        "scheduler.params.warmup_num_steps": ("train.warmup", t.warmup),
-        "scheduler.params.total_num_steps": ("train.steps", cfg.total_steps()),
+        "scheduler.params.warmup_num_steps": ("train.warmup / train.warmup_ratio", warmup),
+        "scheduler.params.total_num_steps": ("train.steps / train.tokens / train.epochs", total),
         "scheduler.params.cos_min_ratio": ("train.min_lr_ratio", t.min_lr_ratio),
     }
 
@@ -901,6 +904,9 @@ def _check_run_owned(ds: dict, path: Path, cfg: Config, world_size: int, precisi
             continue
         if key in owned:
             lm_key, ours = owned[key]
+            if ours is None:
+                raise ConfigError(f"parallel.ds_config: {path} sets {key}={json.dumps(value)}, which this run "
+                                  f"derives from the prepared data ({lm_key}); make it \"auto\"")
             if not _agrees(key, value, ours):
                 raise ConfigError(f"parallel.ds_config: {path} sets {key}={json.dumps(value)} but {lm_key}="
                                   f"{json.dumps(ours)}; set it in one place: \"auto\" in the JSON, or the lmforge key")
