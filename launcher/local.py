@@ -13,8 +13,8 @@ the validated tree.
 
 Without a GPU the ranks are forked from one pre-imported process (Python's forkserver, started
 before preflight so that its imports overlap it): torch, DeepSpeed, transformers and the rank code
-are imported once per job instead of once per rank, ~6 s of CPU per rank on a 2-core box
-(BENCHMARKS.md, "A short run's start": 2 ranks, 15.3 -> 12.4 s of CPU). The forkserver is a fresh interpreter that only imported
+are imported once per job instead of once per rank (BENCHMARKS.md, "A short run's start": a 2-rank
+debug run, 15.3 -> 12.4 s of CPU). The forkserver is a fresh interpreter that only imported
 modules (no thread, no tensor op), the state fork is safe from. With a GPU each rank is its own
 `python -m lmforge.training.train`: a CUDA driver initialised before a fork is unusable in the child.
 
