@@ -222,3 +222,22 @@ def test_other_architectures_are_refused_naming_them(run_cfg, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert named in last and "--format gguf supports the Llama-family architectures" in last, proc.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+@pytest.mark.slow  # starts `lmforge train`
+def test_a_run_of_a_tied_qwen2_exports(models, data_cache, tmp_path):
+    """Training a Qwen2 with tied embeddings, then `lmforge export RUN`: DeepSpeed's consolidation
+    returns lm_head.weight and embed_tokens.weight as one tensor under two names, which safetensors
+    refuses; the export writes it once and transformers ties it back."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    lmforge("train", DEBUG, "--nproc", "2", f"run_dir={run_dir}", f"data.cache_dir={data_cache}",
+            f"model.path={models['qwen2']}", "train.steps=2", "checkpoint.interval=2", "eval.interval=0",
+            "logging.progress=false")
+    lmforge("export", run_dir, "--out", tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    trained = AutoModelForCausalLM.from_pretrained(models["qwen2"])
+    assert not torch.equal(model.model.embed_tokens.weight, trained.model.embed_tokens.weight)  # the run's weights

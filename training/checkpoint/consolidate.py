@@ -161,11 +161,18 @@ def meta_dir(ckpt: Path) -> Path:
 def _stream_weights(ckpt: Path, out: Path, max_shard_size: str, dtype: torch.dtype) -> None:
     cfg = saved_config(ckpt)
     if cfg.parallel.tensor == 1:
-        from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
 
-        # DeepSpeed's own consolidation, shard by shard (lazy_mode + mmap inside).
-        convert_zero_checkpoint_to_state_dict(str(ckpt.parent), str(out), dtype=dtype, max_shard_size=max_shard_size,
-                                              safe_serialization=True, tag=ckpt.name)
+        # DeepSpeed's own consolidation, lazily (each tensor gathered when its shard is written). Tied
+        # parameters (tie_word_embeddings: lm_head.weight is embed_tokens.weight, as Qwen2 ships) come
+        # back as one object under two names, which safetensors refuses to store twice (DeepSpeed's
+        # convert_zero_checkpoint_to_state_dict fails on them): keep the first name, as the model's
+        # named_parameters() does; transformers ties the other on load.
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+        seen: set[int] = set()
+        state = {n: t for n, t in state.items() if not (id(t) in seen or seen.add(id(t)))}
+        shapes = to_torch_tensor(state, return_empty_tensor=True, dtype=dtype)
+        _save_shards(shapes, lambda n: to_torch_tensor({n: state[n]}, dtype=dtype)[n], out, max_shard_size)
         return
     # zero_to_fp32 cannot read AutoTP slices: read the universal conversion's whole fp32 parameters
     # (docs/deepspeed_workarounds.md#zero-to-fp32-autotp), which a ZeRO-3 x TP source cannot have
@@ -174,9 +181,6 @@ def _stream_weights(ckpt: Path, out: Path, max_shard_size: str, dtype: torch.dty
         raise ConfigError(f"{ckpt}: exporting a ZeRO-3 x tensor-parallel checkpoint is not supported: DeepSpeed "
                           "0.19's universal converter mis-sizes its replicated parameters "
                           "(see docs/deepspeed_workarounds.md#zero3-tp-source)")
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
     from . import universal
 
     zero = universal.convert(ckpt, logging.getLogger("lmforge.consolidate")) / "zero"
@@ -186,12 +190,21 @@ def _stream_weights(ckpt: Path, out: Path, max_shard_size: str, dtype: torch.dty
         t = torch.load(zero / name / "fp32.pt", map_location="cpu", weights_only=False, mmap=True)
         return t["param"] if isinstance(t, dict) else t
 
-    # Plan the shards from shapes on the meta device, then materialise one shard at a time.
     shapes = {n: torch.empty(load(n).shape, dtype=dtype, device="meta") for n in names}
+    _save_shards(shapes, lambda n: load(n).to(dtype).contiguous(), out, max_shard_size)
+
+
+def _save_shards(shapes: dict[str, torch.Tensor], materialise, out: Path, max_shard_size: str) -> None:
+    """Plan the safetensors shards from shapes (meta/empty tensors), then materialise and write one
+    shard at a time, with the index file of a sharded checkpoint."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
     split = split_torch_state_dict_into_shards(shapes, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
+    out.mkdir(parents=True, exist_ok=True)
     for file, tensors in split.filename_to_tensors.items():
-        save_file({n: load(n).to(dtype).contiguous() for n in tensors}, str(out / file), metadata={"format": "pt"})
+        save_file({n: materialise(n).contiguous() for n in tensors}, str(out / file), metadata={"format": "pt"})
     if split.is_sharded:
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": split.metadata, "weight_map": split.tensor_to_filename}, indent=2, sort_keys=True))
