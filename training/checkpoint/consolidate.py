@@ -169,8 +169,10 @@ def _stream_weights(ckpt: Path, out: Path, max_shard_size: str, dtype: torch.dty
         # convert_zero_checkpoint_to_state_dict fails on them): keep the first name, as the model's
         # named_parameters() does; transformers ties the other on load.
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
-        seen: set[int] = set()
-        state = {n: t for n, t in state.items() if not (id(t) in seen or seen.add(id(t)))}
+        first: dict[int, str] = {}
+        for name, t in state.items():
+            first.setdefault(id(t), name)
+        state = {name: state[name] for name in first.values()}
         shapes = to_torch_tensor(state, return_empty_tensor=True, dtype=dtype)
         _save_shards(shapes, lambda n: to_torch_tensor({n: state[n]}, dtype=dtype)[n], out, max_shard_size)
         return
