@@ -454,12 +454,34 @@ class DistillConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="T: both distributions are softmax(logits / T)")
 
 
+class DpoConfig(_Section):
+    """task=dpo: preference optimisation against a reference model (simpo: without one); losses as TRL's."""
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = Field(
+        "sigmoid", description="sigmoid: DPO; ipo: IPO (log-ratios averaged per token); hinge: SLiC's hinge; "
+                               "simpo: SimPO, reference-free (mean log-probs, margin dpo.simpo_gamma)")
+    beta: float = Field(0.1, gt=0, description="the temperature of the implicit reward beta * log(pi / pi_ref) "
+                                               "(simpo: beta * mean log-prob; its paper uses 2-2.5)")
+    reference: Literal["cached", "base"] = Field(
+        "cached", description="cached: the starting model's log-probs of every pair, computed once before training "
+                              "and cached with the data (no second model in memory); base: the model with its "
+                              "adapters disabled, each step (finetune.method lora/qlora/adalora)")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin gamma")
+
+
+class OrpoConfig(_Section):
+    """task=orpo: SFT on the chosen answers plus an odds-ratio term, reference-free (TRL's ORPO)."""
+    beta: float = Field(0.1, gt=0, description="lambda of the paper: loss = NLL(chosen) - beta * mean "
+                                               "log sigmoid(log odds(chosen) - log odds(rejected))")
+
+
 class Config(_Section):
     run_dir: str = Field("runs/debug", description="everything a run writes goes under here")
     task: str = Field("pretrain", description="what the run learns, a task of the registry in training/tasks/ (README's "
                                               "task table lists them); pretrain: causal LM on packed documents")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    orpo: OrpoConfig = Field(default_factory=OrpoConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     train: TrainConfig
@@ -486,6 +508,7 @@ class Config(_Section):
         from . import tasks
 
         task = tasks.get(self.task)
+        task.validate(self)  # the task's own rules (e.g. dpo.reference=base needs adapters)
         if self.train.optimizer != "adamw" and self.parallel.offload_optimizer:
             raise ValueError(f"train.optimizer={self.train.optimizer} keeps its 8-bit state beside the parameters; "
                              "parallel.offload_optimizer runs DeepSpeed's CPUAdam on fp32 state instead. Use one "

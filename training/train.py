@@ -141,7 +141,8 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
             if p.step % cfg.logging.interval == 0 or p.step == total_steps:
                 r.metrics.log(p.step, {"train/loss": loss, "train/lr": lr, "train/tokens": p.tokens,
                                        "train/grad_norm": grad_norm, "train/bad_steps": r.guard.total,
-                                       "mem/peak_gib": metrics_lib.memory_gib(), **kd, **perf, **r.shares()})
+                                       "mem/peak_gib": metrics_lib.memory_gib(), **kd, **perf, **r.shares(),
+                                       **r.task.step_metrics()})
             if cfg.eval.interval and p.step % cfg.eval.interval == 0:
                 watchdog.beat(f"evaluating at step {p.step}")
                 evals[p.step] = r.evaluate(p.step)
@@ -366,6 +367,8 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
         log.info(f"qlora: 4-bit base layers run {model_lib.four_bit_path(plan.runtime.device_type)}")
     engine = engine_lib.initialize(cfg, model, plan.ds_config, total_steps, log, plan.runtime.attention)
     adalora = engine_lib.AdaLoraStep(engine) if cfg.finetune.method == "adalora" else None
+    # the starting weights, before a resume loads a checkpoint: what dpo's reference pass must see
+    task.prepare_run(engine, plan.data, cfg, groups, d.device, log)
     log.info(f"parameters stored on rank 0: {model_lib.stored_params(engine.module):,} of {n_total:,}")
     log.info(f"optimizer: {type(engine.client_optimizer).__name__}, precision {plan.runtime.precision}, "
              f"activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..config import Config
 
 # The registry: training/tasks/<name>.py defines TASK. The order is the one errors list them in.
-TASKS = ("pretrain", "sft", "classification", "ner")
+TASKS = ("pretrain", "sft", "classification", "ner", "dpo", "orpo", "reward")
 
 
 class Task(Protocol):
@@ -44,6 +44,9 @@ class Task(Protocol):
     def metrics(self, cfg: Config) -> tuple[str, ...]:
         """The keys its evaluation reports under this config (eval.early_stopping.metric picks one)."""
 
+    def validate(self, cfg: Config) -> None:
+        """The task's own rules on the rest of the config (config validation calls it): ValueError naming the key."""
+
     def prepare(self, cfg: Config, init_dir: Path | None, log) -> TaskData:
         """Data → tokenizer and train/eval examples; every bad input is a ConfigError here, before a
         model is built. init_dir: model.init_from's config and tokenizer (consolidate.source_meta)."""
@@ -52,8 +55,15 @@ class Task(Protocol):
         """A batch (examples.batch(indices)) as model keyword arguments and targets (-100: no loss) on
         the device; `groups` (parallel.RankGroups): this rank's sequence-parallel chunk where the task has one."""
 
+    def prepare_run(self, engine, data: TaskData, cfg: Config, groups, device, log) -> None:
+        """Once the engine holds the starting weights, before any checkpoint is loaded into it; every rank
+        calls it (dpo: the reference log-probs). Whatever loss() and step_metrics() need of this run."""
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss of a micro batch: mean cross entropy over the targets that count."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """train/* scalars of the micro batches since the last call, the same on every rank (every rank calls it)."""
 
     def evaluate(self, engine, data: TaskData, cfg: Config, groups, device) -> dict[str, float]:
         """Held-out metrics ("eval/loss" first), the same on every rank; every rank calls it."""

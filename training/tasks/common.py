@@ -259,6 +259,15 @@ class RecordTask:
         raise NotImplementedError
 
     # ---- the protocol
+    def validate(self, cfg: Config) -> None:
+        pass
+
+    def prepare_run(self, engine, data: TaskData, cfg: Config, groups, device, log) -> None:
+        pass
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
     def prepare(self, cfg: Config, init_dir: Path | None, log) -> TaskData:
         """Records → examples. Every bad input is a ConfigError here, before a model is built."""
         # one run config per source (data.mixture's entries; else the run's own): its records, fields, format

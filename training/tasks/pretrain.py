@@ -31,6 +31,15 @@ class Pretrain:
     def metrics(self, cfg: Config) -> tuple[str, ...]:
         return ("eval/loss", "eval/ppl")
 
+    def validate(self, cfg: Config) -> None:
+        pass
+
+    def prepare_run(self, engine, data: TaskData, cfg: Config, groups, device, log) -> None:
+        pass
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
     def prepare(self, cfg: Config, init_dir: Path | None, log) -> TaskData:
         from .. import data
 
