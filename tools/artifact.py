@@ -182,6 +182,15 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+def document_data(cfg: Config):
+    """The run's data read as documents for calibration and perplexity: cfg.data, or for a preference
+    run its pairs' chosen answers (PreferenceTask.documents)."""
+    from lmforge.training import tasks
+
+    documents = getattr(tasks.get(cfg.task), "documents", None)
+    return documents(cfg.data) if documents else cfg.data
+
+
 def _tokens(cfg: Config, split: str) -> "np.ndarray":
     import numpy as np
 
@@ -190,9 +199,10 @@ def _tokens(cfg: Config, split: str) -> "np.ndarray":
     # SFT runs hold chat records; their data.paths still tokenize as a plain text stream through the
     # same tokenizer, which is what calibration and perplexity need (one definition for both tasks).
     require_causal(cfg, "held-out perplexity and calibration")
+    data_cfg = document_data(cfg)
     # a data.mixture: its sources' streams one after another (they share the run's tokenizer)
     streams = [np.load(p.train_tokens if split == "train" else p.val_tokens, mmap_mode="r")
-               for p in data.prepare_sources(cfg.data)]
+               for p in data.prepare_sources(data_cfg)]
     return streams[0] if len(streams) == 1 else np.concatenate(streams)
 
 

@@ -291,6 +291,11 @@ class PreferenceTask(RecordTask):
                              "next-token distribution; distil in an sft or pretrain run")
 
     # ---- data
+    def documents(self, cfg: DataConfig) -> DataConfig:
+        """The pairs as documents for the deployment tools' calibration and perplexity (tools/artifact.py):
+        the chosen answers, what the model is trained to produce."""
+        return cfg.model_copy(update={"text_field": CHOSEN})
+
     def texts(self, cfg: DataConfig, records: list[dict]):
         for r in records:
             for m in r["prompt"] + r[CHOSEN] + r[REJECTED]:
