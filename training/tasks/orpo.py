@@ -25,7 +25,9 @@ class Orpo(PreferenceTask):
         b = len(logps) // 2
         mean = logps / n.clamp(min=1)
         odds, chosen_reward, rejected_reward, _ = orpo_terms(self.settings.orpo.beta, mean[:b], mean[b:])
-        nll = -logps[:b].sum() / n[:b].sum().clamp(min=1)  # cross entropy over every chosen answer token
+        # cross entropy over every chosen ANSWER token: TRL's ORPOTrainer also counts the prompt's tokens;
+        # lmforge trains on answers only, as its SFT does (the odds terms are TRL's exactly)
+        nll = -logps[:b].sum() / n[:b].sum().clamp(min=1)
         return Terms(nll - odds.mean(), (-mean[:b] - odds).detach(), chosen_reward, rejected_reward,
                      mean[:b].detach(), mean[b:].detach(), logps[:b], logps[b:])
 

@@ -12,7 +12,7 @@ ones: sft.chat_template), the loss counts the final assistant turn only. A malfo
 answer, chosen identical to rejected, a prompt that leaves no room within data.seq_len) is a
 ConfigError naming its file and record, in preflight.
 
-The losses are TRL's formulas (tests/test_units_preference.py compares each with TRL's own code on
+The losses are TRL's formulas (tests/test_units_preference_losses.py runs TRL's own code on
 the same log-probabilities); each task computes per-pair terms, which give the loss, the train/*
 scalars (step_metrics) and the eval/* metrics alike.
 """
