@@ -2,8 +2,9 @@
 conversational with an explicit or implicit prompt) → pairs → token rows whose targets are exactly
 the final assistant turn, malformed pairs → ConfigError naming file and record (through
 tasks.prepare), PairExamples batches, and on in-process gloo ranks (tests/harness.py) dpo's
-evaluate, over_pairs, the cached reference log-probs and step_metrics, each equal on 2 ranks, on
-1 rank and by a plain loop. The loss formulas against TRL are tests/test_units_preference_losses.py.
+evaluate, over_pairs, the cached reference log-probs and step_metrics, and reward's evaluate, each
+equal on 2 ranks, on 1 rank and by a plain loop; reference_key follows the weights and the data.
+The loss formulas against TRL's own code are tests/test_units_preference_losses.py.
 
     PYTHONPATH=.pkg python -m pytest -q tests/test_units_preference.py --durations=0
 """
@@ -253,6 +254,19 @@ class CausalTiny(torch.nn.Module):
         return self.head(h)
 
 
+class TinyScore(torch.nn.Module):
+    """A reward model: a scalar of the masked mean of the embeddings, padding-invariant."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.emb, self.head = torch.nn.Embedding(VOCAB, 8), torch.nn.Linear(8, 1)
+
+    def forward(self, input_ids, attention_mask=None):
+        m = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).unsqueeze(-1).float()
+        return self.head((self.emb(input_ids) * m).sum(1) / m.sum(1))
+
+
 class Engine:
     """What the tasks use of a DeepSpeed engine."""
 
@@ -332,6 +346,10 @@ def dpo_on_ranks(cache_dir: str) -> dict:
         out["losses"].append(task.loss(policy(**kwargs), targets).item())
     out["step"], out["step_again"] = task.step_metrics(), task.step_metrics()
 
+    reward = tasks.get("reward")  # no reference, no log-probs: its own metrics
+    reward.prepare_run(Engine(TinyScore()), data, cfg, groups, cpu, log)
+    out["reward_eval"] = reward.evaluate(Engine(TinyScore()), data, cfg, groups, cpu)
+
     # again with the same pairs: read from the cache (a different model proves it is not recomputed)
     again = task_data()
     task.prepare_run(Engine(CausalTiny(3)), again, cfg, groups, cpu, log)
@@ -405,6 +423,22 @@ def test_evaluate_and_over_pairs_on_two_ranks_equal_one_rank_and_a_plain_loop(on
     ev = task_data().eval
     assert got[:, 2].tolist() == [int((t != IGNORE).sum()) for t in ev.chosen_targets]
     assert got[:, 3].tolist() == [int((t != IGNORE).sum()) for t in ev.rejected_targets]
+
+
+def test_reward_evaluate_on_two_ranks_equals_one_rank_and_a_plain_loop(one_rank, two_ranks):
+    (r0, r1), (one, _) = two_ranks[0], one_rank
+    model, ev = TinyScore(), task_data().eval
+    with torch.no_grad():
+        sc, sr = (np.array([model(torch.from_numpy(x)[None]).item() for x in rows])
+                  for rows in (ev.chosen_inputs, ev.rejected_inputs))
+    want = {"loss": np.log1p(np.exp(-(sc - sr))).mean(), "accuracy": (sc > sr).mean(),
+            "reward_margin": (sc - sr).mean(), "chosen_reward": sc.mean(), "rejected_reward": sr.mean()}
+    assert 0 < want["accuracy"] < 1
+    assert r0["reward_eval"] == r1["reward_eval"]
+    assert list(r0["reward_eval"]) == [f"eval/{k}" for k in want] == list(tasks.get("reward").metrics(rank_cfg("x")))
+    for k, value in want.items():
+        assert r0["reward_eval"][f"eval/{k}"] == pytest.approx(one["reward_eval"][f"eval/{k}"], rel=1e-6, abs=1e-6), k
+        assert r0["reward_eval"][f"eval/{k}"] == pytest.approx(value, rel=1e-5, abs=1e-6), k
 
 
 def test_cached_reference_writes_reads_and_keys_by_data(one_rank, two_ranks):
