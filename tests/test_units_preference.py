@@ -203,9 +203,6 @@ def test_malformed_pair_names_file_record_and_problem(tmp_path, bad, split, inde
     assert words in msg and "\n" not in msg, msg
 
 
-@pytest.mark.xfail(strict=True, reason="pair_row passes message content through unchecked: OpenAI text parts "
-                   "[{type: text, text}] in a prompt render as their Python repr, in an answer they read as 'the "
-                   "answer is empty' (sft's _text joins the parts)")
 def test_content_given_as_text_parts_reads_as_sft_reads_it():
     cfg = dpo_cfg()
     parts = lambda *texts: [{"type": "text", "text": t} for t in texts]  # noqa: E731

@@ -85,11 +85,15 @@ class PairExamples:
 # --------------------------------------------------------------------------- records → pairs
 
 def _messages(v, field: str) -> list[dict]:
+    """A message list (content read as sft reads it: a string, or OpenAI's text parts joined), or a
+    string as one user turn."""
+    from .sft import _text
+
     if isinstance(v, str):
         return [{"role": "user", "content": v}]
     if not isinstance(v, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in v):
         raise ValueError(f"field {field!r} is neither a string nor a list of {{role, content}} messages")
-    return [dict(m) for m in v]
+    return [{**m, "content": _text(m, "content", False, f"{field}[{i}].content")} for i, m in enumerate(v)]
 
 
 def pair_row(cfg: DataConfig, r: dict) -> dict:
@@ -129,22 +133,20 @@ def pair_row(cfg: DataConfig, r: dict) -> dict:
     return {"prompt": prompt_msgs, CHOSEN: answers[CHOSEN], REJECTED: answers[REJECTED]}
 
 
-def answer_tokens(tok, template: str, msgs: list[dict]) -> tuple[np.ndarray, int, int]:
-    """(token ids, start, end) of the conversation; [start, end) are the tokens of its final assistant
-    turn (as the template writes it, e.g. with EOS), found by sft's assistant mask."""
+def answer_tokens(tok, template: str, msgs: list[dict], turns: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, answer mask) of the conversation: the mask marks the tokens of its last `turns`
+    assistant turns (the answer's; as the template writes them, e.g. with EOS), from sft's assistant mask."""
     import numpy as np
 
     from .sft import sft_tokens
 
     ids, trainable = sft_tokens(tok, template, msgs)
-    marked = np.flatnonzero(trainable)
-    if not len(marked):
+    starts = np.flatnonzero(trainable & ~np.concatenate([[False], trainable[:-1]]))  # first token of each turn
+    if len(starts) < turns:
         raise ValueError("the chat template renders no assistant tokens for the answer")
-    end = int(marked[-1]) + 1
-    start = end - 1
-    while start > 0 and trainable[start - 1]:
-        start -= 1
-    return ids, start, end
+    answer = trainable.copy()
+    answer[:starts[-turns]] = False
+    return ids, answer
 
 
 def encode_pairs(cfg: Config, tok, rows: list[dict], log) -> PairExamples:
@@ -158,19 +160,20 @@ def encode_pairs(cfg: Config, tok, rows: list[dict], log) -> PairExamples:
     cut = 0
     for r in rows:
         for side in (CHOSEN, REJECTED):
+            turns = sum(m.get("role") == "assistant" for m in r[side])
             try:
-                ids, start, end = answer_tokens(tok, template, r["prompt"] + r[side])
+                ids, answer = answer_tokens(tok, template, r["prompt"] + r[side], turns)
             except (ValueError, ConfigError) as e:
                 raise ConfigError(f"{cfg.task}: {r['where']}: {e}") from None
-            if start >= L:
+            start = int(np.argmax(answer))
+            if start > L:  # inputs hold L tokens: the first answer token must be a target within them
                 raise ConfigError(f"{cfg.task}: {r['where']}: the prompt is {start} tokens, leaving no room for the "
                                   f"answer within data.seq_len={L}: shorten it or raise data.seq_len")
             if len(ids) > L + 1:
                 cut += 1
-                ids, end = ids[:L + 1], min(end, L + 1)
-            target = np.full(len(ids) - 1, IGNORE, dtype=np.int64)
-            lo = max(start, 1)  # without a prompt the first token has nothing before it to predict it
-            target[lo - 1:end - 1] = ids[lo:end]
+                ids, answer = ids[:L + 1], answer[:L + 1]
+            # without a prompt the first token has nothing before it to predict it
+            target = np.where(answer[1:], ids[1:], IGNORE).astype(np.int64)
             out[side][0].append(ids[:-1].astype(np.int64))
             out[side][1].append(target)
     if cut:
@@ -428,15 +431,14 @@ def cached_reference(task: PreferenceTask, engine, data: TaskData, cfg: Config, 
     import numpy as np
     import torch
 
-    box = [None, False]
+    box = [None, None]  # rank 0 reads the cache and sends what it found: data.cache_dir may be node-local
     if groups.rank == 0:
         key = reference_key(cfg, data)
         path = cfg.data.resolved_cache_dir() / "reference_logps" / f"{key}.npy"
-        box = [str(path), path.is_file()]
+        box = [str(path), np.load(path) if path.is_file() else None]
     torch.distributed.broadcast_object_list(box, src=0)
-    path, cached = Path(box[0]), box[1]
-    if cached:
-        ref = np.load(path)
+    path, ref = Path(box[0]), box[1]
+    if ref is not None:
         log.info(f"reference log-probs of {len(ref)} pairs read from {path}")
     else:
         t0 = time.perf_counter()
