@@ -122,6 +122,21 @@ def test_records_to_pairs_target_the_final_answer_only(tok, template, end):
         assert encoded.chosen_inputs[i][:starts[0] + 1].tolist() == encoded.rejected_inputs[i][:starts[0] + 1].tolist()
 
 
+def test_conversations_that_differ_before_the_last_turn_train_every_answer_turn(tok):
+    """Implicit prompt [u, A1, u2, X] vs [u, B1, u2, X]: the answers are everything after the shared u, so
+    both of their assistant turns are targets (not only X, which would make the two rows' targets equal)."""
+    cfg = dpo_cfg("data.seq_len=256")
+    q2 = {"role": "user", "content": "And json.loads?"}
+    record = {"chosen": [Q1, bot(GOOD), q2, bot("Same.")], "rejected": [Q1, bot(BAD), q2, bot("Same.")]}
+    row, = tasks.get("dpo").rows(cfg.data, [record], lambda i: f"f record {i}", LOG)
+    assert row["prompt"] == [Q1] and row["chosen"] == [bot(GOOD), q2, bot("Same.")]
+    encoded = preference.encode_pairs(cfg, tok, [row], LOG)
+    for side, first in (("chosen", GOOD), ("rejected", BAD)):
+        targets = getattr(encoded, f"{side}_targets")[0]
+        runs = answer_runs(targets)
+        assert [tok.decode(targets[lo:hi]) for lo, hi in runs] == [first + "</s>", "Same.</s>"], (side, runs)
+
+
 def test_a_long_answer_is_cut_at_the_end_keeping_the_prompt(tok, caplog):
     L = 48
     cfg = dpo_cfg(f"data.seq_len={L}")
