@@ -474,8 +474,10 @@ def sft(packages: list[str] | None = None, *, max_train: int = DEFAULT_MAX["sft"
 PREFERENCE_SCHEMAS = ("prompt", "messages")  # TRL's standard explicit-prompt and conversational shapes
 CORRUPTIONS = ("shuffled", "swapped")
 # Of each split's pairs, the share with a swapped identifier (the rest are shuffled). A swap is the
-# subtler signal (a name used a line before it is assigned, which a model sees only by matching two
-# names); shuffled lines break the indentation itself, which even a tiny model reads locally.
+# subtler signal (a local read before it is bound, which a model sees only by matching two names);
+# shuffled lines break the indentation itself (a ':' line not followed by a deeper one, a line after
+# `return`), which a tiny model reads locally. With llama-debug and DPO on CPU, held-out accuracy on
+# swapped pairs trails shuffled ones by ~0.1-0.2, so swaps stay a minority.
 SWAP_FRACTION = 0.3
 PREF_PROMPT_CHARS, PREF_CHOSEN_CHARS, PREF_LINE_CHARS = 300, 250, 100
 PREF_PROMPT_LINES = (1, 3)   # body lines shown after the def line
@@ -587,8 +589,9 @@ def _pref_record(prompt: str, chosen: str, rejected: str, schema: str) -> dict:
 
 
 def _pref_records(rel: str, seed: int) -> list[dict]:
-    """At most one pair per function or method of file `rel`, as {"prompt", "chosen", "rejected",
-    "source", "line", "corruption"} with plain-text fields (_pref_record reshapes them)."""
+    """Up to PREF_PER_FUNCTION pairs (prompts of different lengths) per function or method of file
+    `rel`, as {"prompt", "chosen", "rejected", "source", "line", "corruption"} with plain-text
+    fields (_pref_record reshapes them)."""
     text = _read(rel)
     try:
         tree = ast.parse(text) if text is not None else None
@@ -625,7 +628,7 @@ def _pref_records(rel: str, seed: int) -> list[dict]:
         lo, hi = PREF_PROMPT_LINES
         first = int(key[:8], 16) % (hi - lo + 1)
         made = 0
-        for k in range(hi - lo + 1):  # the prompt lengths in a per-function order, until PREF_PER_FUNCTION pairs
+        for k in range(hi - lo + 1):  # prompt lengths in a per-function order
             n_prompt = lo + (first + k) % (hi - lo + 1)
             n_chosen = PREF_CHOSEN_LINES[0] + int(key[8 + 8 * k:16 + 8 * k], 16) % (
                 PREF_CHOSEN_LINES[1] - PREF_CHOSEN_LINES[0] + 1)
