@@ -42,6 +42,7 @@ def test_split_by_file_and_pairs(built):
         assert r["chosen"] != r["rejected"] and r["corruption"] in embedded.CORRUPTIONS
         assert r["prompt"].startswith(f"Continue this function from `{r['source']}`:\n")
         assert len(r["prompt"]) <= embedded.PREF_PROMPT_CHARS and len(r["chosen"]) <= embedded.PREF_CHOSEN_CHARS
+        assert len(r["prompt"]) + len(r["chosen"]) <= embedded.PREF_PAIR_CHARS
         chosen = r["chosen"].split("\n")
         assert embedded.PREF_CHOSEN_LINES[0] <= len(chosen) <= embedded.PREF_CHOSEN_LINES[1]
         assert max(map(len, r["prompt"].split("\n") + chosen)) <= embedded.PREF_LINE_CHARS

@@ -479,7 +479,11 @@ CORRUPTIONS = ("shuffled", "swapped")
 # `return`), which a tiny model reads locally. With llama-debug and DPO on CPU, held-out accuracy on
 # swapped pairs trails shuffled ones by ~0.1-0.2, so swaps stay a minority.
 SWAP_FRACTION = 0.3
-PREF_PROMPT_CHARS, PREF_CHOSEN_CHARS, PREF_LINE_CHARS = 300, 250, 100
+# Characters: prompt, chosen, the two together, one line. The recipes' data.seq_len is 192 tokens and
+# their 512-token BPE (trained on stdlib code by configs/debug.yaml) gives ~1.5 characters per token
+# in prompts and ~1.7 overall: the prompt must leave room for the answer (preference.py refuses a
+# pair otherwise) and a pair should fit whole, or a shuffled answer cut at the end may lose its break.
+PREF_PROMPT_CHARS, PREF_CHOSEN_CHARS, PREF_PAIR_CHARS, PREF_LINE_CHARS = 200, 150, 310, 100
 PREF_PROMPT_LINES = (1, 3)   # body lines shown after the def line
 PREF_CHOSEN_LINES = (2, 6)   # the continuation's lines
 SHUFFLE_TRIES = 20
@@ -661,6 +665,9 @@ def _pref_window(rel: str, lines: list[str], rows: dict[int, int], header: list[
         chosen.pop()
     cont_rows = cont_rows[:len(chosen)]
     prompt = f"Continue this function from `{rel}`:\n" + "\n".join(ln.rstrip() for ln in header + shown) + "\n"
+    while chosen and len(prompt) + sum(len(c) + 1 for c in chosen) - 1 > PREF_PAIR_CHARS:
+        chosen.pop()
+    cont_rows = cont_rows[:len(chosen)]
     if (len(chosen) < PREF_CHOSEN_LINES[0] or len(prompt) > PREF_PROMPT_CHARS
             or any(len(ln) > PREF_LINE_CHARS for ln in header + shown + chosen)
             or "\t" in "".join(header + shown + chosen)):  # tabs: a depth the model cannot compare with spaces'
