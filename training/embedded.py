@@ -1,10 +1,12 @@
 """Labelled fine-tuning data built from files every machine has: the Python standard library's
-own sources (sysconfig.get_paths()["stdlib"]). Nothing is downloaded, so the classification, NER
-and SFT recipes and their tests run offline, and a given Python always yields the same bytes.
+own sources (sysconfig.get_paths()["stdlib"]). Nothing is downloaded, so the classification, NER,
+SFT and preference recipes and their tests run offline, and a given Python always yields the same
+bytes.
 
     python -m lmforge.training.embedded classification /tmp/cls     # snippet → stdlib package
     python -m lmforge.training.embedded ner /tmp/ner                 # tokenize categories as BIO tags
     python -m lmforge.training.embedded sft /tmp/sft [--schema messages|alpaca|sharegpt]   # docstring summaries
+    python -m lmforge.training.embedded preference /tmp/pref [--schema messages]   # real vs corrupted code
 
 Each writes OUT_DIR/train.jsonl and OUT_DIR/eval.jsonl and prints the counts and label
 distribution. Every record carries `source` (the file it came from, relative to the stdlib): the
@@ -16,7 +18,13 @@ the model has not seen. `source` is provenance, not a feature; recipes read only
                     --schema messages {"messages": [{"role": "user", ...}, {"role": "assistant", ...}], ...}
                     --schema alpaca {"instruction": ..., "input": "", "output": ...}
                     --schema sharegpt {"conversations": [{"from": "system", ...}, {"from": "human", ...}, {"from": "gpt", ...}]}
-Recipes name them {embedded:sft}, {embedded:sft-messages}, {embedded:sft-alpaca}, {embedded:sft-sharegpt}.
+    preference      {"prompt": "Continue this function from `json/encoder.py`:\\n    def default(self, o):\\n...",
+                     "chosen": "<the next 2-6 lines>", "rejected": "<them shuffled, or two names swapped>",
+                     "corruption": "shuffled", ...}   (TRL's standard explicit-prompt format)
+                    --schema messages {"prompt": [{"role": "user", ...}], "chosen": [{"role": "assistant", ...}],
+                                       "rejected": [{"role": "assistant", ...}], ...}   (TRL's conversational)
+Recipes name them {embedded:sft}, {embedded:sft-messages}, {embedded:sft-alpaca}, {embedded:sft-sharegpt},
+{embedded:preference}, {embedded:preference-messages}.
 The output depends only on the arguments and the Python version (the stdlib's text differs between
 versions), never on the machine, the hash seed or the file system's listing order.
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import bisect
 import hashlib
 import io
 import json
@@ -38,13 +47,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-TASKS = ("classification", "ner", "sft")
+TASKS = ("classification", "ner", "sft", "preference")
 # Packages present in every CPython since 3.8, each with ≥ 2 non-test files so that a class has files
 # on both sides of the split. json and concurrent are small, so the classes are not all the same
 # size: report macro F1 and the majority baseline beside accuracy.
 DEFAULT_PACKAGES = ("asyncio", "concurrent", "email", "http", "json", "unittest", "xml")  # sft: all
 # Sized for a CPU run of a few minutes; build(max_train=..., max_eval=...) overrides.
-DEFAULT_MAX = {"classification": (3000, 350), "ner": (3000, 300), "sft": (2000, 250)}
+DEFAULT_MAX = {"classification": (3000, 350), "ner": (3000, 300), "sft": (2000, 250), "preference": (1200, 200)}
 EVAL_FRACTION = 0.2          # of each package's source bytes, whole files only
 SNIPPET_LINES = 12           # classification: lines per snippet ...
 SNIPPET_CHARS = 400          # ... cut back at a line boundary to at most this many characters
@@ -460,14 +469,272 @@ def sft(packages: list[str] | None = None, *, max_train: int = DEFAULT_MAX["sft"
     return _take(train, max_train, rng), _take(evals, max_eval, rng)
 
 
+# --------------------------------------------------------------------------- preference
+
+PREFERENCE_SCHEMAS = ("prompt", "messages")  # TRL's standard explicit-prompt and conversational shapes
+CORRUPTIONS = ("shuffled", "swapped")
+# Of each split's pairs, the share with a swapped identifier (the rest are shuffled). A swap is the
+# subtler signal (a local read before it is bound, which a model sees only by matching two names);
+# shuffled lines break the indentation itself (a ':' line not followed by a deeper one, a line after
+# `return`), which a tiny model reads locally. With llama-debug and DPO on CPU, held-out accuracy on
+# swapped pairs trails shuffled ones by ~0.1-0.2, so swaps stay a minority.
+SWAP_FRACTION = 0.3
+# Characters: prompt, chosen, the two together, one line. The recipes' data.seq_len is 192 tokens and
+# their 512-token BPE (trained on stdlib code by configs/debug.yaml) gives ~1.5 characters per token
+# in prompts and ~1.7 overall: the prompt must leave room for the answer (preference.py refuses a
+# pair otherwise) and a pair should fit whole, or a shuffled answer cut at the end may lose its break.
+PREF_PROMPT_CHARS, PREF_CHOSEN_CHARS, PREF_PAIR_CHARS, PREF_LINE_CHARS = 200, 150, 310, 100
+PREF_PROMPT_LINES = (1, 3)   # body lines shown after the def line
+PREF_CHOSEN_LINES = (2, 6)   # the continuation's lines
+SHUFFLE_TRIES = 20
+PREF_PER_FUNCTION = 2        # pairs with different prompt lengths: the default packages give ~1500 so
+_ENDS_BLOCK = re.compile(r"(return|raise|continue|break|pass)\b")
+
+
+def _logical_rows(text: str) -> dict[int, int]:
+    """First physical line → last physical line of each logical line (1-based). Blank lines,
+    comment-only lines and lines inside a multi-line string start none."""
+    rows: dict[int, int] = {}
+    first = 0
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.NEWLINE:
+            if first:
+                rows[first] = tok.start[0]
+            first = 0
+        elif not first and tok.type not in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT,
+                                             tokenize.ENCODING, tokenize.ENDMARKER):
+            first = tok.start[0]
+    return rows
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" \t"))
+
+
+def _code(line: str) -> str:
+    """The line without a trailing comment (a '#' inside a string is rare enough not to matter here)."""
+    return line.split("#", 1)[0].rstrip() if "#" in line else line.rstrip()
+
+
+def _breaks(prev: str, lines: list[str]) -> int:
+    """How many of the steps from `prev` through `lines` (one logical line each) no function body
+    takes: a block header (ending in ':') followed by a line no deeper, another line followed by a
+    deeper one, or one at the same depth after return/raise/continue/break/pass (dead code).
+    Real code has none."""
+    seq = [prev] + lines
+    bad = 0
+    for a, b in zip(seq, seq[1:]):
+        ia, ib = _indent(a), _indent(b)
+        if _code(a).endswith(":"):
+            bad += ib <= ia
+        else:
+            bad += ib > ia or bool(_ENDS_BLOCK.match(a.lstrip()) and ib == ia)
+    return bad
+
+
+def _read_unbound(occurrences: list[tuple[str, bool]], local: set[str]) -> tuple[str, bool] | None:
+    """occurrences: (name, is_store) in text order. The first name of `local` whose first occurrence
+    reads it (read before it is bound), and whether it is assigned further on."""
+    seen: set[str] = set()
+    for i, (name, store) in enumerate(occurrences):
+        if name in local and name not in seen and not store:
+            return name, any(st and n == name for n, st in occurrences[i:])
+        seen.add(name)
+    return None
+
+
+def _shuffle(prev: str, chosen: list[str], rng: random.Random) -> list[str] | None:
+    """chosen's lines in another order, the one of SHUFFLE_TRIES random orders that breaks the block
+    structure most (_breaks); None if none breaks it (lines all at one depth, say): such an order
+    may be as good code as the original, and no model could prefer either."""
+    best, most = None, 0
+    for _ in range(SHUFFLE_TRIES):
+        order = list(chosen)
+        rng.shuffle(order)
+        bad = _breaks(prev, order)
+        if order != chosen and bad > most:
+            best, most = order, bad
+    return best
+
+
+def _swap(chosen: list[str], names: list[tuple[int, int, int, str, bool]], known: set[str],
+          rng: random.Random) -> list[str] | None:
+    """chosen with two of its identifiers exchanged everywhere (at ast.Name positions: attributes
+    and strings are untouched), picked so that afterwards a local name (one that chosen assigns and
+    the prompt never mentions) is read before it is bound, which chosen never does. Preferred:
+    pairs after which that name is also assigned further on (read, then assigned: the contradiction
+    lies within the completion). names: (line index, start, end, id, is_store), in text order."""
+    local = {n[3] for n in names if n[4]} - known
+    if not local or _read_unbound([(n[3], n[4]) for n in names], local):
+        return None  # the original reads a local before binding it (a loop's carry): no contrast
+    ids = sorted({n[3] for n in names})
+    pairs = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
+    rng.shuffle(pairs)
+    ranked = []
+    for a, b in pairs:
+        swapped = [(line, s, e, {a: b, b: a}.get(name, name), store) for line, s, e, name, store in names]
+        found = _read_unbound([(n[3], n[4]) for n in swapped], local)
+        if found:
+            ranked.append((not found[1], len(ranked), swapped))
+    for *_, swapped in sorted(ranked, key=lambda r: r[:2]):
+        out = list(chosen)
+        for line, s, e, name, _ in sorted(swapped, key=lambda n: (n[0], -n[1])):  # right to left per line
+            out[line] = out[line][:s] + name + out[line][e:]
+        if out != chosen:
+            return out
+    return None
+
+
+def _pref_record(prompt: str, chosen: str, rejected: str, schema: str) -> dict:
+    if schema == "messages":
+        return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _pref_records(rel: str, seed: int) -> list[dict]:
+    """Up to PREF_PER_FUNCTION pairs (prompts of different lengths) per function or method of file
+    `rel`, as {"prompt", "chosen", "rejected", "source", "line", "corruption"} with plain-text
+    fields (_pref_record reshapes them)."""
+    text = _read(rel)
+    try:
+        tree = ast.parse(text) if text is not None else None
+        rows = _logical_rows(text) if text is not None else {}
+    except (SyntaxError, tokenize.TokenError):
+        tree = None
+    if tree is None:
+        return []
+    lines = text.split("\n")
+    # ast columns are UTF-8 byte offsets; lines are str
+    names_by_row: dict[int, list[tuple[int, int, str, bool]]] = {}
+    functions = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.lineno == node.end_lineno:
+            raw = lines[node.lineno - 1].encode()
+            s = len(raw[:node.col_offset].decode(errors="replace"))
+            names_by_row.setdefault(node.lineno, []).append(
+                (s, s + len(node.id), node.id, isinstance(node.ctx, ast.Store)))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            functions.append(node)
+    all_starts = sorted(rows)
+    out = []
+    for fn in functions:
+        body = fn.body
+        if isinstance(body[0], ast.Expr) and isinstance(getattr(body[0].value, "value", None), str):
+            body = body[1:]  # the docstring: prose, and often longer than the whole budget
+        if not body or fn.lineno not in rows or body[0].lineno <= rows[fn.lineno]:
+            continue  # a one-line def, or nothing after the docstring
+        header = lines[fn.lineno - 1:rows[fn.lineno]]
+        starts = all_starts[bisect.bisect_left(all_starts, body[0].lineno):
+                            bisect.bisect_right(all_starts, fn.end_lineno)]  # the body's statements
+        key = _stable_key(seed, f"{rel}:{fn.lineno}")
+        rng = random.Random(key)
+        lo, hi = PREF_PROMPT_LINES
+        first = int(key[:8], 16) % (hi - lo + 1)
+        made = 0
+        for k in range(hi - lo + 1):  # prompt lengths in a per-function order
+            n_prompt = lo + (first + k) % (hi - lo + 1)
+            n_chosen = PREF_CHOSEN_LINES[0] + int(key[8 + 8 * k:16 + 8 * k], 16) % (
+                PREF_CHOSEN_LINES[1] - PREF_CHOSEN_LINES[0] + 1)
+            prefer_swap = int(key[40 + 8 * k:48 + 8 * k], 16) / 16 ** 8 < SWAP_FRACTION
+            pair = _pref_window(rel, lines, rows, header, starts, n_prompt, n_chosen, names_by_row, prefer_swap, rng)
+            if pair:
+                out.append({**pair, "line": fn.lineno})
+                made += 1
+                if made == PREF_PER_FUNCTION:
+                    break
+    return out
+
+
+def _pref_window(rel: str, lines: list[str], rows: dict[int, int], header: list[str], starts: list[int],
+                 n_prompt: int, n_chosen: int, names_by_row: dict, prefer_swap: bool,
+                 rng: random.Random) -> dict | None:
+    """One pair from a function: the header and its first n_prompt statements (starts: the first
+    lines of the body's statements) shown, up to n_chosen one-line statements continuing it."""
+    shown_starts = starts[:n_prompt]
+    if len(shown_starts) < n_prompt:
+        return None
+    shown = [lines[r - 1] for r in shown_starts for r in range(r, rows[r] + 1)]
+    cont_rows = []
+    for r in starts[n_prompt:n_prompt + n_chosen]:
+        if rows[r] != r:
+            break  # a statement over several lines: shuffling its pieces is another kind of damage
+        cont_rows.append(r)
+    chosen = [lines[r - 1].rstrip() for r in cont_rows]
+    while chosen and sum(len(c) + 1 for c in chosen) - 1 > PREF_CHOSEN_CHARS:
+        chosen.pop()
+    cont_rows = cont_rows[:len(chosen)]
+    prompt = f"Continue this function from `{rel}`:\n" + "\n".join(ln.rstrip() for ln in header + shown) + "\n"
+    while chosen and len(prompt) + sum(len(c) + 1 for c in chosen) - 1 > PREF_PAIR_CHARS:
+        chosen.pop()
+    cont_rows = cont_rows[:len(chosen)]
+    if (len(chosen) < PREF_CHOSEN_LINES[0] or len(prompt) > PREF_PROMPT_CHARS
+            or any(len(ln) > PREF_LINE_CHARS for ln in header + shown + chosen)
+            or "\t" in "".join(header + shown + chosen)):  # tabs: a depth the model cannot compare with spaces'
+        return None
+    last = shown_starts[-1]  # the last shown statement as one line: its depth, its ':'
+    prev = lines[last - 1][:_indent(lines[last - 1])] + lines[rows[last] - 1].strip()
+    if _breaks(prev, chosen):
+        return None  # e.g. a class-level 'if' whose body is a def: not a plain body
+    known = set(re.findall(r"[A-Za-z_]\w*", prompt))
+    names = [(i, s, e, name, store) for i, r in enumerate(cont_rows) for s, e, name, store in
+             sorted(names_by_row.get(r, []))]
+    for kind in (("swapped", "shuffled") if prefer_swap else ("shuffled", "swapped")):
+        rejected = _swap(chosen, names, known, rng) if kind == "swapped" else _shuffle(prev, chosen, rng)
+        if rejected is not None and rejected != chosen:
+            return {"prompt": prompt, "chosen": "\n".join(chosen), "rejected": "\n".join(rejected),
+                    "source": rel, "corruption": kind}
+    return None
+
+
+def preference(packages: list[str] | None = None, *, max_train: int = DEFAULT_MAX["preference"][0],
+               max_eval: int = DEFAULT_MAX["preference"][1], seed: int = 0,
+               schema: str = "prompt") -> tuple[list[dict], list[dict]]:
+    """(train, eval) preference pairs: a prompt of a function's def line and first 1-3 body lines,
+    chosen = the body's next 2-6 lines, rejected = a corruption of them (CORRUPTIONS, recorded in
+    `corruption`): its lines `shuffled` into an order that breaks the block structure, or two of
+    its identifiers `swapped` so that a name is read before it is assigned. Each split holds
+    SWAP_FRACTION swapped pairs (as far as there are), the rest shuffled."""
+    if schema not in PREFERENCE_SCHEMAS:
+        raise ValueError(f"preference schema must be one of {', '.join(PREFERENCE_SCHEMAS)}, got {schema!r}")
+    tr_files, ev_files = split_packages(_resolve_packages(packages), seed)
+    rng = random.Random(seed)
+    splits = []
+    for files, cap in ((tr_files, max_train), (ev_files, max_eval)):
+        pairs, seen = [], set()
+        for r in (r for f in files for r in _pref_records(f, seed)):
+            if (r["prompt"], r["chosen"]) not in seen:  # a method copied between classes counts once
+                seen.add((r["prompt"], r["chosen"]))
+                pairs.append(r)
+        swapped = _take([r for r in pairs if r["corruption"] == "swapped"], round(SWAP_FRACTION * cap), rng)
+        shuffled = _take([r for r in pairs if r["corruption"] == "shuffled"], cap - len(swapped), rng)
+        taken = _take(swapped + shuffled, cap, rng)
+        splits.append([{**_pref_record(r["prompt"], r["chosen"], r["rejected"], schema),
+                        "source": r["source"], "line": r["line"], "corruption": r["corruption"]} for r in taken])
+    return splits[0], splits[1]
+
+
+def percentiles(values: list[int]) -> tuple[int, int, int]:
+    """(median, 95th percentile, max) by nearest rank."""
+    v = sorted(values) or [0]
+    return v[(len(v) - 1) // 2], v[round(0.95 * (len(v) - 1))], v[-1]
+
+
+def _text(field: str | list[dict]) -> str:
+    return field if isinstance(field, str) else "".join(m["content"] for m in field)
+
+
 # --------------------------------------------------------------------------- writing
 
 def distribution(task: str, records: list[dict]) -> dict[str, int]:
-    """What the printed summary counts: labels (classification), entities by type (ner), kinds (sft)."""
+    """What the printed summary counts: labels (classification), entities by type (ner), kinds (sft),
+    corruptions (preference)."""
     if task == "classification":
         c = Counter(r["label"] for r in records)
     elif task == "ner":
         c = Counter(t[2:] for r in records for t in r["tags"] if t.startswith("B-"))
+    elif task == "preference":
+        c = Counter(r["corruption"] for r in records)
     else:
         c = Counter(r["kind"] for r in records)
     return dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
@@ -487,7 +754,8 @@ def build(task: str, out_dir: Path | str, *, max_train: int | None = None, max_e
           seed: int = 0, packages: list[str] | None = None, schema: str = "prompt") -> dict:
     """Write OUT_DIR/train.jsonl and OUT_DIR/eval.jsonl for `task`; returns their paths, counts and
     distributions: {"train": Path, "eval": Path, "counts": {"train", "eval"}, "distribution": {...}}.
-    max_* default to DEFAULT_MAX[task]; `schema` (SFT_SCHEMAS) applies to sft only."""
+    max_* default to DEFAULT_MAX[task]; `schema` applies to sft (SFT_SCHEMAS) and preference
+    (PREFERENCE_SCHEMAS). preference adds "lengths": {field: (median, p95, max) characters}."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     d_train, d_eval = DEFAULT_MAX[task]
@@ -496,17 +764,21 @@ def build(task: str, out_dir: Path | str, *, max_train: int | None = None, max_e
     if max_train < 1 or max_eval < 1:
         raise ValueError(f"max_train and max_eval must be >= 1, got {max_train}, {max_eval}")
     builder: Callable[..., tuple[list[dict], list[dict]]] = {"classification": classification, "ner": ner,
-                                                             "sft": sft}[task]
-    if task != "sft" and schema != "prompt":
-        raise ValueError(f"a record schema ({schema!r}) applies to sft only")
-    extra = {"schema": schema} if task == "sft" else {}
+                                                             "sft": sft, "preference": preference}[task]
+    if task not in ("sft", "preference") and schema != "prompt":
+        raise ValueError(f"a record schema ({schema!r}) applies to sft and preference only")
+    extra = {"schema": schema} if task in ("sft", "preference") else {}
     train, evals = builder(packages, max_train=max_train, max_eval=max_eval, seed=seed, **extra)
     out = Path(out_dir)
     write_jsonl(train, out / "train.jsonl")
     write_jsonl(evals, out / "eval.jsonl")
-    return {"train": out / "train.jsonl", "eval": out / "eval.jsonl",
-            "counts": {"train": len(train), "eval": len(evals)},
-            "distribution": {"train": distribution(task, train), "eval": distribution(task, evals)}}
+    res = {"train": out / "train.jsonl", "eval": out / "eval.jsonl",
+           "counts": {"train": len(train), "eval": len(evals)},
+           "distribution": {"train": distribution(task, train), "eval": distribution(task, evals)}}
+    if task == "preference":  # characters, to check against data.seq_len (a 512-token BPE: ~3 chars/token)
+        res["lengths"] = {f: percentiles([len(_text(r[f])) for r in train + evals])
+                          for f in ("prompt", "chosen", "rejected")}
+    return res
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -519,7 +791,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--packages", default=None,
                     help="comma-separated stdlib packages (default: %s)" % ",".join(DEFAULT_PACKAGES))
-    ap.add_argument("--schema", choices=SFT_SCHEMAS, default="prompt", help="sft: the record shape (default prompt/response)")
+    ap.add_argument("--schema", choices=SFT_SCHEMAS, default="prompt",
+                    help="sft, preference: the record shape (default prompt/response, prompt/chosen/rejected; "
+                         "preference takes prompt or messages)")
     a = ap.parse_args(argv)
     packages = a.packages.split(",") if a.packages else None
     try:
@@ -530,6 +804,8 @@ def main(argv: list[str] | None = None) -> None:
     for split in ("train", "eval"):
         dist = ", ".join(f"{k}={v}" for k, v in res["distribution"][split].items())
         print(f"{split:5} {res['counts'][split]:6d} records → {res[split]}\n      {dist}")
+    for f, (p50, p95, top) in res.get("lengths", {}).items():
+        print(f"{f:8} chars: p50 {p50}, p95 {p95}, max {top}")
 
 
 if __name__ == "__main__":
