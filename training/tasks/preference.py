@@ -372,17 +372,21 @@ class PreferenceTask(RecordTask):
 
 
 def over_pairs(task, engine, examples: PairExamples, micro: int, groups, device,
-               per_pair: Callable) -> list[tuple]:
+               per_pair: Callable, progress: str | None = None) -> list[tuple]:
     """per_pair(logits, targets, n_real) over every pair of `examples`, in eval mode without
     gradients, sharded over the data-parallel ranks with equal batch counts (ZeRO-3 needs every
-    rank in every forward); every rank gets all pairs' values, in order."""
+    rank in every forward); every rank gets all pairs' values, in order. `progress`: a progress
+    bar's name on rank 0."""
     import torch
+    from tqdm import tqdm
 
     with torch.no_grad():
         was_training = engine.module.training
         engine.eval()
         mine = []
-        for indices in eval_batches(len(examples), micro, groups.dp_rank, groups.dp_size):
+        batches = eval_batches(len(examples), micro, groups.dp_rank, groups.dp_size)
+        for indices in tqdm(batches, desc=progress, unit="batch", mininterval=1.0,
+                            disable=progress is None or groups.rank != 0):
             real = [i for i in indices if i >= 0]
             inputs, targets = examples.batch([i if i >= 0 else 0 for i in indices])
             kwargs, on_device = task.model_inputs(inputs, targets, device)
@@ -448,8 +452,9 @@ def cached_reference(task: PreferenceTask, engine, data: TaskData, cfg: Config, 
             b = len(s) // 2
             return [(float(s[j]), float(s[b + j])) for j in range(n_real)]
 
+        bar = "reference log-probs" if cfg.logging.progress else None
         ref = np.array([v for split in (data.train, data.eval) for v in
-                        over_pairs(task, engine, split, cfg.train.micro_batch_size, groups, device, logps)],
+                        over_pairs(task, engine, split, cfg.train.micro_batch_size, groups, device, logps, bar)],
                        dtype=np.float64)
         if groups.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
