@@ -29,15 +29,6 @@ def evals(run_dir: Path) -> dict[int, dict]:
     return {m["step"]: m for m in metrics(run_dir) if any(k.startswith("eval/") for k in m)}
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, data_cache) -> Path:
-    """A pretrained base model to fine-tune: the debug recipe, 10 steps, 1 rank."""
-    run_dir = tmp_path_factory.mktemp("base") / "run"
-    lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, "train.steps=10", "checkpoint.interval=0",
-                                             "eval.interval=0"), "--nproc", "1")
-    return run_dir
-
-
 def sft_args(run_dir: Path, cache: Path, base: Path, *extra: str) -> list:
     return [CONFIGS / "sft.yaml", *debug_overrides(run_dir, cache, f"model.init_from={base}", "eval.generate=0",
                                                    "data.seq_len=128", *extra)]

@@ -24,15 +24,6 @@ QUICK = ("train.steps=12", "eval.interval=0", "checkpoint.interval=0", "eval.ear
          "train.lr=2e-3")
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, data_cache) -> Path:
-    """The model the pairs start from: debug, 10 steps, 1 rank."""
-    run_dir = tmp_path_factory.mktemp("base") / "run"
-    lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, "train.steps=10", "checkpoint.interval=0",
-                                             "eval.interval=0"), "--nproc", "1")
-    return run_dir
-
-
 def final_eval(run_dir: Path) -> dict:
     evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval/loss"' in x]
     return evals[-1]

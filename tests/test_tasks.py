@@ -8,7 +8,6 @@ its headline metric. A new task module is covered by adding its name to tasks.TA
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -56,15 +55,6 @@ def test_recipe_and_readme_row(name):
     assert row is not None, f"README's task table (Fine-tuning) has no row for `{name}`"
     assert row[1] == f"`{task.recipe}`" and row[3] == f"`{task.auto_model}`", row
     assert row[4].startswith(task.headline) and row[5] == ", ".join(task.parallel), row
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, data_cache) -> Path:
-    """A pretrained base for the recipes that fine-tune one (model.init_from): debug, 10 steps, 1 rank."""
-    run_dir = tmp_path_factory.mktemp("base") / "run"
-    lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, "train.steps=10", "checkpoint.interval=0",
-                                             "eval.interval=0"), "--nproc", "1")
-    return run_dir
 
 
 @pytest.mark.parametrize("name", tasks.names())

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import run_ranks
+from test_units_tasks import Engine  # what the tasks use of a DeepSpeed engine
 # every lmforge name this file uses (one place to follow a rename)
 from lmforge.training import tasks
 from lmforge.training.config import ConfigError, load_config
@@ -279,20 +279,6 @@ class TinyScore(torch.nn.Module):
         return self.head((self.emb(input_ids) * m).sum(1) / m.sum(1))
 
 
-class Engine:
-    """What the tasks use of a DeepSpeed engine."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, **kwargs):
-        return SimpleNamespace(logits=self.module(**kwargs))
-
-    def eval(self):
-        self.module.eval()
-
-    def train(self, mode=True):
-        self.module.train(mode)
 
 
 class Lines:

@@ -222,7 +222,21 @@ def gather(obj) -> list:
     return out
 
 
-class RecordTask:
+class NoRunState:
+    """The Task members that most tasks do not need: no rules of their own, nothing set up per run,
+    no train/* scalars beyond the loss."""
+
+    def validate(self, cfg: Config) -> None:
+        pass
+
+    def prepare_run(self, engine, data: TaskData, cfg: Config, groups, device, log) -> None:
+        pass
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
+
+
+class RecordTask(NoRunState):
     """The part of the Task protocol (training/tasks/__init__.py) that every record task shares:
     prepare's records → tokenizer → examples, dict batches, the mean loss over targets that count,
     and the evaluation loop. A task adds its attributes and the hooks below."""
@@ -259,15 +273,6 @@ class RecordTask:
         raise NotImplementedError
 
     # ---- the protocol
-    def validate(self, cfg: Config) -> None:
-        pass
-
-    def prepare_run(self, engine, data: TaskData, cfg: Config, groups, device, log) -> None:
-        pass
-
-    def step_metrics(self) -> dict[str, float]:
-        return {}
-
     def prepare(self, cfg: Config, init_dir: Path | None, log) -> TaskData:
         """Records → examples. Every bad input is a ConfigError here, before a model is built."""
         # one run config per source (data.mixture's entries; else the run's own): its records, fields, format

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Config
-from .common import TaskData
+from .common import NoRunState, TaskData
 
 if TYPE_CHECKING:
     import torch
 
 
-class Pretrain:
+class Pretrain(NoRunState):
     name = "pretrain"
     recipe = "configs/debug.yaml"
     headline = "eval/ppl"
@@ -30,15 +30,6 @@ class Pretrain:
 
     def metrics(self, cfg: Config) -> tuple[str, ...]:
         return ("eval/loss", "eval/ppl")
-
-    def validate(self, cfg: Config) -> None:
-        pass
-
-    def prepare_run(self, engine, data: TaskData, cfg: Config, groups, device, log) -> None:
-        pass
-
-    def step_metrics(self) -> dict[str, float]:
-        return {}
 
     def prepare(self, cfg: Config, init_dir: Path | None, log) -> TaskData:
         from .. import data
