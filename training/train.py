@@ -80,6 +80,10 @@ def train_step(engine, train_data, micro_batches, device, groups: parallel.RankG
 def main(cfg: Config, report: Callable[[dict], None] | None = None) -> dict:
     """Train on the ranks the launcher started. `report`, if given, receives every evaluation's
     metrics on every rank (Ray Train / Ray Tune pass ray.train.report here)."""
+    # tqdm's default lock is a multiprocessing one, which starts a resource-tracker process (and, in a
+    # rank forked by the launcher, leaves a "leaked semaphore" warning); set before any bar (datasets'
+    # bars in preflight too): a rank's bars need only a thread lock
+    tqdm.set_lock(threading.RLock())
     runtime = dist.select_runtime(cfg.train.precision, cfg.model.attention)
     with runlock.for_rank(cfg):  # rank 0 without lmforge's launcher holds the run_dir (refused: exit 2)
         d = dist.setup(runtime, cfg.dist.timeout_s)
@@ -102,9 +106,6 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     log.info(f"runtime: {plan.runtime.describe()} world_size={d.world_size} threads={torch.get_num_threads()}")
     r = setup(cfg, d, plan, log)
     p, total_steps = r.progress, r.total_steps
-    # tqdm's default lock is a multiprocessing one, which starts a resource-tracker process (and,
-    # in a rank forked by the launcher, leaves a "leaked semaphore" warning); one bar needs a thread lock
-    tqdm.set_lock(threading.RLock())
     bar = tqdm(total=total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0, disable=not (d.is_main and cfg.logging.progress))
     evals: dict[int, dict] = {}
