@@ -58,7 +58,7 @@ def test_reward_export_scores_the_heldout_pairs_as_the_run_did(base, tmp_path, d
     lmforge("export", run_dir, "--out", out)
     model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()  # plain transformers
     assert model.config.num_labels == 1
-    pairs = tasks.prepare(load_config(run_dir / "config.yaml"), None, get_logger(0)).eval
+    pairs = tasks.prepare(load_config(run_dir / "config.yaml"), out, get_logger(0)).eval  # the export's tokenizer
     with torch.no_grad():
         def score(rows):
             return [model(input_ids=torch.as_tensor(r)[None]).logits[0, 0].item() for r in rows]

@@ -188,7 +188,7 @@ def document_data(cfg: Config):
     from lmforge.training import tasks
 
     documents = getattr(tasks.get(cfg.task), "documents", None)
-    return documents(cfg.data) if documents else cfg.data
+    return documents(cfg) if documents else cfg.data
 
 
 def _tokens(cfg: Config, split: str) -> "np.ndarray":

@@ -294,10 +294,19 @@ class PreferenceTask(RecordTask):
                              "next-token distribution; distil in an sft or pretrain run")
 
     # ---- data
-    def documents(self, cfg: DataConfig) -> DataConfig:
+    def documents(self, cfg: Config) -> DataConfig:
         """The pairs as documents for the deployment tools' calibration and perplexity (tools/artifact.py):
-        the chosen answers, what the model is trained to produce."""
-        return cfg.model_copy(update={"text_field": CHOSEN})
+        the chosen answers (what the model is trained to produce), in the model's own tokenizer."""
+        from .common import embedded_paths
+
+        tokenizer = cfg.data.tokenizer or cfg.model.path
+        if cfg.model.init_from:
+            from ..checkpoint.consolidate import source_meta
+
+            tokenizer = str(source_meta(cfg.model.init_from))
+        return cfg.data.model_copy(update={"text_field": CHOSEN, "tokenizer": tokenizer,
+                                           "paths": embedded_paths(cfg.data, cfg.data.paths),
+                                           "eval_paths": embedded_paths(cfg.data, cfg.data.eval_paths)})
 
     def texts(self, cfg: DataConfig, records: list[dict]):
         for r in records:
