@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LMFORGE = Path(sys.executable).parent / "lmforge"
 # The chain the recipes' headers give: the base model, then the SFT model (runs/sft) they start from.
-CHAIN = (("base", ["configs/demo.yaml", "run_dir=runs/base"]), ("sft", ["configs/sft_pref.yaml"]))
+CHAIN = (("base", ["configs/demo.yaml"]), ("sft", ["configs/sft_pref.yaml"]))
 TARGET = {"dpo": 0.90, "orpo": 0.85, "reward": 0.90}
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-preference"), help="scratch directory (runs/ under it)")
     p.add_argument("--tasks", nargs="+", default=list(TARGET), choices=list(TARGET))
-    p.add_argument("--skip-chain", action="store_true", help="reuse WORK/runs/sft from an earlier call")
+    p.add_argument("--skip-chain", action="store_true", help="reuse WORK/runs/demo and runs/sft_pref from an earlier call")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"# {dt.date.today()} {platform.node()} {platform.processor() or platform.machine()}, 2 ranks")

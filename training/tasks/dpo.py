@@ -3,7 +3,7 @@ hinge against a reference model, or simpo without one. The reference is the star
 log-probs of every pair computed once and cached with the data (dpo.reference=cached), or, with
 LoRA, the model with its adapters disabled each step (dpo.reference=base).
 
-    lmforge train configs/sft_pref.yaml --nproc 2      # the SFT model the pairs start from
+    lmforge train configs/demo.yaml --nproc 2 && lmforge train configs/sft_pref.yaml --nproc 2   # the SFT model
     lmforge train configs/dpo.yaml --nproc 2
     lmforge train configs/dpo.yaml --nproc 2 dpo.loss=simpo dpo.beta=2.0
 """

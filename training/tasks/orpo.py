@@ -2,7 +2,7 @@
 minus orpo.beta times the mean log-sigmoid of the log odds ratio chosen vs rejected (TRL's ORPO,
 mean log-probs per answer token).
 
-    lmforge train configs/sft_pref.yaml --nproc 2      # or start from any causal LM
+    lmforge train configs/sft_pref.yaml --nproc 2      # after configs/demo.yaml; or start from any causal LM
     lmforge train configs/orpo.yaml --nproc 2
 """
 
