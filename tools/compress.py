@@ -162,7 +162,8 @@ def calibration(src: Path, data: str | None, n: int, seq_len: int | None, max_po
     tokens = artifact.calibration_tokens(cfg, n, seq_len, max_positions, vocab_size)
     from lmforge.training import data as pipeline
 
-    return Calibration(cfg, tokens, pipeline.prepare(artifact.document_data(cfg)).tokenizer_dir)  # cached: no second tokenization
+    # cached: no second tokenization
+    return Calibration(cfg, tokens, pipeline.prepare(artifact.document_data(cfg)).tokenizer_dir)
 
 
 # --------------------------------------------------------------------------- the work
