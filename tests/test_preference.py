@@ -20,6 +20,8 @@ from lmforge.training import tasks
 from lmforge.training.config import load_config
 from lmforge.training.dist import get_logger
 
+pytestmark = pytest.mark.slow  # each test starts `lmforge train` (make test-fast leaves them out)
+
 QUICK = ("train.steps=12", "eval.interval=0", "checkpoint.interval=0", "eval.early_stopping.metric=null",
          "train.lr=2e-3")
 
