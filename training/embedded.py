@@ -479,10 +479,11 @@ CORRUPTIONS = ("shuffled", "swapped")
 # `return`), which a tiny model reads locally. With llama-debug and DPO on CPU, held-out accuracy on
 # swapped pairs trails shuffled ones by ~0.1-0.2, so swaps stay a minority.
 SWAP_FRACTION = 0.3
-# Characters: prompt, chosen, the two together, one line. The recipes' data.seq_len is 192 tokens and
-# their 512-token BPE (trained on stdlib code by configs/debug.yaml) gives ~1.5 characters per token
-# in prompts and ~1.7 overall: the prompt must leave room for the answer (preference.py refuses a
-# pair otherwise) and a pair should fit whole, or a shuffled answer cut at the end may lose its break.
+# Characters: prompt, chosen, the two together, one line. The recipes' data.seq_len is 192 tokens; the
+# smallest tokenizer they meet, the tests' debug base's 512-token BPE, gives ~1.5 characters per token
+# in prompts and ~1.7 overall (the recipes' demo model, 4096 tokens, more): the prompt must leave room
+# for the answer (preference.py refuses a pair otherwise) and a pair should fit whole, or a shuffled
+# answer cut at the end may lose its break.
 PREF_PROMPT_CHARS, PREF_CHOSEN_CHARS, PREF_PAIR_CHARS, PREF_LINE_CHARS = 200, 150, 310, 100
 PREF_PROMPT_LINES = (1, 3)   # body lines shown after the def line
 PREF_CHOSEN_LINES = (2, 6)   # the continuation's lines
