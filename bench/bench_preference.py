@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -67,9 +68,8 @@ def main() -> None:
         for name, cmd in CHAIN:
             print(f"chain: {name}: lmforge train {' '.join(cmd)} --nproc 2: {train(cmd, args.work, args.work / f'{name}.log'):.0f} s",
                   flush=True)
-    for task in args.tasks:
-        if (args.work / "runs" / task).exists():
-            subprocess.run(["rm", "-rf", str(args.work / "runs" / task)], check=True)
+    for task in args.tasks:  # a fresh run each (an old run directory would be resumed)
+        shutil.rmtree(args.work / "runs" / task, ignore_errors=True)
     rows = [measure(t, args.work) for t in args.tasks]
     print("| run | wall | reference pass | one epoch | held-out accuracy before -> after (best) | target |")
     print("|---|---|---|---|---|---|")

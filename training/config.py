@@ -909,19 +909,16 @@ def _agrees_num(given: Any, ours: Any) -> bool:
     return isinstance(given, (int, float)) and not isinstance(given, bool) and abs(given - ours) <= 1e-12 * max(1, abs(ours))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
+def _json_leaves(tree: dict) -> dict[str, Any]:
+    """A JSON object's values by dotted key (config.flatten; an empty object is no value)."""
+    return {k: v for k, v in flatten(tree).items() if v != {}}
 
 
 def _check_run_owned(ds: dict, path: Path, cfg: Config, world_size: int, precision: str) -> None:
     """Every run-owned key the JSON sets is "auto" or equal to the run's value; else a ConfigError
     naming the JSON key and the lmforge key with both values."""
     owned = _run_owned_values(cfg, world_size, precision)
-    given = _flatten({k: ds[k] for k in RUN_OWNED_DS_KEYS if k in ds})
+    given = _json_leaves({k: ds[k] for k in RUN_OWNED_DS_KEYS if k in ds})
     for key, value in given.items():
         if value == AUTO:
             continue
@@ -1008,7 +1005,7 @@ def build_ds_config(cfg: Config, world_size: int, precision: str) -> dict[str, A
         ds["sequence_parallel_size"] = cfg.parallel.sequence
     if cfg.parallel.tensor > 1:
         ds["tensor_parallel"] = {"autotp_size": cfg.parallel.tensor}
-    left = [k for k, v in _flatten(ds).items() if v == AUTO]
+    left = [k for k, v in _json_leaves(ds).items() if v == AUTO]
     if left:
         raise ConfigError(f"parallel.ds_config: {path} sets {', '.join(left)} to \"auto\", which lmforge does not fill; "
                           "give a value")

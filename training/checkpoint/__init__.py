@@ -547,6 +547,12 @@ def _step_of(path: Path) -> int:
     return int(m.group(1)) if m else int(read_manifest(path)["step"])
 
 
+def _newer(root: Path, target: Path) -> list[Path]:
+    """The checkpoints of `root` of a later step than `target`."""
+    k = _step_of(target)
+    return [p for p in steps(root) if _step_of(p) > k]
+
+
 def _done_rollback(root: Path, target: Path) -> dict | None:
     """The record of the rollback to `target` if this run directory already published after it."""
     try:
@@ -577,7 +583,7 @@ def resume_choice(cfg: Config, log) -> Path | None:
     if problem is not None:
         have = ", ".join(p.name for p in steps(root) if verify(p) is None) or "none"
         raise ConfigError(f"checkpoint.resume={r}: {target}: {problem} (complete checkpoints in {root}: {have})")
-    newer = [p.name for p in steps(root) if _step_of(p) > _step_of(target)]
+    newer = [p.name for p in _newer(root, target)]
     if newer:
         log.warning(f"checkpoint.resume={r}: rolling back to {target}; the newer {', '.join(newer)} stay untouched "
                     f"until this run publishes its first checkpoint, then move to {root}/superseded-<time>/")
@@ -594,8 +600,7 @@ def supersede_abandoned(root: Path, cfg: Config, log) -> None:
         return
     import time
 
-    k = _step_of(target)
-    newer = [p for p in steps(root) if _step_of(p) > k]
+    newer = _newer(root, target)
     now = time.strftime("%Y%m%d-%H%M%S")
     dest = None
     if newer:
@@ -611,8 +616,8 @@ def supersede_abandoned(root: Path, cfg: Config, log) -> None:
         _fsync_dir(root)
         log.warning(f"checkpoint.resume={cfg.checkpoint.resume}: this run publishes its first checkpoint after "
                     f"rolling back to {target.name}; the abandoned {', '.join(p.name for p in newer)} moved to {dest}")
-    _write_atomic(root / ROLLBACK_FILE, json.dumps({"to": str(target.resolve()), "step": k, "time": now,
-                                                   "superseded": str(dest) if dest else None}))
+    _write_atomic(root / ROLLBACK_FILE, json.dumps({"to": str(target.resolve()), "step": _step_of(target),
+                                                   "time": now, "superseded": str(dest) if dest else None}))
 
 
 def check_compatible(path: Path, cfg: Config, world_size: int) -> None:

@@ -410,14 +410,13 @@ def over_pairs(task, engine, examples: PairExamples, micro: int, groups, device,
 def reference_key(cfg: Config, data: TaskData) -> str:
     """What the reference log-probs depend on: the starting weights (file contents), the model config
     and precision, and the tokenized pairs (so the data, template and seq_len)."""
+    from ..checkpoint import file_hash  # the manifests' content hash
+
     h = hashlib.blake2b(digest_size=12)
     h.update(json.dumps({"model": cfg.model.model_dump(mode="json"), "precision": cfg.train.precision,
                          "seed": cfg.train.seed}, sort_keys=True).encode())
     for f in weight_files(cfg):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 23):
-                h.update(chunk)
+        h.update(f"{f.name}:{f.stat().st_size}:{file_hash(f)}".encode())
     h.update(data.train.fingerprint())
     h.update(data.eval.fingerprint())
     return h.hexdigest()
