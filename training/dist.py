@@ -243,17 +243,21 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self, device) -> str | None:
-        """Collective: the reason to stop if any rank was asked to, else None."""
-        asked = self.signal_name is not None or (self.is_main and self.path.exists())
-        flag = torch.tensor([1 if asked else 0], dtype=torch.int32, device=device)
+        """Collective: the reason to stop if any rank was asked to, else None. Every rank gets the
+        same reason: a signal on any rank (named) outranks the STOP file, so the log does not depend
+        on whether a signal or the file a launcher wrote from it was seen first."""
+        if self.signal_name is not None:
+            code = 2 + STOP_SIGNALS.index(signal.Signals[self.signal_name])
+        else:
+            code = 1 if self.is_main and self.path.exists() else 0
+        flag = torch.tensor([code], dtype=torch.int32, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if not flag.item():
-            return None
-        if self.signal_name:
-            return self.signal_name
-        if self.path.exists():
+        code = int(flag.item())
+        if code >= 2:
+            return STOP_SIGNALS[code - 2].name
+        if code == 1 and self.path.exists():  # only the main rank reads the file (a node-local run dir)
             return f"{self.path} ({self.path.read_text().strip() or 'no reason given'})"
-        return "another rank was signalled"
+        return "the run's STOP file" if code else None
 
     def clear(self) -> None:
         """Consume the request (main rank) so the resumed run does not stop at once."""
