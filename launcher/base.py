@@ -1,6 +1,5 @@
-"""What every launcher shares: the error a launcher raises for a request it cannot start (the CLI
-prints it on one line and exits 2, like a config error), the driver-side graceful stop, and the
-steps before any rank starts (preflight → absolute paths → config.yaml).
+"""What every launcher shares: the driver-side graceful stop and the steps before any rank starts
+(preflight → absolute paths → config.yaml). Launch errors: lmforge.launcher.LaunchError.
 
     lmforge launch --on ray configs/debug.yaml --address 127.0.0.5:6379   # "launch error: cannot reach …"
     kill -TERM <lmforge pid>                                              # ranks checkpoint, exit 75
@@ -16,13 +15,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from lmforge.training import startup
 from lmforge.training.config import Config, dump_config
 from lmforge.training.preflight import (EXIT_STOPPED, STOP_SIGNALS, check_run_dir_free, hold_run_dir, preflight,
                                        read_failure, request_stop, stop_file)
-
-
-class LaunchError(RuntimeError):
-    pass
 
 
 @contextmanager
@@ -35,6 +31,7 @@ def prepared(cfg: Config, world_size: int, log, absolute: bool = True) -> Iterat
     cfg = prepare(cfg, world_size, log, absolute=absolute, dump=False)
     with hold_run_dir(cfg.run_dir, cfg.dist.lock_stale_s, log):
         dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        startup.mark("driver preflight")
         yield cfg
 
 

@@ -29,7 +29,8 @@ import os
 import sys
 from pathlib import Path
 
-from lmforge.launcher.base import LaunchError
+from lmforge.launcher import LaunchError
+from lmforge.training import startup
 from lmforge.training.config import Config, ConfigError, build_ds_config, load_config
 
 EXIT_CONFIG = 2
@@ -112,11 +113,13 @@ def cmd_launch(args) -> int:
 
         return slurm.launch(cfg, dry_run=getattr(args, "dry_run", False), follow_log=getattr(args, "follow", False))
     from lmforge.launcher import local
-    from lmforge.launcher.base import prepared
-    from lmforge.training.preflight import get_logger
 
     nproc = cfg.launch.workers or _default_nproc()
     ctx = local.fork_server(cfg, nproc)  # imports the ranks' modules while preflight runs
+    startup.mark("forkserver")
+    from lmforge.launcher.base import prepared  # torch, transformers: after the forkserver's start
+    from lmforge.training.preflight import get_logger
+
     # All validation (data included) happens here, before any rank or GPU is started; one job per
     # run directory (a second is refused naming the holder).
     with prepared(cfg, nproc, get_logger(0), absolute=False) as cfg:
@@ -285,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(getattr(args, "overrides", [])) + rest
+    startup.mark("driver imports")  # Python's start, this module's imports and the tools' registration
     try:
         _resolve_hub_inputs(args)
         return args.func(args)

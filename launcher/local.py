@@ -36,9 +36,12 @@ import sys
 import time
 from pathlib import Path
 
+from lmforge.training import startup
 from lmforge.training.config import Config
-from lmforge.launcher.base import StopOnSignal
-from lmforge.training.preflight import EXIT_STOPPED, die_with_parent, free_port, get_logger
+from lmforge.training.leftovers import die_with_parent
+
+# Nothing here imports torch at module level: the CLI starts the forkserver (fork_server) before the
+# driver's preflight imports torch, so the server's imports and the driver's run side by side.
 
 GRACE_S = 10  # a failed job's other ranks: SIGTERM, then SIGKILL after this long
 
@@ -52,7 +55,8 @@ def rank_env(rank: int, nproc: int, port: int) -> dict:
     env.setdefault("OMP_NUM_THREADS", _threads(nproc))
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               LMFORGE_LAUNCHER_PID=str(os.getpid()))  # the ranks' orphan watch (training/leftovers.py)
+               LMFORGE_LAUNCHER_PID=str(os.getpid()),  # the ranks' orphan watch (training/leftovers.py)
+               **startup.TIMELINE.env())  # the driver's part of the startup line
     return env
 
 
@@ -71,11 +75,7 @@ def preload(cfg: Config) -> list[str]:
 def fork_server(cfg: Config, nproc: int):
     """The multiprocessing context the ranks are forked from, its server already importing
     (started now, it works while the driver runs preflight); None: start each rank with exec."""
-    if nproc == 1 or sys.platform != "linux":
-        return None
-    import torch
-
-    if torch.cuda.is_available():
+    if nproc == 1 or sys.platform != "linux" or gpu_present():
         return None
     os.environ.setdefault("OMP_NUM_THREADS", _threads(nproc))  # read when the server imports torch
     ctx = multiprocessing.get_context("forkserver")
@@ -84,6 +84,12 @@ def fork_server(cfg: Config, nproc: int):
 
     forkserver.ensure_running()
     return ctx
+
+
+def gpu_present() -> bool:
+    """A GPU driver's device node: ranks are then exec'd (a GPU's driver is not fork-safe). Asked
+    without importing torch (1 s), which is what keeps the forkserver's start early."""
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))
 
 
 def _threads(nproc: int) -> str:
@@ -143,6 +149,8 @@ class ForkedRank:
 
 
 def start_ranks(config_path: Path, nproc: int, ctx=None) -> list:
+    from lmforge.training.preflight import free_port, get_logger
+
     port = free_port()
     if ctx is None:
         ranks = [subprocess.Popen(rank_command(config_path), env=rank_env(r, nproc, port), preexec_fn=die_with_parent())
@@ -161,6 +169,9 @@ def start_ranks(config_path: Path, nproc: int, ctx=None) -> list:
 
 def launch(cfg: Config, config_path: Path, nproc: int, ctx=None) -> int:
     """Run the job's ranks; `ctx`: fork_server()'s, to fork them from it."""
+    from lmforge.launcher.base import StopOnSignal
+    from lmforge.training.preflight import EXIT_STOPPED
+
     if nproc == 1:
         from lmforge.training.train import main
 
@@ -180,6 +191,8 @@ def launch(cfg: Config, config_path: Path, nproc: int, ctx=None) -> int:
 def supervise(ranks: list) -> int:
     """Wait for every rank. All 0 (or all 75, a stop): that status. The first rank to fail decides
     the job's status and the others are ended, as torchrun ends them."""
+    from lmforge.training.preflight import EXIT_STOPPED
+
     failed: int | None = None
     deadline = None
     while any(p.poll() is None for p in ranks):

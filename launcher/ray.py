@@ -32,7 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lmforge.launcher import ray_auth
-from lmforge.launcher.base import LaunchError
+from lmforge.launcher import LaunchError
+from lmforge.training import startup
 from lmforge.training.config import Config, ConfigError
 
 EXIT_FAILED = 1
@@ -138,6 +139,7 @@ def session(cfg: Config, log) -> Iterator[list[dict]]:
 
 def _worker_loop(loop_config: dict) -> None:
     """Runs in every Ray Train worker: record placement, then the same main() torchrun runs."""
+    startup.adopt(loop_config.get("startup", {}), "ray workers")  # the driver's part of the startup line
     import ray
     import ray.train
     import torch.distributed as tdist
@@ -146,6 +148,7 @@ def _worker_loop(loop_config: dict) -> None:
     from lmforge.training.preflight import RUN_LOCK_ENV
     from lmforge.training.train import main
 
+    startup.mark("rank imports")
     cfg = Config.model_validate(loop_config["config"])
     if loop_config.get("run_lock"):  # the driver holds the run directory: rank 0 takes nothing
         os.environ[RUN_LOCK_ENV] = loop_config["run_lock"]
@@ -169,6 +172,7 @@ def launch(cfg: Config) -> int:
 
     log = get_logger(0)
     with session(cfg, log) as nodes:
+        startup.mark("ray connect")
         workers = cfg.launch.workers
         if workers is None:
             gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
@@ -192,7 +196,7 @@ def _fit(cfg: Config, workers: int, lock_token: str, log) -> int:
     use_gpu = cfg.launch.gpus_per_worker > 0
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "run_lock": lock_token},
+        train_loop_config={"config": cfg.to_dict(), "run_lock": lock_token, "startup": startup.TIMELINE.env()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.launch.cpus_per_worker,

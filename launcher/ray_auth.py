@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lmforge.launcher.base import LaunchError
+from lmforge.launcher import LaunchError
 
 MODE, TOKEN, TOKEN_PATH = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")  # Ray's own default (ray get-auth-token)

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from lmforge.launcher.base import LaunchError
+from lmforge.launcher import LaunchError
 from lmforge.training.config import Config, ConfigError, slurm_time_seconds
 
 # slurm/ sits beside launcher/ in a checkout and beside lmforge/launcher in a wheel.

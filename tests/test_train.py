@@ -50,6 +50,21 @@ def test_zero3_trains_and_publishes_checkpoints(zero3):
     assert not list(ckpts.glob(".tmp_*"))
 
 
+def test_startup_line_names_every_phase_from_the_command_to_the_first_step(debug_run):
+    """training/startup.py: rank 0 continues the timeline the launcher handed to the forked ranks."""
+    run_dir, stderr = debug_run()
+    m = re.search(r"first step ([\d.]+) s after the command \((.*)\)", stderr)
+    assert m, stderr[-3000:]
+    assert [p.rsplit(" ", 1)[0] for p in m.group(2).split(", ")] == [
+        "driver imports", "forkserver", "driver preflight", "rank start", "process group", "rank preflight", "model",
+        "engine", "setup", "eval before", "first step"]
+    row = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "startup/" in line)
+    phases = {k: v for k, v in row.items() if k.startswith("startup/") and k != "startup/to_first_step_s"}
+    assert row["step"] == 1 and len(phases) == 11 and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) == pytest.approx(row["startup/to_first_step_s"], abs=1e-3)
+    assert row["startup/to_first_step_s"] == pytest.approx(float(m.group(1)), abs=0.05)
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stage_trains(stage, debug_run):
     """ZeRO-1 and ZeRO-2: conftest's shared STANDARD runs (tests/test_parallel.py's data-parallel twins)."""

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, data, dist, engine as engine_lib, metrics as metrics_lib, model as model_lib
-from . import distill as distill_lib, parallel, resume, runlock, tasks as tasks_lib
+from . import distill as distill_lib, parallel, resume, runlock, startup, tasks as tasks_lib
 from .config import Config, ConfigError, dump_config, load_config
 from .faults import Faults
 from .guard import Diverged, NonFiniteGuard
@@ -84,9 +84,11 @@ def main(cfg: Config, report: Callable[[dict], None] | None = None) -> dict:
     # rank forked by the launcher, leaves a "leaked semaphore" warning); set before any bar (datasets'
     # bars in preflight too): a rank's bars need only a thread lock
     tqdm.set_lock(threading.RLock())
+    startup.for_rank()
     runtime = dist.select_runtime(cfg.train.precision, cfg.model.attention)
     with runlock.for_rank(cfg):  # rank 0 without lmforge's launcher holds the run_dir (refused: exit 2)
         d = dist.setup(runtime, cfg.dist.timeout_s)
+        startup.mark("process group")
         stop = dist.StopRequest(cfg.run_dir, d.is_main)  # installed early: a signal during startup counts
         try:
             return run(cfg, d, dist.get_logger(d.rank), report or (lambda metrics: None), stop)
@@ -104,7 +106,9 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
         dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
     log.info("config:\n" + cfg.to_yaml())
     log.info(f"runtime: {plan.runtime.describe()} world_size={d.world_size} threads={torch.get_num_threads()}")
+    startup.mark("rank preflight")
     r = setup(cfg, d, plan, log)
+    startup.mark("setup")
     p, total_steps = r.progress, r.total_steps
     bar = tqdm(total=total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0, disable=not (d.is_main and cfg.logging.progress))
@@ -114,6 +118,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
         if p.step == 0:
             p.before = r.evaluate(p.step)[r.headline]
             log.info(f"held-out {_metric_name(r.headline)} before training: {p.before:.4f}")
+            startup.mark("eval before")
         ending = "early_stopped_before" if r.stopping is not None and r.stopping.stopped else None
         state_bytes = None
         while ending is None and p.step < total_steps:
@@ -133,6 +138,7 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
                 bar.n = p.step  # a rollback moved the step back
                 continue  # updated nothing (or rolled back): no metrics, eval or save for it
             perf = r.throughput(step_time)
+            startup.first_step_done(log, r.metrics, p.step)
             if state_bytes is None:  # optimizers create their state at the first step: measure it then
                 state_bytes = engine_lib.state_bytes_per_param(r.engine)
                 log.info(f"optimizer state: {state_bytes:.2f} bytes per parameter on each rank's partition")
@@ -360,6 +366,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
     model = model_lib.build(cfg.model, plan.hf_config, plan.ds_config, plan.runtime.attention, dtype,
                             cfg.train.activation_checkpointing, cfg.task, source, cfg.finetune, total_steps)
     n_total, n_matmul = model_lib.count_params(model)
+    startup.mark("model")
     log.info(f"model: {model_lib.describe(model.config, n_total)}")
     if cfg.finetune.method != "full":
         n_train = model_lib.trainable_params(model)
@@ -367,6 +374,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
     if cfg.finetune.method == "qlora":
         log.info(f"qlora: 4-bit base layers run {model_lib.four_bit_path(plan.runtime.device_type)}")
     engine = engine_lib.initialize(cfg, model, plan.ds_config, total_steps, log, plan.runtime.attention)
+    startup.mark("engine")
     adalora = engine_lib.AdaLoraStep(engine) if cfg.finetune.method == "adalora" else None
     # the starting weights, before a resume loads a checkpoint: what dpo's reference pass must see
     task.prepare_run(engine, plan.data, cfg, groups, d.device, log)
