@@ -55,10 +55,11 @@ def one_run(how: str, pythonpath: str | None, workdir: Path, cg, ray: dict | Non
     common = [str(REPO / "configs" / "debug.yaml"), f"run_dir={run_dir}", "train.steps=2", "logging.interval=1",
               "logging.progress=false"]
     env = dict(os.environ)
+    lmforge = [sys.executable, "-m", "lmforge.launcher.cli"]  # `lmforge`, also for a baseline checkout's cli
     if how == "local":
-        cmd = [str(BIN / "lmforge"), "train", *common, "--nproc", "2"]
+        cmd = [*lmforge, "train", *common, "--nproc", "2"]
     else:
-        cmd = [str(BIN / "lmforge"), "launch", "--on", "ray", *common, "--address", ray["address"], "--workers", "2"]
+        cmd = [*lmforge, "launch", "--on", "ray", *common, "--address", ray["address"], "--workers", "2"]
         env.update(ray["env"])
     if pythonpath:
         env["PYTHONPATH"] = pythonpath

@@ -62,7 +62,7 @@ def rank_env(rank: int, nproc: int, port: int) -> dict:
 
 def preload(cfg: Config) -> list[str]:
     """What every rank of this config imports: the forkserver imports it once."""
-    mods = ["torch", "deepspeed", "transformers", "lmforge.training.train",
+    mods = ["lmforge.launcher.forkserver_exit", "torch", "deepspeed", "transformers", "lmforge.training.train",
             # DeepSpeed's optimizer check imports its Muon module, which imports torch._dynamo (~1 s)
             "deepspeed.runtime.zero.muon.muon_optimizer", "transformers.models.llama.modeling_llama"]
     if cfg.finetune.method != "full":
