@@ -117,9 +117,10 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base(tmp_path_factory, data_cache) -> Path:
-    """A pretrained base model to fine-tune (model.init_from): the debug recipe, 10 steps, 1 rank."""
+    """A pretrained base model to fine-tune (model.init_from): the debug recipe, 10 steps, 1 rank.
+    Read-only: every file that fine-tunes from it shares one per pytest worker."""
     run_dir = tmp_path_factory.mktemp("base") / "run"
     lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, "train.steps=10", "checkpoint.interval=0",
                                              "eval.interval=0"), "--nproc", "1")

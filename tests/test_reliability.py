@@ -128,8 +128,8 @@ def test_chaos_kills_at_random_moments_resume_bitwise_and_leave_nothing(tmp_path
     # What is killed, and when: from outside, after a random number of steps past the resume point;
     # or a rank SIGKILLs itself inside the next save (training/faults.py), a moment that no outside
     # poller hits reliably on a loaded machine.
-    plan = [("job", "steps"), ("rank", "save"), ("launcher", "steps"), ("rank", "steps"), ("job", "steps"),
-            ("rank", "save"), ("launcher", "steps")]
+    # (every victim and both moments at least once; each start costs ~10 s of the suite)
+    plan = [("job", "steps"), ("rank", "save"), ("launcher", "steps"), ("rank", "steps"), ("rank", "save")]
     kills, ports = [], set()
     for victim, moment in plan:
         done = max(losses(run_dir), default=0) if (run_dir / "metrics.jsonl").exists() else 0
@@ -171,7 +171,7 @@ def test_chaos_kills_at_random_moments_resume_bitwise_and_leave_nothing(tmp_path
 
     print(f"chaos: {len(kills)} kills survived: " + ", ".join(f"{v} at step {d}{' during its save' if sv else ''}"
                                                           for v, d, sv in kills))
-    assert len(kills) >= 5 and sum(1 for k in kills if k[2]) == 2, kills
+    assert len(kills) >= 4 and sum(1 for k in kills if k[2]) == 2, kills
     assert losses(run_dir) == losses(reference)  # every step's last logged loss, bitwise
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
     assert not leftovers
