@@ -305,7 +305,13 @@ class CheckpointConfig(_Section):
                                             "checkpoints move to checkpoints/superseded-<time>/ when this run "
                                             "publishes its first)")
     allow_config_change: bool = Field(False, description="resume even if model/data/batch keys changed")
+    # `async` is a Python keyword: the field is async_, the key everywhere else (YAML, overrides, dumps) async
+    async_: bool = Field(False, alias="async", description="a save stalls the loop only while the state is "
+                         "copied to host memory; the write, hashing and publish run in a background thread per "
+                         "rank (training/checkpoint/background.py); the next save, a stop and the end wait for it")
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
     @field_validator("resume")
     @classmethod
@@ -696,6 +702,7 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
+        name = field.alias or name  # checkpoint.async
         keys.append(prefix + name)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += _all_keys(ann, prefix + name + ".")

@@ -185,6 +185,7 @@ def finish(cfg: Config, r: "Run", ending: str | None, evals: dict[int, dict], st
         out.update(checkpoint=str(r.resumed_from), early_stopped=True, best=r.stopping.best_tag)
     elif ending == "early_stopped":
         ckpt = r.checkpointer.save(p.step)
+        r.checkpointer.wait()
         s = r.stopping
         log.warning(f"early stopping at step {p.step}: {s.metric} has not improved by more than "
                     f"{cfg.eval.early_stopping.min_delta} for {s.bad} evaluations; best "
@@ -194,6 +195,7 @@ def finish(cfg: Config, r: "Run", ending: str | None, evals: dict[int, dict], st
     elif ending is not None:  # "stopped: <reason>"
         log.warning(f"stop requested ({ending.split(': ', 1)[1]}) after step {p.step}: saving a checkpoint")
         ckpt = r.checkpointer.save(p.step)
+        r.checkpointer.wait()
         stop.clear()
         # Consumed before any rank exits: a launcher that sees one rank's exit may kill the
         # rest, and "STOP is gone" is how launchers and sbatch scripts know the save is done.
@@ -208,6 +210,7 @@ def finish(cfg: Config, r: "Run", ending: str | None, evals: dict[int, dict], st
             report({"step": p.step, **evals[p.step]})
         final = evals[p.step]
         ckpt = r.checkpointer.save(p.step)  # or the one already written (or resumed from) at this step
+        r.checkpointer.wait()
         stop.clear()  # a request that came after the last step is void, not a reason to stop the next run
         fmt = ".2f" if r.headline == "eval/ppl" else ".4f"
         log.info(f"held-out {_metric_name(r.headline)}: {p.before:{fmt}} before -> {final[r.headline]:{fmt}} after "
@@ -231,12 +234,16 @@ class Progress:
 class Checkpointer:
     """Every save decision of a run (as torchtitan's trainer leaves them to its checkpointer): due by
     checkpoint.interval, on a stop request, at the end, and the best for early stopping. A step is
-    saved once: a later decision at the same step gets that checkpoint (or the one resumed from)."""
+    saved once: a later decision at the same step gets that checkpoint (or the one resumed from).
+    With checkpoint.async a save returns once the state is in host memory (training/checkpoint/
+    background.py); wait() is where the loop needs it published (a stop, the end, a rollback)."""
 
-    def __init__(self, cfg: Config, save: Callable[[int], Path], resumed_from: Path | None, is_main: bool):
+    def __init__(self, cfg: Config, save: Callable[[int, object], Path], resumed_from: Path | None, is_main: bool,
+                 metrics=None, background: "checkpoint.background.Background | None" = None):
         self.interval, self.root, self.is_main = cfg.checkpoint.interval, cfg.checkpoint_dir, is_main
         self._save = save
         self.last = resumed_from
+        self.metrics, self.background = metrics, background
 
     def saved_at(self, step: int) -> Path | None:
         return self.last if self.last is not None and self.last.name == checkpoint.tag(step) else None
@@ -244,8 +251,16 @@ class Checkpointer:
     def save(self, step: int) -> Path:
         path = self.saved_at(step)
         if path is None:
-            path = self.last = self._save(step)
+            t0 = time.perf_counter()
+            path = self.last = self._save(step, self.background)
+            if self.metrics is not None:  # how long the loop stood still for it (async: the copy)
+                self.metrics.log(step, {"checkpoint/stall_s": time.perf_counter() - t0})
         return path
+
+    def wait(self) -> None:
+        """Collective: the save in flight (checkpoint.async) is published, or every rank raises why not."""
+        if self.background is not None:
+            self.background.wait()
 
     def after_step(self, step: int) -> None:
         if self.interval and step % self.interval == 0:
@@ -253,6 +268,7 @@ class Checkpointer:
 
     def save_best(self, step: int, metric: str, value: float) -> Path:
         path = self.save(step)
+        self.wait()  # best.json names only a published checkpoint
         if self.is_main:
             checkpoint.mark_best(self.root, path.name, metric, value, step)
         return path
@@ -301,6 +317,7 @@ class Run:
         self.log.warning(f"step {step}: {problem}: nothing updated ({g.in_a_row} bad step(s) in a row, "
                          f"{g.total} in this run; train.on_nonfinite={g.mode}, max_nonfinite={g.limit})")
         self.metrics.log(step, {"train/bad_steps": g.total})
+        self.checkpointer.wait()  # a rollback target must be published; and a failed save is the cause to report
         last = self.checkpointer.last
         if action == "rollback" and last is not None and g.may_roll_back_to(last.name) and last != self.no_rollback_to:
             position = self.sampler.state_dict()  # kept: the data since `last` is skipped, not replayed
@@ -420,6 +437,8 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
         log.info(f"resumed from {plan.resume_from} at step {progress.step}")
 
     faults = Faults.from_env()
+    background = (checkpoint.background.Background(d.rank, d.world_size, cfg.dist.timeout_s)
+                  if cfg.checkpoint.async_ else None)
     metrics = metrics_lib.make_metrics(d.rank, cfg.tensorboard_dir, Path(cfg.run_dir) / "metrics.jsonl", cfg.to_yaml())
     throughput = metrics_lib.Throughput(tokens_per_step, model_lib.flops_per_token(model.config, n_matmul, seq_len),
                                         d.world_size, metrics_lib.peak_tflops(cfg.logging.peak_tflops))
@@ -429,21 +448,21 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
         metrics.log(step, result)
         return result
 
-    def save(step: int) -> Path:
+    def save(step: int, in_background) -> Path:
         if not engine_lib.state_is_finite(engine):
             raise Diverged(step, f"step {step}: the weights or optimizer state are not finite; not saving "
                                  f"{checkpoint.tag(step)} (a diverged state is never published)")
         client = {"tokens": progress.tokens, "sampler": sampler.state_dict(), "before": progress.before,
                   "early_stopping": stopping.state_dict() if stopping else None}
         def write_extra(out: Path) -> None:
-            faults.maybe_die_saving(d.rank, step)
             model_lib.save_hf_files(engine.module, tokenizer, out, d.is_main)
 
-        return checkpoint.save(engine, cfg, step, client, d.rank, d.world_size, log, write_extra=write_extra)
+        return checkpoint.save(engine, cfg, step, client, d.rank, d.world_size, log, write_extra=write_extra,
+                               fault=lambda: faults.maybe_die_saving(d.rank, step), in_background=in_background)
 
     return Run(engine=engine, groups=groups, train_data=train_data, sampler=sampler, evaluate=evaluate,
                headline=task.headline, metrics=metrics, throughput=throughput,
-               checkpointer=Checkpointer(cfg, save, plan.resume_from, d.is_main), progress=progress,
+               checkpointer=Checkpointer(cfg, save, plan.resume_from, d.is_main, metrics, background), progress=progress,
                tokens_per_step=tokens_per_step, loss_scale=parallel.loss_scale(plan.ds_config, groups.sequence),
                stopping=stopping, resumed_from=plan.resume_from, adalora=adalora, distiller=distiller, task=task,
                guard=NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite, cfg.train.spike_threshold),

@@ -51,6 +51,7 @@ import torch
 import xxhash
 
 from ..config import Config, ConfigError, config_hash, incompatible_keys, yaml_load
+from . import background
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -345,18 +346,22 @@ def _recorded(errors: list):
 
 
 @contextlib.contextmanager
-def _deepspeed_writes_recorded(engine, errors: list):
+def _deepspeed_writes_recorded(engine, errors: list, pending: list | None = None):
     """DeepSpeed's save_checkpoint runs collectives between its writes (ZeRO-3 gathers, a final
     barrier): a rank whose torch.save raised would leave the others waiting in them. Its writes go
     through engine.checkpoint_engine.save; a failed one is recorded instead, so every rank completes
-    the same collectives and settle() decides (docs/deepspeed_workarounds.md#failed-writes)."""
+    the same collectives and settle() decides (docs/deepspeed_workarounds.md#failed-writes).
+    `pending` (checkpoint.async): each write becomes (a host copy of the state, path), written later."""
     ce = engine.checkpoint_engine
     own = "save" in vars(ce)
     original = ce.save
 
     def save(state_dict, path):
         with _recorded(errors):
-            original(state_dict, path)
+            if pending is None:
+                original(state_dict, path)
+            else:
+                pending.append((background.snapshot(state_dict), path))
 
     ce.save = save
     try:
@@ -369,11 +374,15 @@ def _deepspeed_writes_recorded(engine, errors: list):
 
 
 def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: int, log,
-         write_extra=None) -> Path:
+         write_extra=None, fault=None, in_background: "background.Background | None" = None) -> Path:
     """Collective: every rank calls it. Returns the published directory. `write_extra(tmp_dir)`
-    is called on every rank after DeepSpeed's save (it may gather; rank 0 writes). Raises DiskFull
-    on every rank if the disk fills up (the temporary directory removed), RuntimeError on every
-    rank for another failure of any rank."""
+    is called on every rank after DeepSpeed's save (it may gather; rank 0 writes); `fault()` once
+    DeepSpeed's files are written (training/faults.py). Raises DiskFull on every rank if the disk
+    fills up (the temporary directory removed), RuntimeError on every rank for another failure of
+    any rank. `in_background` (checkpoint.async): returns once the state is copied to host memory;
+    the checkpoint is published by the ranks' threads, and in_background.wait() reports the outcome."""
+    if in_background is not None:
+        in_background.wait()  # at most one save in flight
     root = cfg.checkpoint_dir
     root.mkdir(parents=True, exist_ok=True)
     final = root / tag(step)
@@ -388,9 +397,11 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
     torch.distributed.barrier()
     client = dict(client, step=step, world_size=world_size, config_hash=config_hash(cfg))
 
-    # 1. every rank writes its files; failures are settled together, after DeepSpeed's collectives
+    # 1. every rank writes its files (or, in the background, copies what it would write); failures
+    # are settled together, after DeepSpeed's collectives
     errors: list[BaseException] = []
-    with _recorded(errors), _deepspeed_writes_recorded(engine, errors):
+    pending = [] if in_background is not None else None
+    with _recorded(errors), _deepspeed_writes_recorded(engine, errors, pending):
         # An adapter run saves only what trains; the frozen base is rebuilt from model.init_from.
         engine.save_checkpoint(str(root), tag=tmp.name, client_state={"lmforge": client}, save_latest=False,
                                exclude_frozen_parameters=_has_frozen(engine))
@@ -400,16 +411,19 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
         with _recorded(errors):
             write_extra(tmp)
     saving.settle(errors)
+    if pending is not None:
+        in_background.start(saving, lambda: _write_and_publish(engine.checkpoint_engine.save, pending, saving, cfg,
+                                                               client, fault, in_background.timeout_s, log))
+        return final
+    if fault is not None:
+        fault()
 
     # 2. rank 0 lists what was written (one listing for all: a shared filesystem's directory
     # cache may lag on other nodes)
     sizes = None
     if rank == 0:
         with _recorded(errors):
-            missing = [f"rng_rank{r}.pt" for r in range(world_size) if not (tmp / f"rng_rank{r}.pt").is_file()]
-            if missing or not any(tmp.glob("*model_states.pt")):
-                raise RuntimeError(f"checkpoint {tmp} is incomplete after save (missing {missing or 'model states'})")
-            sizes = {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+            sizes = _written(tmp, world_size)
     sizes = saving.settle(errors, sizes)[0]
 
     # 3. each rank hashes a share, while the files are in page cache: rank 0 alone would read it all
@@ -421,16 +435,53 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
     # 4. rank 0 completes and publishes it
     if rank == 0:
         with _recorded(errors):
-            (tmp / "client.json").write_text(json.dumps(client, indent=1))
-            (tmp / "config.yaml").write_text(cfg.to_yaml())
-            write_manifest(tmp, step, hashes)
-            supersede_abandoned(root, cfg, log)  # after a rollback: the abandoned newer ones move aside first
-            drop_derived(final)  # converted from the save of this step being replaced: stale
-            publish(tmp, final, "latest")
-            prune(root, cfg.checkpoint.keep)
-            log.info(f"checkpoint saved: {final}")
+            _complete(tmp, final, step, client, cfg, hashes, log)
     saving.settle(errors)
     return final
+
+
+def _written(tmp: Path, world_size: int) -> dict[str, int]:
+    """Every file of the save in `tmp` and its size; RuntimeError if a rank's files are missing."""
+    missing = [f"rng_rank{r}.pt" for r in range(world_size) if not (tmp / f"rng_rank{r}.pt").is_file()]
+    if missing or not any(tmp.glob("*model_states.pt")):
+        raise RuntimeError(f"checkpoint {tmp} is incomplete after save (missing {missing or 'model states'})")
+    return {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+
+
+def _complete(tmp: Path, final: Path, step: int, client: dict, cfg: Config, hashes: dict[str, str], log) -> None:
+    """Rank 0: lmforge's files and the manifest, then publish, then prune."""
+    (tmp / "client.json").write_text(json.dumps(client, indent=1))
+    (tmp / "config.yaml").write_text(cfg.to_yaml())
+    write_manifest(tmp, step, hashes)
+    supersede_abandoned(final.parent, cfg, log)  # after a rollback: the abandoned newer ones move aside first
+    drop_derived(final)  # converted from the save of this step being replaced: stale
+    publish(tmp, final, "latest")
+    prune(final.parent, cfg.checkpoint.keep)
+    log.info(f"checkpoint saved: {final}")
+
+
+def _write_and_publish(write, pending: list, saving: "_Saving", cfg: Config, client: dict, fault, timeout_s: float,
+                       log) -> None:
+    """A rank's background thread (checkpoint.async): write the copies, hash them, leave the marker;
+    rank 0 then waits for every rank's marker and completes and publishes the checkpoint."""
+    tmp, error, hashes = saving.tmp, None, None
+    own = sorted({str(Path(path).relative_to(tmp)) for _, path in pending} | {f"rng_rank{saving.rank}.pt"})
+    try:
+        for state, path in pending:
+            write(state, path)
+        pending.clear()  # the host copies go as soon as they are on disk
+        if fault is not None:
+            fault()
+        hashes = hash_files(tmp, own)  # while in page cache; rank 0's manifest hashes the rest
+    except Exception as e:  # noqa: BLE001 - rank 0 learns it from the marker, every rank from wait()
+        error = e
+    background.write_marker(tmp, saving.rank, hashes, error)
+    if error is not None:
+        raise error
+    if saving.rank == 0:
+        hashes = background.collect_markers(tmp, saving.world_size, timeout_s)
+        _written(tmp, saving.world_size)
+        _complete(tmp, saving.final, int(client["step"]), client, cfg, hashes, log)
 
 
 def prune(root: Path, keep: int) -> None:
