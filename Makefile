@@ -100,6 +100,31 @@ $(VLLM_STAMP):
 test-serve: setup vllm-env
 	$(PY) -m pytest -m serve tests/test_serve.py $(PYTEST_ARGS)
 
+# The GPU check (bench/gpu_check.py), for a short window on a GPU machine whose image has CUDA torch
+# and transformers but none of DeepSpeed, bitsandbytes, pydantic, xxhash: `make gpu-wheels` here
+# builds/downloads those as wheels into $(GPU_WHEELS) and checks them against the 64 MiB that travel
+# (DeepSpeed as a pure-Python wheel, its ops JIT-built if ever needed; bitsandbytes' CUDA build is
+# most of it; flash-attn (>150 MiB) and Ray do not fit and are not needed: SDPA's flash kernel is
+# checked instead). GPU_PYVER: the image's Python, if it is not this one. On the GPU machine,
+# `make gpu-check` installs them offline and runs the check (< 8 min on one H100), writing gpu-check.json.
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYVER ?= $(shell $(PY) -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null)
+GPU_DEPS := bitsandbytes einops hjson msgpack ninja py-cpuinfo pydantic pydantic-core annotated-types typing-inspection \
+            typing-extensions xxhash psutil filelock pyyaml
+.PHONY: gpu-wheels gpu-check
+gpu-wheels: setup
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	DS_BUILD_OPS=0 $(PIP) wheel --quiet --no-deps --no-build-isolation -w $(GPU_WHEELS) deepspeed==$(DEEPSPEED_VERSION)
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYVER) \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
+	    --platform manylinux_2_17_x86_64 -d $(GPU_WHEELS) $(GPU_DEPS)
+	$(PY) bench/gpu_check.py --wheels $(GPU_WHEELS)
+
+gpu-check:
+	python3 -m pip install --quiet --no-index --find-links $(GPU_WHEELS) deepspeed $(GPU_DEPS)
+	mkdir -p .pkg/lmforge && for d in configs ds_configs launcher slurm tools training; do ln -sfn ../../$$d .pkg/lmforge/$$d; done
+	PYTHONPATH=$(CURDIR)/.pkg python3 bench/gpu_check.py --out gpu-check.json
+
 bench: setup compress-env
 	$(PY) bench/bench_overhead.py
 	$(PY) bench/bench_dataloader.py
