@@ -48,6 +48,14 @@ def nonfinite_steps(run_dir: str) -> dict:
         finite_after_bad = engine_lib.state_is_finite(engine)
         _step(engine)
         moved = _params(engine)
+        with torch.no_grad():  # finite weights whose sum overflows fp32: the fast check's sum is inf
+            p = next(engine.module.parameters())
+            flat = (p.ds_tensor if hasattr(p, "ds_tensor") else p).view(-1)
+            kept = flat[:2].clone()
+            flat[:2] = 3e38
+        finite_huge = engine_lib.state_is_finite(engine)
+        with torch.no_grad():
+            flat[:2] = kept
         with torch.no_grad():  # a diverged weight on rank 1's partition only
             if torch.distributed.get_rank() == 1:
                 p = next(engine.module.parameters())
@@ -55,7 +63,7 @@ def nonfinite_steps(run_dir: str) -> dict:
         out[stage] = {"unchanged": all(torch.equal(before[k], after_bad[k]) for k in before),
                       "moved": any(not torch.equal(after_bad[k], moved[k]) for k in moved),
                       "norm": float(norm), "lr_held": lr == engine.get_lr() or None,
-                      "finite_after_bad": finite_after_bad, "finite_after_inf": engine_lib.state_is_finite(engine)}
+                      "finite_after_bad": finite_after_bad, "finite_huge": finite_huge, "finite_after_inf": engine_lib.state_is_finite(engine)}
     return out
 
 
@@ -66,7 +74,7 @@ def test_a_nonfinite_step_updates_nothing_and_a_nonfinite_state_is_seen_by_every
             assert s["unchanged"], f"ZeRO-{stage}: a NaN step changed the weights"
             assert s["moved"], f"ZeRO-{stage}: the next good step did not train"
             assert s["norm"] != s["norm"] or s["norm"] in (float("inf"), -1.0), (stage, s["norm"])
-            assert s["finite_after_bad"] is True
+            assert s["finite_after_bad"] is True and s["finite_huge"] is True
             assert s["finite_after_inf"] is False  # rank 0 too: the check is collective
 
 
