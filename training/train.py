@@ -238,7 +238,7 @@ class Checkpointer:
     With checkpoint.async a save returns once the state is in host memory (training/checkpoint/
     background.py); wait() is where the loop needs it published (a stop, the end, a rollback)."""
 
-    def __init__(self, cfg: Config, save: Callable[[int, object], Path], resumed_from: Path | None, is_main: bool,
+    def __init__(self, cfg: Config, save: Callable[[int], Path], resumed_from: Path | None, is_main: bool,
                  metrics=None, background: "checkpoint.background.Background | None" = None):
         self.interval, self.root, self.is_main = cfg.checkpoint.interval, cfg.checkpoint_dir, is_main
         self._save = save
@@ -252,7 +252,7 @@ class Checkpointer:
         path = self.saved_at(step)
         if path is None:
             t0 = time.perf_counter()
-            path = self.last = self._save(step, self.background)
+            path = self.last = self._save(step)
             if self.metrics is not None:  # how long the loop stood still for it (async: the copy)
                 self.metrics.log(step, {"checkpoint/stall_s": time.perf_counter() - t0})
         return path
@@ -448,7 +448,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
         metrics.log(step, result)
         return result
 
-    def save(step: int, in_background) -> Path:
+    def save(step: int) -> Path:
         if not engine_lib.state_is_finite(engine):
             raise Diverged(step, f"step {step}: the weights or optimizer state are not finite; not saving "
                                  f"{checkpoint.tag(step)} (a diverged state is never published)")
@@ -458,7 +458,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
             model_lib.save_hf_files(engine.module, tokenizer, out, d.is_main)
 
         return checkpoint.save(engine, cfg, step, client, d.rank, d.world_size, log, write_extra=write_extra,
-                               fault=lambda: faults.maybe_die_saving(d.rank, step), in_background=in_background)
+                               fault=lambda: faults.maybe_die_saving(d.rank, step), in_background=background)
 
     return Run(engine=engine, groups=groups, train_data=train_data, sampler=sampler, evaluate=evaluate,
                headline=task.headline, metrics=metrics, throughput=throughput,

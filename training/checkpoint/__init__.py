@@ -29,7 +29,8 @@ weights_only=False): a checkpoint is trusted input. lmforge's own files are JSON
 rng_rank<R>.pt, which loads with torch.load(weights_only=True).
 
 Submodules: universal.py (resume on another SavedLayout through DeepSpeed's universal format),
-consolidate.py (a checkpoint → a Hugging Face model directory).
+consolidate.py (a checkpoint → a Hugging Face model directory), background.py (checkpoint.async:
+save() returns after a host copy; the same files are written and published by a thread per rank).
 """
 
 from __future__ import annotations
