@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -119,8 +120,11 @@ class Background:
 
 
 def write_marker(tmp: Path, rank: int, hashes: dict[str, str] | None, error: BaseException | None) -> None:
-    (tmp / MARKER.format(rank)).write_text(json.dumps(
-        {"hashes": hashes, "error": None if error is None else f"{type(error).__name__}: {error}"}))
+    """Atomically (rank 0 polls for the file: it must never see it half written)."""
+    path = tmp / MARKER.format(rank)
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps({"hashes": hashes, "error": None if error is None else f"{type(error).__name__}: {error}"}))
+    os.replace(part, path)
 
 
 def collect_markers(tmp: Path, world_size: int, timeout_s: float) -> dict[str, str]:
