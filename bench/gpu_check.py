@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -218,7 +217,7 @@ def main() -> int:
     result["adam8bit"] = check_adam8bit(device)
     result["plan"] = check_plan(cfg, shape, result["zero3"])
     result["seconds"] = time.time() - t0
-    Path(a.out).write_text(json.dumps(result, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+    Path(a.out).write_text(json.dumps(result, indent=1, default=str))
     print(table(result))
     print(f"\n{result['seconds']:.0f} s; JSON: {a.out}")
     ok = all(v.get("within", True) for v in result["attention"].values()) and "error" not in result["attention"].get("sdpa", {})

@@ -437,8 +437,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
         log.info(f"resumed from {plan.resume_from} at step {progress.step}")
 
     faults = Faults.from_env()
-    background = (checkpoint.background.Background(d.rank, d.world_size, cfg.dist.timeout_s)
-                  if cfg.checkpoint.async_ else None)
+    background = checkpoint.background.Background(cfg.dist.timeout_s) if cfg.checkpoint.async_ else None
     metrics = metrics_lib.make_metrics(d.rank, cfg.tensorboard_dir, Path(cfg.run_dir) / "metrics.jsonl", cfg.to_yaml())
     throughput = metrics_lib.Throughput(tokens_per_step, model_lib.flops_per_token(model.config, n_matmul, seq_len),
                                         d.world_size, metrics_lib.peak_tflops(cfg.logging.peak_tflops))

@@ -2,7 +2,7 @@
 thread on each rank writes that copy, and rank 0's thread then completes and publishes the
 checkpoint exactly as a synchronous save does (manifest, atomic rename, `latest`, prune).
 
-    lmforge train configs/demo.yaml --nproc 2 checkpoint.async=true   # "checkpoint step_100: loop stalled 0.2 s …"
+    lmforge train configs/demo.yaml --nproc 2 checkpoint.async=true   # checkpoint/stall_s in metrics.jsonl: the copy
 
 The ranks' threads run no collectives (the loop's own collectives go on meanwhile): each rank leaves
 a marker in the temporary directory with its files' hashes (or its error), and rank 0's thread waits
@@ -80,30 +80,23 @@ class OtherRankFailed(RuntimeError):
 class Background:
     """This rank's in-flight save, if any (train.py's Checkpointer holds one per run)."""
 
-    def __init__(self, rank: int, world_size: int, timeout_s: float):
-        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
-        self.saving = None  # the checkpoint._Saving of the save in flight
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s  # rank 0's wait for the other ranks' markers (dist.timeout_s)
+        self.saving = None  # the checkpoint._Saving of the save in flight (its rank and world size)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.write_s = 0.0  # how long the last background write took (this rank)
 
     def start(self, saving, job: Callable[[], None]) -> None:
         self.saving, self._error = saving, None
 
         def run() -> None:
-            t0 = time.perf_counter()
             try:
                 job()
             except BaseException as e:  # noqa: BLE001 - reported by wait(), on every rank
                 self._error = e
-            self.write_s = time.perf_counter() - t0
 
         self._thread = threading.Thread(target=run, name=f"lmforge-checkpoint-{saving.final.name}", daemon=True)
         self._thread.start()
-
-    @property
-    def in_flight(self) -> bool:
-        return self._thread is not None
 
     def wait(self) -> None:
         """Collective (every rank calls it at the same point of the loop): the save in flight has
