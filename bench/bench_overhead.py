@@ -109,7 +109,7 @@ def worker(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
-    from lmforge.training import data, dist, engine as engine_lib, metrics as metrics_lib, model as model_lib
+    from lmforge.training import arithmetic, data, dist, engine as engine_lib, metrics as metrics_lib, model as model_lib
     from lmforge.training.config import build_ds_config, load_config
     from lmforge.training.train import seed_everything, train_step
 
@@ -147,7 +147,7 @@ def worker(args: argparse.Namespace) -> int:
         metrics = metrics_lib.make_metrics(d.rank, cfg.tensorboard_dir, Path(cfg.run_dir) / "metrics.jsonl",
                                            cfg.to_yaml())
         throughput = metrics_lib.Throughput(tokens_per_step,
-                                            model_lib.flops_per_token(model.config, n_matmul, seq_len),
+                                            arithmetic.flops_per_token(model.config, n_matmul, seq_len),
                                             world, metrics_lib.peak_tflops(cfg.logging.peak_tflops))
         lm_state = {"step": 0, "tokens": 0}
 

@@ -58,7 +58,7 @@ def check_zero3(cfg, shape: dict, runtime: dict) -> tuple[dict, object]:
     the model config (for the plan check)."""
     import torch
 
-    from lmforge.training import dist, engine as engine_lib, metrics, model as model_lib
+    from lmforge.training import arithmetic, dist, engine as engine_lib, metrics, model as model_lib
     from lmforge.training.config import build_ds_config
 
     rt = dist.select_runtime(cfg.train.precision, cfg.model.attention)
@@ -90,7 +90,7 @@ def check_zero3(cfg, shape: dict, runtime: dict) -> tuple[dict, object]:
         losses.append(float(loss.detach()))
     step_s = statistics.median(times[shape["warmup"]:])
     tokens_s = shape["micro"] * shape["seq"] / step_s
-    tflops = tokens_s * model_lib.flops_per_token(conf, n_matmul, shape["seq"]) / 1e12
+    tflops = tokens_s * arithmetic.flops_per_token(conf, n_matmul, shape["seq"]) / 1e12
     peak = metrics.peak_tflops(None)
     row = {"params": n_total, "seq_len": shape["seq"], "micro_batch": shape["micro"], "precision": rt.precision,
            "build_s": build_s, "step_s": step_s, "tokens_per_s": tokens_s, "tflops": tflops,

@@ -155,8 +155,47 @@ def test_estimate_matches_measured_peak_per_rank(data_cache):
     assert abs(row["ratio"] - 1) <= 0.15, row
 
 
-def test_plan_never_imports_deepspeed():
-    code = ("import sys; from lmforge.tools import plan; from lmforge.training.config import load_config; "
-            f"plan.estimate(load_config({str(DEBUG)!r}), world_size=2); print('deepspeed' in sys.modules)")
+def test_plan_never_imports_deepspeed_or_torch():
+    """Arithmetic only: the CLI's plan imports neither DeepSpeed nor torch (or transformers, which
+    imports torch), which is what keeps `lmforge plan` under 2 s."""
+    code = ("import sys, runpy; sys.argv = ['lmforge', 'plan', 'configs/pretrain_7b.yaml', '--nodes', '2', "
+            "'--gpus-per-node', '8', '--gpu', 'H100']\n"
+            "from lmforge.launcher import cli\n"
+            "try:\n    cli.main()\nfinally:\n    print(sorted(m for m in ('deepspeed', 'torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert out.stdout.strip() == "False", out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:] + out.stderr[-2000:]
+    assert "recommended ZeRO-" in out.stdout
+
+
+@pytest.mark.parametrize("preset", ["llama-debug", "llama-demo", "llama-1b", "llama-7b"])
+def test_plain_config_shape_equals_transformers_config(preset, tmp_path):
+    """The torch-free config the plan reads gives the shape transformers' own config gives, for the
+    presets with overrides and for a local directory's config.json (Qwen2: q/k/v biases, tied)."""
+    from transformers import Qwen2Config
+
+    from lmforge.tools.plan import model_config, model_shape
+
+    over = ["model.overrides.num_key_value_heads=2", "model.overrides.max_position_embeddings=2048"]
+    cfg = load_config(DEBUG, [f"model.preset={preset}", *over])
+    assert type(model_config(cfg, 512)).__name__ == "SimpleNamespace"
+    assert model_shape(model_config(cfg, 512)) == model_shape(hf_config(cfg.model, 512, 0))
+    Qwen2Config(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True).save_pretrained(tmp_path)
+    cfg = load_config(DEBUG, [f"model.path={tmp_path}"])
+    assert type(model_config(cfg, 512)).__name__ == "SimpleNamespace"
+    assert model_shape(model_config(cfg, 512)) == model_shape(hf_config(cfg.model, 512, 0))
+    # a key outside the arithmetic's: transformers' config decides, and validates
+    cfg = load_config(DEBUG, ["model.overrides.pretraining_tp=2"])
+    assert type(model_config(cfg, 512)).__name__ == "LlamaConfig"
+    with pytest.raises(ConfigError, match="model.overrides.hiden_size: LlamaConfig has no such key"):
+        model_config(load_config(DEBUG, ["model.overrides.hiden_size=64"]), 512)
+
+
+def test_a_named_gpu_implies_its_memory_and_peak():
+    h100 = plan.hardware(load_config(DEBUG, ["model.preset=llama-1b"]), gpus_per_node=8, gpu="NVIDIA H100 80GB HBM3")
+    assert (h100.device, h100.capacity, h100.peak_tflops) == ("cuda", 81559 * 2**20, 989.0)
+    a100 = plan.hardware(load_config(DEBUG, []), gpu="A100-40GB", gpu_memory="38GiB", peak_tflops=300)
+    assert (a100.capacity, a100.peak_tflops) == (38 * 2**30, 300)  # given values override the table
+    assert plan.hardware(load_config(DEBUG, []), gpu="a100").capacity == 81920 * 2**20
+    with pytest.raises(ConfigError, match="--gpu 'B300': unknown; known: H200, H100"):
+        plan.hardware(load_config(DEBUG, []), gpu="B300")

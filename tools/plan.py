@@ -42,8 +42,8 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from lmforge.training.config import Config, ConfigError, build_ds_config
-from lmforge.training.model import flops_per_token, hf_config, max_positions
+from lmforge.training.arithmetic import GPUS, LLAMA_LIKE, flops_per_token, gpu_spec, max_positions, plain_config
+from lmforge.training.config import MODEL_PRESETS, Config, ConfigError, build_ds_config
 
 GIB = 2**30
 
@@ -121,7 +121,19 @@ class ModelShape:
     largest_module: int  # parameters of the largest leaf module (ZeRO-3 gathers one at a time)
 
 
-_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+def model_config(cfg: Config, vocab_size: int, source=None):
+    """The model's config as the arithmetic reads it: plain values for a Llama-family preset or
+    local directory (no torch: the plan answers in under 2 s), else transformers' config class."""
+    from pathlib import Path
+
+    m = cfg.model
+    path = source or (Path(m.path).expanduser() if m.path else None)
+    conf = plain_config(MODEL_PRESETS, m.preset, path, m.overrides, vocab_size)
+    if conf is None:
+        from lmforge.training.model import hf_config
+
+        conf = hf_config(m, vocab_size, 0, source)
+    return conf
 
 
 def model_shape(conf) -> ModelShape:
@@ -134,7 +146,7 @@ def model_shape(conf) -> ModelShape:
     inter = getattr(conf, "intermediate_size", None) or 4 * h
     vocab = conf.vocab_size
     tied = bool(getattr(conf, "tie_word_embeddings", False))
-    if conf.model_type in _LLAMA_LIKE:
+    if conf.model_type in LLAMA_LIKE:
         q, kvd = heads * hd, kv * hd
         attn = h * q + 2 * h * kvd + q * h
         if getattr(conf, "attention_bias", conf.model_type == "qwen2"):
@@ -173,6 +185,10 @@ def resolve_vocab(cfg: Config) -> tuple[int, str | None]:
 
     if cfg.data.tokenizer:
         path = Path(cfg.data.tokenizer).expanduser()
+        if (path / "tokenizer.json").is_file():  # the fast tokenizer's file: its size without transformers
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size(with_added_tokens=True), None
         if path.is_dir():
             from lmforge.training.data import load_tokenizer
 
@@ -231,27 +247,28 @@ def candidate_of(cfg: Config) -> Candidate:
 def hardware(cfg: Config, nodes: int = 1, gpus_per_node: int | None = None, gpu_memory: int | str | None = None,
              gpu: str | None = None, peak_tflops: float | None = None, mfu: float | None = None,
              runtime_overhead: int | str | None = None) -> Hardware:
-    """GPU memory given → a CUDA plan (bf16 unless train.precision says otherwise); none → CPU
+    """A GPU named or its memory given → a CUDA plan (bf16 unless train.precision says otherwise),
+    a named GPU implying its memory and peak (either given explicitly overrides it); neither → CPU
     ranks (fp32), the capacity being this host's RAM shared by its ranks."""
-    from lmforge.training.metrics import PEAK_TFLOPS
-
     if nodes < 1:
         raise ConfigError(f"--nodes must be >= 1 (got {nodes})")
     ranks = gpus_per_node if gpus_per_node is not None else (cfg.launch.workers or 1)
     if ranks < 1:
         raise ConfigError(f"--gpus-per-node must be >= 1 (got {ranks})")
     memory = parse_memory(gpu_memory)
-    cuda = memory is not None or gpu is not None
+    spec = None
+    if gpu is not None:
+        spec = gpu_spec(gpu)
+        if spec is None:
+            raise ConfigError(f"--gpu {gpu!r}: unknown; known: {', '.join(GPUS)} (or give --gpu-memory and --peak-tflops)")
+        memory = memory if memory is not None else spec[2]
+        peak_tflops = peak_tflops or spec[1]
+    cuda = memory is not None
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if cuda else "fp32"
     elif precision in ("bf16", "fp16") and not cuda:
         raise ConfigError(f"train.precision={precision} plans a GPU run: give --gpu-memory")
-    if gpu is not None and peak_tflops is None:
-        match = [v for k, v in PEAK_TFLOPS.items() if k.lower() in gpu.lower()]
-        if not match:
-            raise ConfigError(f"--gpu {gpu!r}: unknown; known: {', '.join(PEAK_TFLOPS)} (or give --peak-tflops)")
-        peak_tflops = match[0]
     peak_tflops = peak_tflops or cfg.logging.peak_tflops
     if mfu is not None and not 0 < mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1] (got {mfu})")
@@ -353,16 +370,13 @@ def estimate(cfg: Config, world_size: int | None = None, nodes: int = 1, gpus_pe
     notes: list[str] = []
     source = None
     if cfg.model.init_from:
-        # reads config.json only: no weights, no DeepSpeed
-        from lmforge.training.checkpoint.consolidate import source_meta
-
-        source = source_meta(cfg.model.init_from)
+        source = _init_from_meta(cfg.model.init_from)
         vocab_size = vocab_size or 0  # the model's own embedding size counts
     if vocab_size is None:
         vocab_size, note = resolve_vocab(cfg)
         if note and not cfg.model.path:  # a model.path brings its own vocabulary
             notes.append(note)
-    conf = hf_config(cfg.model, vocab_size, 0, source)
+    conf = model_config(cfg, vocab_size, source)
     shape = model_shape(conf)
     seq = cfg.data.seq_len
     max_pos = max_positions(conf)
@@ -448,6 +462,26 @@ def estimate(cfg: Config, world_size: int | None = None, nodes: int = 1, gpus_pe
     if cand.offload_optimizer:
         notes.append("optimizer offload: the step runs on the host CPU (DeepSpeedCPUAdam); tokens/s assumes it overlaps")
     return Estimate(shape, cand, hw, seq, cfg.train.optimizer, terms, host, act_off, act_on, fpt, tps, achieved, notes)
+
+
+def _init_from_meta(init_from: str):
+    """model.init_from → the directory holding its config.json. Every checkpoint of a run has the
+    same architecture, so the newest step_N/hf/ serves without verifying the checkpoint (which
+    would import torch); only when none is found does consolidate.source_meta say what is wrong."""
+    from pathlib import Path
+
+    p = Path(init_from).expanduser()
+    for root in (p, p / "checkpoints"):
+        if (root / "config.json").is_file():
+            return root
+        steps = [d for d in root.glob("step_*") if d.name[5:].isdigit() and (d / "hf" / "config.json").is_file()]
+        if steps:
+            return max(steps, key=lambda d: int(d.name[5:])) / "hf"
+    if (p / "hf" / "config.json").is_file():  # a step_N directory
+        return p / "hf"
+    from lmforge.training.checkpoint.consolidate import source_meta
+
+    return source_meta(init_from)
 
 
 def _ds_buildable(cfg: Config, cand: Candidate, world: int) -> bool:

@@ -17,10 +17,7 @@ from pathlib import Path
 import psutil
 import torch
 
-# Dense bf16/fp16 peak TFLOP/s per device (no sparsity), matched against the CUDA device name.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
-               "L40S": 362.0, "L40": 181.0, "A6000": 155.0, "A10G": 70.0, "A10": 125.0,
-               "L4": 121.0, "V100": 125.0, "T4": 65.0, "MI300X": 1307.0, "MI250X": 383.0}
+from .arithmetic import gpu_spec
 
 
 def peak_tflops(configured: float | None) -> float | None:
@@ -28,10 +25,8 @@ def peak_tflops(configured: float | None) -> float | None:
     if configured:
         return configured
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, value in PEAK_TFLOPS.items():
-            if key in name:
-                return value
+        spec = gpu_spec(torch.cuda.get_device_name())
+        return spec[1] if spec else None
     return None
 
 

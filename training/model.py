@@ -18,13 +18,10 @@ from typing import Any
 import torch
 
 from . import parallel, tasks
+from .arithmetic import pad_vocab
 from .config import MODEL_PRESETS, ConfigError, FinetuneConfig, ModelConfig
 
 _hf_ds_config_ref = None  # transformers reads ZeRO-3 state through a weak global; keep it alive
-
-
-def pad_vocab(n: int, multiple: int = 64) -> int:
-    return (n + multiple - 1) // multiple * multiple
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int, source: Path | None = None,
@@ -170,10 +167,6 @@ def check_4bit_training_path(model: torch.nn.Module, targets: list[str]) -> None
             f"(the version lmforge is tested with) or use finetune.method=lora")
 
 
-def max_positions(conf) -> int | None:
-    return getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
-
-
 def build(cfg: ModelConfig, conf, ds_config: dict, attention: str, dtype: torch.dtype,
           activation_checkpointing: bool = False, task: str = "pretrain", source: Path | None = None,
           finetune: FinetuneConfig | None = None, total_steps: int = 0) -> torch.nn.Module:
@@ -264,15 +257,6 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     tied = getattr(model.config, "tie_word_embeddings", False)
     # A tied embedding is also the output projection, which is a real matmul: count it once there.
     return total, total - (0 if tied else emb_n)
-
-
-def flops_per_token(conf, n_matmul_params: int, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6·N for the weight matmuls plus the
-    attention score/value matmuls, 12·layers·hidden·seq (the PaLM appendix B convention, no
-    causal discount). Computed from the config, so it is right under ZeRO-3 partitioning."""
-    layers = conf.num_hidden_layers
-    hidden = conf.hidden_size
-    return 6.0 * n_matmul_params + 12.0 * layers * hidden * seq_len
 
 
 def describe(conf, n_total: int) -> str:

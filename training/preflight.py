@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint, distill as distill_lib, dist, hub, model as model_lib, parallel, tasks as tasks_lib
+from . import arithmetic, checkpoint, distill as distill_lib, dist, hub, model as model_lib, parallel, tasks as tasks_lib
 from .config import Config, ConfigError, build_ds_config
 from .dist import (EXIT_DIVERGED, EXIT_HUNG, EXIT_STOPPED, STOP_SIGNALS, free_port, get_logger,  # noqa: F401 (driver API)
                    read_failure, request_stop, stop_file)
@@ -74,7 +74,7 @@ def preflight(cfg: Config, world_size: int, log) -> Prepared:
     if cfg.distill.teacher:
         distill_lib.check_teacher(cfg.distill, conf, prepared.tokenizer)
     parallel.check_model(cfg, conf)
-    max_pos = model_lib.max_positions(conf)
+    max_pos = arithmetic.max_positions(conf)
     if max_pos is not None and cfg.data.seq_len > max_pos:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the model's max positions ({max_pos})")
     resume = checkpoint.resume_choice(cfg, log)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, data, dist, engine as engine_lib, metrics as metrics_lib, model as model_lib
+from . import arithmetic, checkpoint, data, dist, engine as engine_lib, metrics as metrics_lib, model as model_lib
 from . import distill as distill_lib, parallel, resume, runlock, startup, tasks as tasks_lib
 from .config import Config, ConfigError, dump_config, load_config
 from .faults import Faults
@@ -439,7 +439,7 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
     faults = Faults.from_env()
     background = checkpoint.background.Background(cfg.dist.timeout_s) if cfg.checkpoint.async_ else None
     metrics = metrics_lib.make_metrics(d.rank, cfg.tensorboard_dir, Path(cfg.run_dir) / "metrics.jsonl", cfg.to_yaml())
-    throughput = metrics_lib.Throughput(tokens_per_step, model_lib.flops_per_token(model.config, n_matmul, seq_len),
+    throughput = metrics_lib.Throughput(tokens_per_step, arithmetic.flops_per_token(model.config, n_matmul, seq_len),
                                         d.world_size, metrics_lib.peak_tflops(cfg.logging.peak_tflops))
 
     def evaluate(step: int) -> dict:
