@@ -80,7 +80,10 @@ def check_common(src: Path, out: Path, record: dict) -> None:
 
 def test_w4a16(lm_hf, tmp_path, heldout, base_ppl):
     out = tmp_path / "w4a16"
-    record = compress(lm_hf, out, "w4a16")
+    proc = lmforge("compress", lm_hf, "--recipe", "w4a16", "--out", out, "--calibration-samples", CALIBRATION,
+                   timeout=900)
+    assert "--group-size auto: 128" in proc.stderr  # the default: 128 divides every layer of this model
+    record = json.loads((out / "compression.json").read_text())
     check_common(lm_hf, out, record)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
@@ -176,6 +179,18 @@ def tiny_llama(d: Path, hidden: int) -> Path:
     return d
 
 
+def test_group_size_auto_picks_the_largest_that_divides_every_layer():
+    from lmforge.tools.compress import RECIPES, auto_group_size
+
+    w4a16 = RECIPES["w4a16"]
+    assert auto_group_size(w4a16, {"q": 128, "down": 384}) == 128
+    assert auto_group_size(w4a16, {"q": 64, "down": 192}) == 64     # the debug model (README's walkthrough)
+    assert auto_group_size(w4a16, {"q": 256, "down": 704}) == 64    # 704 = 11 x 64
+    assert auto_group_size(w4a16, {"q": 96, "down": 288}) == 32
+    with pytest.raises(ConfigError, match=r"no supported group size .* \(48, 144\)"):
+        auto_group_size(w4a16, {"q": 48, "down": 144})
+
+
 def test_wanda_with_data_config(lm_hf, tmp_path):
     """A directory without lmforge_run.yaml calibrates on --data's training split and then carries it."""
     src = tiny_llama(tmp_path / "tiny", 64)
@@ -209,10 +224,14 @@ def test_bad_input(lm_hf, tmp_path, monkeypatch):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
     cases.append((tmp_path / "notes", "w4a16", {}, "not a Hugging Face model directory"))
-    # hidden 64: group 128 cannot divide any layer's in_features (checked from the Linear shapes).
+    # hidden 64: an explicit group of 128 cannot divide any layer's in_features (checked from the Linear
+    # shapes); hidden 48 (MLP 144): no supported group divides them, so auto has nothing to pick.
     narrow = tiny_llama(tmp_path / "narrow", 64)
-    cases.append((narrow, "w4a16", {"data": lm_hf / artifact.RUN_CONFIG}, r"group size 128 does not divide the "
-                  r"in_features of 7 of 7 Linear layer\(s\): model.layers.0.self_attn.q_proj \(64\)"))
+    cases.append((narrow, "w4a16", {"data": lm_hf / artifact.RUN_CONFIG, "group_size": 128}, r"group size 128 does "
+                  r"not divide the in_features of 7 of 7 Linear layer\(s\): model.layers.0.self_attn.q_proj \(64\)"))
+    odd = tiny_llama(tmp_path / "odd", 48)
+    cases.append((odd, "w8a16", {"data": lm_hf / artifact.RUN_CONFIG}, r"no supported group size \(128, 64, 32\) "
+                  r"divides every quantized layer's in_features \(48, 144\); use w8a8"))
     cases.append((narrow, "w8a8", {}, "has no lmforge_run.yaml .* pass --data"))  # no data named anywhere
     cases.append((lm_hf, "w8a8", {"group_size": 64}, "--group-size is for the group-wise recipes"))
     cases.append((lm_hf, "int8-torchao", {"calibration_samples": 32}, "is data-free: --calibration-samples would be"))

@@ -131,6 +131,26 @@ def target_layers(src: Path, conf) -> dict[str, int]:
             if isinstance(m, torch.nn.Linear) and name.split(".")[-1] not in IGNORED}
 
 
+# Group sizes vLLM's group-quantized kernels (Marlin, Machete) and compressed-tensors' packing take.
+GROUP_SIZES = (128, 64, 32)
+
+
+def auto_group_size(recipe: Recipe, layers: dict[str, int]) -> int:
+    """`--group-size auto`: the largest supported group that divides every quantized layer's in_features."""
+    for size in GROUP_SIZES:
+        if all(n % size == 0 for n in layers.values()):
+            return size
+    widths = sorted(set(layers.values()))
+    raise ConfigError(f"--recipe {recipe.name}: no supported group size ({', '.join(map(str, GROUP_SIZES))}) divides "
+                      f"every quantized layer's in_features ({', '.join(map(str, widths))}); use w8a8, which "
+                      "quantizes per channel")
+
+
+def with_group_size(recipe: Recipe, size: int) -> Recipe:
+    return dataclasses.replace(recipe, group_size=size, method=recipe.method.replace("group 128", f"group {size}"),
+                               saves=recipe.saves.replace("per 128 inputs", f"per {size} inputs"))
+
+
 def check_shapes(recipe: Recipe, layers: dict[str, int]) -> None:
     """Group quantization needs group_size | in_features (compressed-tensors packs whole groups and vLLM's
     Marlin/Machete kernels refuse partial ones; llm-compressor itself lets narrower layers through and then
@@ -276,7 +296,9 @@ def copy_side_files(src: Path, out: Path, recipe: Recipe, calib: Calibration | N
 
 def compress(src: str | Path, out: str | Path, recipe: str, calibration_samples: int | None = None,
              seq_len: int | None = None, data: str | None = None, overwrite: bool = False,
-             batch_size: int | None = None, group_size: int | None = None) -> Path:
+             batch_size: int | None = None, group_size: int | str = "auto") -> Path:
+    """group_size: "auto" (the largest of GROUP_SIZES dividing every quantized layer, printed) or a
+    number, which must divide them all; for the group-wise recipes (w4a16, w8a16) only."""
     src, out = Path(src), Path(out)
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe {recipe!r}: one of {', '.join(RECIPES)}")
@@ -287,13 +309,14 @@ def compress(src: str | Path, out: str | Path, recipe: str, calibration_samples:
     # 128 rows is llm-compressor's and GPTQ's usual calibration size; a few dozen suffice for tiny models.
     calibration_samples = 128 if calibration_samples is None else calibration_samples
     batch_size = 8 if batch_size is None else batch_size
-    if group_size is not None:
+    if group_size is None:
+        group_size = "auto"
+    if group_size != "auto":
         if r.group_size is None:
             raise ConfigError(f"--group-size is for the group-wise recipes (w4a16, w8a16), not {r.name}")
         if group_size < 1:
             raise ConfigError(f"--group-size {group_size}: at least 1")
-        r = dataclasses.replace(r, group_size=group_size, method=r.method.replace("group 128", f"group {group_size}"),
-                                saves=r.saves.replace("per 128 inputs", f"per {group_size} inputs"))
+        r = with_group_size(r, group_size)
     if r.cuda_only:
         import torch
 
@@ -306,6 +329,10 @@ def compress(src: str | Path, out: str | Path, recipe: str, calibration_samples:
     python = compress_python() if r.engine == "llm-compressor" else None
     conf = artifact.dense_hf_config(src, "lmforge compress")
     layers = target_layers(src, conf)
+    if group_size == "auto" and r.group_size is not None:
+        r = with_group_size(r, auto_group_size(r, layers))
+        print(f"lmforge compress: --group-size auto: {r.group_size} (the largest of "
+              f"{', '.join(map(str, GROUP_SIZES))} that divides every quantized layer's in_features)", file=sys.stderr)
     check_shapes(r, layers)
     cfg, calib = None, None
     if r.calibrated:
@@ -363,11 +390,21 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="calibration rows per forward pass, default 8 (speed and memory: the statistics sum over all "
                         "rows either way; rows are equal length, unpadded)")
-    p.add_argument("--group-size", type=int, default=None,
-                   help="w4a16/w8a16: inputs per weight scale (default 128; must divide every layer's in_features, "
-                        "e.g. 64 for an MLP of 704)")
+    p.add_argument("--group-size", type=_group_size, default="auto",
+                   help="w4a16/w8a16: inputs per weight scale; auto (default): the largest of "
+                        f"{', '.join(map(str, GROUP_SIZES))} that divides every quantized layer's in_features; "
+                        "a number must divide them all")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_cmd, overrides=[])
+
+
+def _group_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: auto or a whole number") from None
 
 
 def _cmd(args) -> int:
