@@ -48,7 +48,7 @@ def _packed(layer) -> bool:
     return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
 
 
-@pytest.mark.parametrize("out_features", [176, 64, 4096])  # the debug MLP (not a multiple of 32), real shapes
+@pytest.mark.parametrize("out_features", [176, 64, 4096])  # not a multiple of 32 (the packed path's refusal), real shapes
 def test_lmforge_4bit_layer_evaluates_and_trains_on_one_path(out_features, record_property):
     """What a QLoRA run does to each base layer: train, evaluate (eval mode, no grad), train again.
     On lmforge's path all three give the training path's numbers, bitwise, and the input gradient."""
@@ -89,15 +89,17 @@ def test_bitsandbytes_packed_path_is_not_a_training_path(out_features):
     assert grad2 is None or not torch.equal(out2, out1)
 
 
-def _debug_hf_config():
-    cfg = load_config(DEBUG, [])
+def _debug_hf_config(intermediate_size: int = 176):
+    """The debug model with an MLP 176 wide by default: not a multiple of 32, a shape the packed path refuses."""
+    cfg = load_config(DEBUG, [f"model.overrides.intermediate_size={intermediate_size}"])
     return model_lib.hf_config(cfg.model, 512, 0)
 
 
-def test_preflight_accepts_the_debug_model_on_this_cpu():
-    """The debug model's 176-wide MLP is accepted on both kinds of CPU: the probe in preflight
-    evaluates and trains a 4-bit layer the way a run does."""
-    model_lib.check_finetune(_debug_hf_config(), "sft", FinetuneConfig(method="qlora"))
+@pytest.mark.parametrize("intermediate_size", [176, 192])
+def test_preflight_accepts_the_debug_model_on_this_cpu(intermediate_size):
+    """A 176-wide MLP and the debug model's own 192 are accepted on both kinds of CPU: the probe in
+    preflight evaluates and trains a 4-bit layer the way a run does."""
+    model_lib.check_finetune(_debug_hf_config(intermediate_size), "sft", FinetuneConfig(method="qlora"))
 
 
 @NEEDS_PACKED

@@ -43,10 +43,10 @@ class _Section(BaseModel):
 # Size presets for Llama-architecture models. vocab_size is filled from the tokenizer unless given.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # ~0.2M params: tests and the debug recipe (finishes in seconds on a CPU).
-    "llama-debug": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+    "llama-debug": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
     # ~5M params with a 4k vocabulary: the embedded demo.
-    "llama-demo": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+    "llama-demo": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
     # Llama-3.2-1B shapes.
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
