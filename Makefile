@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet 'setuptools>=68' wheel ninja py-cpuinfo packaging setuptools_scm
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	DS_BUILD_OPS=0 $(PIP) install --quiet --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
-	$(PIP) install --quiet --no-build-isolation -e '.[dev,ray,compress]'
+	$(PIP) install --quiet --no-build-isolation -e '.[dev,ray,compress,track]'
 	ops=$$($(PY) -c 'from lmforge.training.dist import default_extensions_dir as d; print(d())') && \
 	{ TORCH_EXTENSIONS_DIR=$$ops $(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()' & } && \
 	TORCH_EXTENSIONS_DIR=$$ops $(PY) -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()' && \

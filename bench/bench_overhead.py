@@ -144,8 +144,7 @@ def worker(args: argparse.Namespace) -> int:
         n_total, n_matmul = model_lib.count_params(model)
         lm_engine = engine_lib.initialize(cfg, model, copy.deepcopy(ds), total_steps)
         lm_sampler = sampler()
-        metrics = metrics_lib.make_metrics(d.rank, cfg.tensorboard_dir, Path(cfg.run_dir) / "metrics.jsonl",
-                                           cfg.to_yaml())
+        metrics = metrics_lib.make_metrics(d.rank, cfg, fresh=True, eval_metrics=["eval/loss", "eval/ppl"])
         throughput = metrics_lib.Throughput(tokens_per_step,
                                             arithmetic.flops_per_token(model.config, n_matmul, seq_len),
                                             world, metrics_lib.peak_tflops(cfg.logging.peak_tflops))

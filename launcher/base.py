@@ -18,7 +18,18 @@ from typing import Iterator
 from lmforge.training import startup
 from lmforge.training.config import Config, dump_config
 from lmforge.training.preflight import (EXIT_STOPPED, STOP_SIGNALS, check_run_dir_free, hold_run_dir, preflight,
-                                       read_failure, request_stop, stop_file)
+                                       read_failure, record_failure, request_stop, stop_file)
+
+
+def _exit_cause(rc: int) -> str:
+    """The shell's convention: 128 + N is death by signal N."""
+    if rc > 128:
+        try:
+            return f"a rank was killed by {signal.Signals(rc - 128).name} (exit {rc}): the kernel's OOM killer, " \
+                   "a kill, or a lost node"
+        except ValueError:
+            pass
+    return f"a rank exited with status {rc} (its log says why)"
 
 
 @contextmanager
@@ -90,4 +101,6 @@ class StopOnSignal:
             print(f"lmforge: the job failed with exit {failure['code']} on rank {failure['rank']} "
                   f"({failure['host']}): {failure['reason']}", file=sys.stderr, flush=True)
             return failure["code"]
+        if rc not in (0, EXIT_STOPPED):  # no rank could say why (killed, crashed): what the launcher saw, for status
+            record_failure(self.run_dir, rc, _exit_cause(rc), rank=-1)
         return rc

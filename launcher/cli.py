@@ -14,6 +14,7 @@
     lmforge report exports/debug-w4a16 exports/debug-q8_0.gguf --baseline exports/debug --gate 'ppl<=+5%'
     lmforge serve exports/debug-w8a8 [--check]            # vLLM's OpenAI server on 127.0.0.1 (make vllm-env once)
     lmforge verify runs/debug [runs/other/checkpoints/step_20 …]   # sizes + content hashes; exit 1 if any is broken
+    lmforge status runs/debug [runs/x …] [--json]   # progress, ETA, last checkpoint, health; exit 1 if unhealthy
 
 Every command validates the whole config first; a bad key or value prints one line naming it and
 exits 2 before any rank starts. The driver never imports DeepSpeed: ranks do, in
@@ -216,6 +217,18 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def cmd_status(args) -> int:
+    from lmforge.tools import status
+
+    return status.main(args)
+
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    from lmforge.tools import status
+
+    status.add_args(p)
+
+
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="CHECKPOINT",
                    help="a step_N checkpoint, or a run directory / its checkpoints/ (all its step_N checkpoints)")
@@ -249,6 +262,7 @@ COMMANDS = {
     "plan": (cmd_plan, _plan_args, "per-rank memory, tokens/s and a layout that fits, from the config alone"),
     "export": (cmd_export, _export_args, "a run or checkpoint -> a Hugging Face directory (adapters merged), GGUF or ONNX"),
     "verify": (cmd_verify, _verify_args, "check checkpoints' files against their manifests (sizes and content hashes)"),
+    "status": (cmd_status, _status_args, "how runs are doing: step, loss, tokens/s, ETA, last checkpoint, health"),
 }
 TOOLS = ("compress", "prune", "report", "serve")
 # The arguments that name a model directory: a Hub id there is resolved to its snapshot directory

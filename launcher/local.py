@@ -190,7 +190,8 @@ def launch(cfg: Config, config_path: Path, nproc: int, ctx=None) -> int:
 
 def supervise(ranks: list) -> int:
     """Wait for every rank. All 0 (or all 75, a stop): that status. The first rank to fail decides
-    the job's status and the others are ended, as torchrun ends them."""
+    the job's status (of ranks found failed together, one killed by a signal) and the others are
+    ended, as torchrun ends them."""
     from lmforge.training.preflight import EXIT_STOPPED
 
     failed: int | None = None
@@ -199,7 +200,8 @@ def supervise(ranks: list) -> int:
         if failed is None:
             bad = [p.returncode for p in ranks if p.returncode not in (None, 0, EXIT_STOPPED)]
             if bad:
-                failed = bad[0]
+                # a rank killed by a signal is the cause; its peers' errors ("connection closed") follow from it
+                failed = next((c for c in bad if c < 0), bad[0])
                 print(f"lmforge: a rank exited with status {failed}; ending the others", file=sys.stderr, flush=True)
                 for p in ranks:
                     if p.poll() is None:

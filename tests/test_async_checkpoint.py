@@ -47,6 +47,11 @@ def test_a_kill_during_the_background_write_leaves_the_previous_checkpoint(debug
     assert proc.returncode != 0
     assert (ckpts / "latest").read_text() == "step_20" and not (ckpts / "step_30").exists()
     assert (ckpts / ".tmp_step_30").is_dir() and verify(ckpts / "step_20", contents=True) is None
+    # what `lmforge status` says of it: the launcher recorded what it saw (rank 1's SIGKILL, as a rule;
+    # rank 0's "connection closed" if that rank was seen to end first)
+    status = lmforge("status", run_dir, check=False).stdout
+    assert status.startswith(f"{run_dir}: failed (exit ") and "(the launcher on " in status, status
+    assert "last checkpoint step_20 (" in status
     proc = lmforge("train", DEBUG, *overrides, "--nproc", "2")
     assert f"resumed from {ckpts / 'step_20'} at step 20" in proc.stderr
     assert losses(run_dir) == losses(reference)  # every step, the replayed ones included, bitwise

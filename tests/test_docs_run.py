@@ -93,6 +93,7 @@ def test_the_readme_has_runnable_walkthroughs():
     readme = [c for c in COMMANDS if c.doc.name == "README.md"]
     assert any(c.text.startswith("lmforge export runs/debug") for c in readme), readme
     assert any(c.text.startswith("lmforge plan") for c in readme), readme
+    assert any(c.text.startswith("lmforge status") for c in readme), readme
 
 
 def test_block_parsing_and_optional_parts():

@@ -62,6 +62,9 @@ def test_divergence_exits_76_naming_the_step_and_publishes_nothing(tmp_path, dat
     bad = [m for m in _metrics(run_dir) if "train/bad_steps" in m]
     assert bad and max(m["train/bad_steps"] for m in bad) >= 3
     assert all(math.isfinite(m["train/loss"]) for m in _metrics(run_dir) if "train/loss" in m)
+    status = lmforge("status", run_dir, "--json", check=False)  # exit 1: an unhealthy run
+    st = json.loads(status.stdout)[0]
+    assert status.returncode == 1 and st["health"] == "diverged" and st["cause"].startswith("exit 76 (rank ")
 
 
 def test_rollback_skips_the_bad_window_and_finishes(tmp_path, data_cache):

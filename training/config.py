@@ -356,6 +356,15 @@ class EvalConfig(_Section):
 
 
 class LoggingConfig(_Section):
+    backends: list[Literal["tensorboard", "jsonl", "wandb", "mlflow"]] = Field(
+        ["tensorboard", "jsonl"], min_length=1,
+        description="where rank 0 sends metrics: TensorBoard event files, <run_dir>/metrics.jsonl (lmforge status and "
+                    "export read it), Weights & Biases (its usual environment: WANDB_MODE=offline, WANDB_ENTITY, "
+                    "WANDB_API_KEY), MLflow (logging.mlflow_tracking_uri); `pip install -e '.[track]'` for the last two")
+    project: str = Field("lmforge", min_length=1, description="the W&B project and the MLflow experiment")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (a server, sqlite:///mlflow.db, ...); default $MLFLOW_TRACKING_URI, "
+                          "else MLflow's own default")
     dir: str | None = Field(None, description="TensorBoard directory; default <run_dir>/tensorboard")
     interval: int = Field(1, ge=1, description="steps between logged scalars")
     peak_tflops: float | None = Field(None, gt=0, description="per-device peak TFLOP/s for MFU; default from the GPU table, none on CPU")

@@ -18,14 +18,14 @@ from pathlib import Path
 from . import arithmetic, checkpoint, distill as distill_lib, dist, hub, model as model_lib, parallel, tasks as tasks_lib
 from .config import Config, ConfigError, build_ds_config
 from .dist import (EXIT_DIVERGED, EXIT_HUNG, EXIT_STOPPED, STOP_SIGNALS, free_port, get_logger,  # noqa: F401 (driver API)
-                   read_failure, request_stop, stop_file)
+                   read_failure, record_failure, request_stop, stop_file)
 from .leftovers import die_with_parent  # noqa: F401 (driver API)
 from .hub import resolve_ids  # noqa: F401 (driver API: `lmforge prepare` reads the models a config names)
 from .runlock import ENV as RUN_LOCK_ENV, RunDirInUse, check_free as check_run_dir_free, hold as hold_run_dir  # noqa: F401
 
 __all__ = ["EXIT_DIVERGED", "EXIT_HUNG", "EXIT_STOPPED", "RUN_LOCK_ENV", "STOP_SIGNALS", "Prepared", "RunDirInUse",
            "check_run_dir_free", "die_with_parent", "find_latest", "free_port", "get_logger", "hold_run_dir", "preflight",
-           "prepare_data", "read_failure", "resolve_ids", "request_stop", "resume_point", "select_runtime", "stop_file"]
+           "prepare_data", "read_failure", "record_failure", "resolve_ids", "request_stop", "resume_point", "select_runtime", "stop_file"]
 find_latest = checkpoint.find_latest  # the newest complete checkpoint: what a restarted job resumes from
 
 
@@ -67,6 +67,7 @@ def preflight(cfg: Config, world_size: int, log) -> Prepared:
     data prepared and cached, the model config resolved, the DeepSpeed config built, the resume point chosen."""
     runtime = select_runtime(cfg)
     ds_config = build_ds_config(cfg, world_size, runtime.precision)
+    check_trackers(cfg)
     cfg, pinned = hub.resolve_ids(cfg)  # Hub ids → snapshot directories, before anything reads them
     prepared, meta = prepare_data(cfg, log)
     conf = model_lib.hf_config(cfg.model, prepared.vocab_size, prepared.eos_id, meta, prepared.labels, prepared.pad_id)
@@ -80,6 +81,16 @@ def preflight(cfg: Config, world_size: int, log) -> Prepared:
     resume = checkpoint.resume_choice(cfg, log)
     change, ds_config = resume_point(cfg, world_size, resume, ds_config, log)
     return Prepared(runtime, prepared, conf, ds_config, resume, change, cfg, pinned)
+
+
+def check_trackers(cfg: Config) -> None:
+    """A tracker in logging.backends must be installed (the `track` extra), found before any rank starts."""
+    import importlib.util
+
+    for name, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
+        if name in cfg.logging.backends and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"logging.backends: {name} is not installed in this environment; "
+                              f"pip install -e '.[track]' (or drop {name} from logging.backends)")
 
 
 def resume_point(cfg: Config, world_size: int, resume: Path | None, ds_config: dict,

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from . import arithmetic, checkpoint, data, dist, engine as engine_lib, metrics as metrics_lib, model as model_lib
-from . import distill as distill_lib, parallel, resume, runlock, startup, tasks as tasks_lib
+from . import distill as distill_lib, parallel, resume, runlock, runstate, startup, tasks as tasks_lib
 from .config import Config, ConfigError, dump_config, load_config
 from .faults import Faults
 from .guard import Diverged, NonFiniteGuard
@@ -110,6 +110,8 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
     r = setup(cfg, d, plan, log)
     startup.mark("setup")
     p, total_steps = r.progress, r.total_steps
+    if d.is_main:
+        runstate.started(cfg.run_dir, p.step, total_steps, d.world_size, r.headline)
     bar = tqdm(total=total_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0, disable=not (d.is_main and cfg.logging.progress))
     evals: dict[int, dict] = {}
@@ -164,11 +166,24 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
                 ending = f"stopped: {reason}"
         bar.close()
         watchdog.beat("finishing")
-        return finish(cfg, r, ending, evals, stop, report, log)
+        out = finish(cfg, r, ending, evals, stop, report, log)
+        summary = summary_scalars(out)
+        r.metrics.summary(summary)
+        if d.is_main:
+            state = "stopped" if out.get("stopped") else "early_stopped" if out.get("early_stopped") else "finished"
+            runstate.ended(cfg.run_dir, state, summary)
+        return out
     finally:
         watchdog.close()
         bar.close()
         r.metrics.close()
+
+
+def summary_scalars(out: dict) -> dict[str, float]:
+    """finish()'s numbers as the trackers' run summary: summary/step, summary/tokens, summary/before,
+    summary/after, summary/<final eval metric>, summary/stopped or summary/early_stopped (1)."""
+    numbers = {k: v for k, v in {**out, **(out.get("metrics") or {})}.items() if isinstance(v, (int, float))}
+    return {f"summary/{k.removeprefix('eval/')}": float(v) for k, v in numbers.items()}
 
 
 def _metric_name(headline: str) -> str:
@@ -438,7 +453,8 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
 
     faults = Faults.from_env()
     background = checkpoint.background.Background(cfg.dist.timeout_s) if cfg.checkpoint.async_ else None
-    metrics = metrics_lib.make_metrics(d.rank, cfg.tensorboard_dir, Path(cfg.run_dir) / "metrics.jsonl", cfg.to_yaml())
+    metrics = metrics_lib.make_metrics(d.rank, cfg, fresh=plan.resume_from is None,
+                                       eval_metrics=list(dict.fromkeys(["eval/loss", task.headline])))
     throughput = metrics_lib.Throughput(tokens_per_step, arithmetic.flops_per_token(model.config, n_matmul, seq_len),
                                         d.world_size, metrics_lib.peak_tflops(cfg.logging.peak_tflops))
 
