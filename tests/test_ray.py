@@ -217,6 +217,9 @@ def test_ray_job_submission_logs_progress(cluster, tmp_path, data_cache):
     assert re.search(r"step 40: eval loss [\d.]+ ppl", proc.stdout)  # progress and the final loss
     assert re.search(r"held-out perplexity: [\d.]+ before -> [\d.]+ after", proc.stdout)
     assert losses(run_dir)[40] < losses(run_dir)[1]
+    st = json.loads(_ok(subprocess.run([str(BIN / "lmforge"), "status", str(run_dir), "--json"], capture_output=True,
+                                       text=True, cwd=REPO)).stdout)[0]
+    assert (st["health"], st["step"], st["checkpoint"]["tag"]) == ("finished", 40, "step_40"), st
 
 
 def test_sweep_runs_trials_and_writes_table(cluster, tmp_path, data_cache):
@@ -234,6 +237,18 @@ def test_sweep_runs_trials_and_writes_table(cluster, tmp_path, data_cache):
     assert losses_col == sorted(losses_col)
     best = yaml.safe_load((out_dir / "best_config.yaml").read_text())
     assert 1e-3 <= best["train"]["lr"] <= 1e-2 and best["train"]["warmup"] in (2, 5)
+    # every trial is an HParams session in TensorBoard: the sweep compares in its HParams tab
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(out_dir / "trials"))
+    mux.Reload()
+    lrs = []
+    for run, content in mux.PluginRunToTagToContent("hparams").items():
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        lrs.append(start.session_start_info.hparams["train.lr"].number_value)
+    assert len(lrs) == 2 and all(1e-3 <= lr <= 1e-2 for lr in lrs), lrs
 
 
 def test_prepare_on_ray_writes_the_single_node_token_files_byte_for_byte(cluster, tmp_path, data_cache):

@@ -100,6 +100,10 @@ def test_torchrun_sbatch_trains_zero3_across_two_nodes(reference):
     assert (reference / "checkpoints" / f"step_{STEPS}" / "manifest.json").is_file()
     script = (reference / "job.sbatch").read_text()
     assert "#SBATCH --signal=B:USR1@120" in script and "#SBATCH --requeue" in script
+    # lmforge status of a Slurm run: the job and its state, from any machine that sees the run directory
+    st = json.loads(lmforge("status", reference, "--json").stdout)[0]
+    job = next(reference.glob("slurm-*.out")).name.removeprefix("slurm-").removesuffix(".out")
+    assert st["health"] == "finished" and st["step"] == STEPS and st["slurm"] == {"job": job, "state": "COMPLETED"}, st
 
 
 def test_usr1_checkpoints_requeues_and_resumes_identically(reference, tmp_path, data_cache):

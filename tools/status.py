@@ -81,19 +81,23 @@ def _checkpoint(run_dir: Path, cfg: dict) -> tuple[str, float] | None:
 
 
 def _slurm_state(job: str | None) -> str | None:
-    """The job's state as squeue (queued or running) or sacct (ended) gives it; None without Slurm."""
-    if not job:
+    """The job's state as slurmctld holds it (scontrol, what the launcher polls), else from
+    accounting (sacct) once Slurm has forgotten it; None without Slurm."""
+    if not job or shutil.which("scontrol") is None:
         return None
-    for cmd in (["squeue", "-h", "-j", job, "-o", "%T"], ["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"]):
-        if shutil.which(cmd[0]) is None:
-            continue
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if out:
-            return out.splitlines()[0]
-    return None
+    from lmforge.launcher.slurm import job_state
+
+    state = job_state(job)
+    if state is not None:
+        return state.get("JobState")
+    if shutil.which("sacct") is None:
+        return None
+    try:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0] if out else None
 
 
 def _config(run_dir: Path) -> dict:
