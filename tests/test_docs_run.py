@@ -88,12 +88,21 @@ def runnable_commands(doc: Path, text: str | None = None) -> list[Command]:
 COMMANDS = [c for doc in DOCS for c in runnable_commands(doc)]
 
 
-def test_the_readme_has_runnable_walkthroughs():
-    """The marker is found (a renamed marker would otherwise leave nothing to run, silently)."""
-    readme = [c for c in COMMANDS if c.doc.name == "README.md"]
-    assert any(c.text.startswith("lmforge export runs/debug") for c in readme), readme
-    assert any(c.text.startswith("lmforge plan") for c in readme), readme
-    assert any(c.text.startswith("lmforge status") for c in readme), readme
+def test_the_docs_have_runnable_walkthroughs():
+    """The marker is found (a renamed marker would otherwise leave nothing to run, silently): in the
+    README's short tour (train, status, plan) and in the export/compress/prune/report walkthrough of
+    docs/compression.md, each of which trains the run it then uses."""
+    def commands(doc: str) -> list[str]:
+        return [c.text for c in COMMANDS if c.doc == REPO / doc]
+
+    readme = commands("README.md")
+    assert readme and readme[0].startswith("lmforge train configs/debug.yaml"), readme
+    assert any(c.startswith("lmforge status runs/debug") for c in readme), readme
+    assert any(c.startswith("lmforge plan") for c in readme), readme
+    walkthrough = commands("docs/compression.md")
+    assert walkthrough and walkthrough[0].startswith("lmforge train configs/debug.yaml"), walkthrough
+    assert any(c.startswith("lmforge export runs/debug") for c in walkthrough), walkthrough
+    assert any(c.startswith("lmforge report") for c in walkthrough), walkthrough
 
 
 def test_block_parsing_and_optional_parts():

@@ -1,5 +1,5 @@
 """The task registry (training/tasks/): every registered task has a recipe in configs/ and a row in
-README's task table, and its recipe trains for a few steps on 2 gloo ranks through the CLI, logging
+the task table of docs/fine-tuning.md, and its recipe trains for a few steps on 2 gloo ranks through the CLI, logging
 its headline metric. A new task module is covered by adding its name to tasks.TASKS.
 
     pytest tests/test_tasks.py -x
@@ -23,10 +23,13 @@ MEMBERS = ("name", "recipe", "headline", "causal", "parallel", "auto_model", "pe
            "metrics", "prepare", "model_inputs", "loss", "evaluate")
 
 
-def readme_rows() -> dict[str, list[str]]:
-    """README's task table: task name → the cells of its row."""
+TASK_TABLE = REPO / "docs" / "fine-tuning.md"
+
+
+def task_table_rows() -> dict[str, list[str]]:
+    """The task table of docs/fine-tuning.md: task name → the cells of its row."""
     rows = {}
-    for line in (REPO / "README.md").read_text().splitlines():
+    for line in TASK_TABLE.read_text().splitlines():
         if line.startswith("| `") and line.count(" | ") == 5:
             cells = [c.strip() for c in line.strip("| ").split(" | ")]
             rows[cells[0].strip("`")] = cells
@@ -46,13 +49,13 @@ def test_registry_holds_one_module_per_task():
 
 
 @pytest.mark.parametrize("name", tasks.names())
-def test_recipe_and_readme_row(name):
+def test_recipe_and_task_table_row(name):
     task = tasks.get(name)
     cfg = load_config(REPO / task.recipe)
     assert cfg.task == name, f"{task.recipe} trains task {cfg.task}, not {name}"
     assert task.headline in task.metrics(cfg)
-    row = readme_rows().get(name)
-    assert row is not None, f"README's task table (Fine-tuning) has no row for `{name}`"
+    row = task_table_rows().get(name)
+    assert row is not None, f"the task table of docs/fine-tuning.md has no row for `{name}`"
     assert row[1] == f"`{task.recipe}`" and row[3] == f"`{task.auto_model}`", row
     assert row[4].startswith(task.headline) and row[5] == ", ".join(task.parallel), row
 

@@ -352,7 +352,8 @@ class EvalConfig(_Section):
                                                "(fine-tuning tasks evaluate their whole eval split)")
     generate: int = Field(16, ge=0, description="sft: held-out prompts answered by greedy generation for BLEU")
     max_new_tokens: int = Field(32, ge=1, description="sft: tokens generated per prompt")
-    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig, description="early stopping on "
+                                                "an eval metric; the best checkpoint is marked in checkpoints/best.json")
 
 
 class LoggingConfig(_Section):
@@ -491,22 +492,37 @@ class OrpoConfig(_Section):
 
 class Config(_Section):
     run_dir: str = Field("runs/debug", description="everything a run writes goes under here")
-    task: str = Field("pretrain", description="what the run learns, a task of the registry in training/tasks/ (README's "
-                                              "task table lists them); pretrain: causal LM on packed documents")
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    distill: DistillConfig = Field(default_factory=DistillConfig)
-    dpo: DpoConfig = Field(default_factory=DpoConfig)
-    orpo: OrpoConfig = Field(default_factory=OrpoConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig
-    train: TrainConfig
-    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    dist: DistConfig = Field(default_factory=DistConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    launch: LaunchConfig = Field(default_factory=LaunchConfig)
-    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    task: str = Field("pretrain", description="what the run learns, a task of the registry in training/tasks/ (the "
+                                              "task table in docs/fine-tuning.md lists them); pretrain: causal LM on "
+                                              "packed documents")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="how the weights are adapted: "
+                                     "every weight, or peft adapters (LoRA, QLoRA, AdaLoRA)")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="knowledge distillation from a frozen "
+                                   "teacher (healing a pruned model: configs/heal.yaml)")
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="task=dpo: preference optimisation against a "
+                           "reference model (simpo: without one); losses as TRL's")
+    orpo: OrpoConfig = Field(default_factory=OrpoConfig, description="task=orpo: SFT on the chosen answers plus an "
+                             "odds-ratio term, reference-free (TRL's ORPO)")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model: a size preset, a Hugging Face "
+                               "model to build (model.path) or weights to fine-tune (model.init_from)")
+    data: DataConfig = Field(..., description="the training data: files, URLs, a Hugging Face dataset or a mixture "
+                             "of them; the tokenizer, sequence length and held-out split; a fine-tuning task's fields")
+    train: TrainConfig = Field(..., description="the optimisation: how long (steps, tokens or epochs), batch sizes, "
+                               "optimizer, learning-rate schedule, precision, seed, and what a non-finite step does")
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="how the ranks share the work: "
+                                     "ZeRO stage, offload, the DeepSpeed JSON, sequence and tensor parallelism")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="where checkpoints go, how "
+                                         "often, how many are kept, what a run resumes from, asynchronous saves")
+    dist: DistConfig = Field(default_factory=DistConfig, description="the process group's timeout, the hang watchdog "
+                             "and the run-directory lock")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation: how often, how much, "
+                             "sft's generated answers, early stopping")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="where rank 0 sends metrics (TensorBoard, "
+                                   "metrics.jsonl, W&B, MLflow), how often, the progress bar")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="where the ranks run (this machine, a Ray "
+                                 "cluster, Slurm) and how many; Ray's placement, restarts and authentication")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="`lmforge launch --on slurm`: the sbatch "
+                               "script is rendered from these (slurm/*.sbatch)")
 
     @field_validator("task", mode="before")
     @classmethod

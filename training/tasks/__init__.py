@@ -4,10 +4,10 @@ class and rules instead of comparing task names.
 
     python -c "from lmforge.training import tasks; print({n: tasks.get(n).headline for n in tasks.names()})"
     lmforge prepare configs/ner.yaml             # one task's prepare: data → tokenizer + examples
-    pytest tests/test_tasks.py -x                # every task: a recipe, a README row, a 2-rank run
+    pytest tests/test_tasks.py -x                # every task: a recipe, a docs row, a 2-rank run
 
 Adding a task: training/tasks/NAME.py defining TASK (an object with the members of `Task`; record
-tasks subclass common.RecordTask), NAME in TASKS, a recipe in configs/ and a row in README's task
+tasks subclass common.RecordTask), NAME in TASKS, a recipe in configs/ and a row in docs/fine-tuning.md's task
 table (tests/test_tasks.py checks both and trains it). Config validation imports this registry, so
 task modules import numpy, torch and transformers only inside the functions that use them.
 """
@@ -32,7 +32,7 @@ TASKS = ("pretrain", "sft", "classification", "ner", "dpo", "orpo", "reward")
 class Task(Protocol):
     """What a task module's TASK provides; train, model, config and the tools use nothing else of it."""
     name: str                  # the config's `task:` value, and the module's name
-    recipe: str                # the configs/ file that runs it (README's task table, tests/test_tasks.py)
+    recipe: str                # the configs/ file that runs it (docs/fine-tuning.md's task table, tests/test_tasks.py)
     headline: str              # the eval metric a run's summary reports, before -> after
     causal: bool               # a causal LM (next-token logits): distillation, GGUF/ONNX, compression and
                                # perplexity reports apply to it
