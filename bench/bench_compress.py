@@ -36,8 +36,6 @@ LARGE = ["model.overrides.hidden_size=768", "model.overrides.intermediate_size=2
          "model.overrides.num_key_value_heads=4", "train.steps=2", "train.warmup=1", "train.micro_batch_size=1",
          "train.global_batch_size=2", "eval.batches=1", "checkpoint.interval=2", "eval.interval=2"]
 
-# GPTQ's group size must divide every layer's in_features: the demo's MLP is 704 wide (11 x 64).
-GROUP = {"demo": 64, "large": 128}
 
 # name → (command after `lmforge`, with {hf} = the exported baseline and {out} = this artifact's path;
 #         artifact path suffix)
@@ -46,9 +44,9 @@ STEPS = {
     # the same export in 100 MB shards: DeepSpeed's consolidation streams shard by shard, so the peak
     # memory of the export follows the shard size, not the model size
     "hf-shards-100MB": (["export", "{run}", "--out", "{out}", "--max-shard-size", "100MB"], ""),
-    "w4a16": (["compress", "{hf}", "--recipe", "w4a16", "--group-size", "{group}", "--out", "{out}"], ""),
+    "w4a16": (["compress", "{hf}", "--recipe", "w4a16", "--out", "{out}"], ""),  # --group-size auto
     "w8a8": (["compress", "{hf}", "--recipe", "w8a8", "--out", "{out}"], ""),
-    "w8a16": (["compress", "{hf}", "--recipe", "w8a16", "--group-size", "{group}", "--out", "{out}"], ""),
+    "w8a16": (["compress", "{hf}", "--recipe", "w8a16", "--out", "{out}"], ""),
     "sparse-2of4": (["compress", "{hf}", "--recipe", "sparse-2of4", "--out", "{out}"], ""),
     "wanda": (["compress", "{hf}", "--recipe", "wanda", "--out", "{out}"], ""),
     "int8-torchao": (["compress", "{hf}", "--recipe", "int8-torchao", "--out", "{out}"], ""),
@@ -103,7 +101,7 @@ def main() -> int:
         path = out / f"{name}{suffix}"
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        cmd = [LMFORGE, *[a.format(run=run, hf=hf, out=path, group=GROUP[args.model]) for a in argv]]
+        cmd = [LMFORGE, *[a.format(run=run, hf=hf, out=path) for a in argv]]
         print(f"== {name}: {' '.join(cmd)}", file=sys.stderr)
         wall, peak, rc = timed(cmd)
         rows[name] = dict(time=wall, peak=peak, rc=rc)
