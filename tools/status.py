@@ -168,7 +168,7 @@ def status(run_dir: str | Path, stall_factor: float = 10.0, stall_min_s: float =
     if slurm and health == "failed" and cause and cause.startswith("ended without"):
         cause = f"Slurm job {job}: {slurm}"
     ckpt = _checkpoint(run_dir, cfg)
-    eta = (total - step) * median_step if health in ("running", "stalled") and total and median_step else None
+    eta = (total - step) * median_step if health == "running" and total and median_step else None
     return {
         "run_dir": str(run_dir), "health": health, "cause": cause, "step": step, "total_steps": total,
         "tokens": tokens[1] if tokens else None, "loss": loss[1] if loss else None,
