@@ -121,6 +121,9 @@ def run(cfg: Config, d: dist.DistInfo, log, report: Callable[[dict], None], stop
             p.before = r.evaluate(p.step)[r.headline]
             log.info(f"held-out {_metric_name(r.headline)} before training: {p.before:.4f}")
             startup.mark("eval before")
+        # the forward-only passes so far (that evaluation, a task's reference pass) must not be ZeRO-3's
+        # parameter trace for the training steps: see engine.restart_zero3_trace
+        engine_lib.restart_zero3_trace(r.engine)
         ending = "early_stopped_before" if r.stopping is not None and r.stopping.stopped else None
         state_bytes = None
         while ending is None and p.step < total_steps:
