@@ -127,7 +127,8 @@ def restart_zero3_trace(engine) -> bool:
     ends (no backward in the trace it was decided on), and backward gathers them again one at a time,
     which the prefetcher (its queue used up by the forward) does not cover. Measured on 2 CPU ranks at
     hidden 256: 15 all-gathers of 28 parameters per step instead of one of 14 (the HF Trainer's, which
-    evaluates nothing first). Clearing both makes the first training step record the full trace."""
+    evaluates nothing first). Clearing both makes the first training step record the full trace.
+    docs/deepspeed_workarounds.md#zero3-trace."""
     offload = getattr(engine.optimizer, "parameter_offload", None)  # ZeRO-3's optimizer only
     if offload is None:
         return False
