@@ -364,7 +364,7 @@ class LoggingConfig(_Section):
                     "WANDB_API_KEY), MLflow (logging.mlflow_tracking_uri); `pip install -e '.[track]'` for the last two")
     project: str = Field("lmforge", min_length=1, description="the W&B project and the MLflow experiment")
     mlflow_tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI (a server, sqlite:///mlflow.db, ...); default $MLFLOW_TRACKING_URI, "
+        None, description="MLflow tracking URI (a server, sqlite:///mlflow.db, file:///path/mlruns); default $MLFLOW_TRACKING_URI, "
                           "else MLflow's own default")
     dir: str | None = Field(None, description="TensorBoard directory; default <run_dir>/tensorboard")
     interval: int = Field(1, ge=1, description="steps between logged scalars")

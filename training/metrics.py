@@ -139,7 +139,11 @@ class MLflow:
     def __init__(self, cfg, run_id: str | None, fresh_run: Callable[[str], None]):
         import mlflow
 
-        self.client = mlflow.MlflowClient(cfg.logging.mlflow_tracking_uri)  # None: the environment's / default
+        uri = cfg.logging.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri and (uri.startswith("file:") or "://" not in uri):
+            # MLflow 3 refuses its file store unless asked; a file store named here is asked for
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = mlflow.MlflowClient(uri)  # None: MLflow's own default
         if run_id is None:
             experiment = self.client.get_experiment_by_name(cfg.logging.project)
             experiment_id = (experiment.experiment_id if experiment is not None
