@@ -1,7 +1,8 @@
 """The docs' walkthroughs run as written: every shell block in README.md and docs/**/*.md whose
-fence follows a `<!-- runnable -->` line is executed here, command by command, in order, in one
-working directory per file (a fresh one holding the repository's configs/, Makefile and envs), on
-the debug model. A command that needs an optional slow part (llama.cpp's 20-30 min build, vLLM's
+fence follows a `<!-- runnable -->` line is executed here, command by command, in order (README
+first, then the docs pages), in one fresh working directory holding the repository's configs/,
+Makefile and envs, on the debug model. Each page's walkthrough starts from what it creates itself
+(a page that uses runs/debug trains it first; run after the README's, that run resumes finished). A command that needs an optional slow part (llama.cpp's 20-30 min build, vLLM's
 CPU environment) is skipped with the reason when that part is not installed.
 
     .venv/bin/python -m pytest tests/test_docs_run.py -rs
@@ -139,31 +140,29 @@ def _skip_reason(command: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def workdirs(tmp_path_factory) -> dict:
+def workdir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("docs")
+    for name in BORROWED:
+        if (REPO / name).exists():
+            (d / name).symlink_to(REPO / name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def failed() -> dict:
     return {}
-
-
-def _workdir(workdirs: dict, doc: Path, tmp_path_factory) -> Path:
-    if doc not in workdirs:
-        d = tmp_path_factory.mktemp("docs-" + doc.stem)
-        for name in BORROWED:
-            if (REPO / name).exists():
-                (d / name).symlink_to(REPO / name)
-        workdirs[doc] = d
-    return workdirs[doc]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS, ids=[c.id for c in COMMANDS])
-def test_command_runs_as_written(command: Command, workdirs, tmp_path_factory, data_cache):
-    failed = workdirs.setdefault("failed", {})
+def test_command_runs_as_written(command: Command, workdir, failed, data_cache):
     if command.doc in failed:
         pytest.skip(f"an earlier command of {command.doc.name} failed: {failed[command.doc]}")
     reason = _skip_reason(command.text)
     if reason:
         print(f"{command.id}: skipped, {reason}: {command.text}")
         pytest.skip(f"{command.text.split('#')[0].strip()}: {reason}")
-    cwd = _workdir(workdirs, command.doc, tmp_path_factory)
+    cwd = workdir
     # The session's data cache instead of ~/.cache/lmforge; the venv first on PATH, as after activating it.
     e = {**env(), "LMFORGE_CACHE": str(data_cache), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", command.text], cwd=cwd, env=e, capture_output=True,

@@ -40,7 +40,7 @@ def life(tmp_path_factory, data_cache) -> dict:
     first start; the second start (STOP waiting) and the third add the trackers."""
     root = tmp_path_factory.mktemp("life")
     run_dir, uri = root / "run", f"sqlite:///{root}/mlflow.db"
-    args = ["train", DEBUG, "--nproc", "2", *debug_overrides(run_dir, data_cache, "train.steps=12", "checkpoint.interval=2",
+    args = ["train", DEBUG, "--nproc", "1", *debug_overrides(run_dir, data_cache, "train.steps=12", "checkpoint.interval=2",
                                                              "eval.interval=4", "dist.hang_timeout_s=600")]
     seen: dict = {"run_dir": run_dir, "uri": uri, "not started": status(root)}
     job = subprocess.Popen([str(BIN / "lmforge"), *map(str, args)], cwd=REPO, start_new_session=True,
@@ -54,8 +54,8 @@ def life(tmp_path_factory, data_cache) -> dict:
                 if seen["running"][1]["step"] == 5:
                     break
             time.sleep(0.2)
-        time.sleep(3)
-        seen["stalled"] = status(run_dir, "--stall-factor", "3", "--stall-min-s", "2")
+        time.sleep(2)
+        seen["stalled"] = status(run_dir, "--stall-factor", "3", "--stall-min-s", "1.5")
     finally:
         os.killpg(job.pid, signal.SIGKILL)  # the whole job, driver included: nobody records anything
         job.wait()
