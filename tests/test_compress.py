@@ -214,6 +214,8 @@ def test_bad_input_through_the_cli(lm_hf, tmp_path):
     assert proc.returncode == 2 and "invalid choice: 'int3'" in proc.stderr and no_output(out)
     proc = lmforge("compress", tmp_path, "--recipe", "w4a16", "--out", out, check=False)
     assert proc.returncode == 2 and "is not a Hugging Face model directory" in proc.stderr and no_output(out)
+    proc = lmforge("compress", lm_hf, "--recipe", "w4a16", "--out", out, "--group-size", "abc", check=False)
+    assert proc.returncode == 2 and "argument --group-size: 'abc': auto or a whole number" in proc.stderr
 
 
 def test_bad_input(lm_hf, tmp_path, monkeypatch):

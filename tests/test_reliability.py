@@ -131,8 +131,8 @@ def test_chaos_kills_at_random_moments_resume_bitwise_and_leave_nothing(tmp_path
     # What is killed, and when: from outside, after a random number of steps past the resume point;
     # or a rank SIGKILLs itself inside the next save (training/faults.py), a moment that no outside
     # poller hits reliably on a loaded machine.
-    # (every victim and both moments once; each start costs ~10 s of the suite)
-    plan = [("job", "steps"), ("rank", "save"), ("launcher", "steps")]
+    # (every victim and both moments at least once; each start costs ~10 s of the suite)
+    plan = [("job", "steps"), ("rank", "save"), ("launcher", "steps"), ("rank", "steps"), ("rank", "save")]
     kills, ports = [], set()
     for victim, moment in plan:
         done = max(losses(run_dir), default=0) if (run_dir / "metrics.jsonl").exists() else 0

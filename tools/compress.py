@@ -26,6 +26,7 @@ of the data that calibrated it; with --data, that training YAML becomes the outp
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os

@@ -31,7 +31,6 @@ import math
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
