@@ -35,12 +35,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _extensions_dir() -> str:
+def extensions_dir() -> str:
     """The persistent DeepSpeed op cache that lmforge's ranks use (training/dist.py), so a worker that
     initialises DeepSpeed loads the shared-memory op instead of JIT-building it (~1 min)."""
     from lmforge.training.dist import default_extensions_dir
 
-    return default_extensions_dir()
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or default_extensions_dir()
 
 
 def _worker(rank: int, world_size: int, port: int, env: dict, fn, args: tuple, results) -> None:
@@ -73,7 +73,7 @@ def run_ranks(fn, world_size: int = 2, *args, timeout: float = 300, env: dict | 
     ctx.set_forkserver_preload(["torch", "deepspeed", "lmforge.training.train"])
     results = ctx.Queue()
     port = _free_port()
-    worker_env = {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or _extensions_dir(),
+    worker_env = {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": extensions_dir(),
                   **(env or {})}
     # not daemonic: a rank may start processes of its own (DeepSpeed's universal conversion uses a pool)
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, worker_env, fn, args, results))

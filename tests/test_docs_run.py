@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, REPO, env
+from harness import extensions_dir
 
 MARK = "<!-- runnable -->"
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -163,8 +164,11 @@ def test_command_runs_as_written(command: Command, workdir, failed, data_cache):
         print(f"{command.id}: skipped, {reason}: {command.text}")
         pytest.skip(f"{command.text.split('#')[0].strip()}: {reason}")
     cwd = workdir
-    # The session's data cache instead of ~/.cache/lmforge; the venv first on PATH, as after activating it.
-    e = {**env(), "LMFORGE_CACHE": str(data_cache), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # The session's data cache instead of ~/.cache/lmforge, but DeepSpeed's ops from the persistent cache
+    # `make setup` built (under a fresh LMFORGE_CACHE the first rank would JIT-build them again: 25 s of
+    # compiling on 2 cores); the venv first on PATH, as after activating it.
+    e = {**env(), "LMFORGE_CACHE": str(data_cache), "TORCH_EXTENSIONS_DIR": extensions_dir(),
+         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", command.text], cwd=cwd, env=e, capture_output=True,
                           text=True, timeout=900)
     if proc.returncode != 0:
