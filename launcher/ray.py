@@ -44,6 +44,16 @@ def _quiet_ray_env() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
+# For a Ray this command (or slurm/ray.sbatch) starts, whose only job is this run. Ray starts its worker
+# processes at niceness 15 so that its own daemons stay responsive; on a node whose cores the ranks fill
+# (CPU training), every wake-up of a nice-0 process (raylet, GCS, Ray Train's controller and helper
+# actors) then preempts a rank at once, and its peers wait for it at the next collective: the steps took
+# 1.07-1.12x torchrun's on 2 cores, 1.03-1.05x at niceness 0 (BENCHMARKS.md, "Ray Train vs torchrun").
+# On GPU nodes the daemons use idle host cores and this changes nothing. A cluster someone else started
+# keeps its own setting (`RAY_worker_niceness=0 ray start ...`, docs/ray.md).
+LOCAL_RAY_ENV = {"RAY_worker_niceness": "0"}
+
+
 def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """Fail fast (seconds, not Ray's minutes of retries) on an address nobody listens on."""
     if address in ("auto", "local"):
@@ -117,14 +127,19 @@ def session(cfg: Config, log) -> Iterator[list[dict]]:
     if address:
         check_reachable(address)
         ray_auth.check_accepted(address, cfg.launch.ray_auth)
-    elif cfg.launch.ray_auth == "token":
-        token = ray_auth.start_local(log)
+    else:
+        for k, v in LOCAL_RAY_ENV.items():  # read by the raylet ray.init starts below
+            os.environ.setdefault(k, v)
+        if cfg.launch.ray_auth == "token":
+            token = ray_auth.start_local(log)
     import ray
 
     try:
         # "local" starts a new single-node Ray; None would attach to whatever cluster was started on
         # this machine last (Ray remembers it in /tmp/ray), hanging for minutes if that one is gone.
+        # A local Ray gets no dashboard: nothing here reads it, and its two processes take CPU from the ranks.
         ray.init(address=address or "local", _node_ip_address=_node_ip_for(address), log_to_driver=True,
+                 include_dashboard=None if address else False,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                            if k in ("TORCH_EXTENSIONS_DIR", "LMFORGE_CACHE", "PYTHONPATH")}})
         nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -154,7 +169,8 @@ def _worker_loop(loop_config: dict) -> None:
         os.environ[RUN_LOCK_ENV] = loop_config["run_lock"]
     ctx = ray.train.get_context()
     here = {"rank": ctx.get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
-            "ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "hostname": socket.gethostname()}
+            "ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "hostname": socket.gethostname(),
+            "niceness": os.getpriority(os.PRIO_PROCESS, 0)}  # of this thread, the training loop's
     placement = [None] * ctx.get_world_size()
     tdist.all_gather_object(placement, here)  # Ray Train has already created the process group
     if ctx.get_world_rank() == 0:
@@ -162,7 +178,8 @@ def _worker_loop(loop_config: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(placement, indent=1))
         print("lmforge: placement\n" + "\n".join(
-            f"  rank {p['rank']}: node {p['node_id'][:12]} ip {p['ip']} pid {p['pid']}" for p in placement), flush=True)
+            f"  rank {p['rank']}: node {p['node_id'][:12]} ip {p['ip']} pid {p['pid']} niceness {p['niceness']}"
+            for p in placement), flush=True)
     main(cfg, report=ray.train.report)
 
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from lmforge.launcher import LaunchError
+from lmforge.launcher.ray import LOCAL_RAY_ENV
 from lmforge.training.config import Config, ConfigError, slurm_time_seconds
 
 # slurm/ sits beside launcher/ in a checkout and beside lmforge/launcher in a wheel.
@@ -83,6 +84,7 @@ def render(cfg: Config) -> str:
         "rdzv_port": str(s.rdzv_port),
         "ray_port": str(s.ray_port),
         "ray_auth": cfg.launch.ray_auth,
+        "ray_env": "\n".join(f"export {k}={v}" for k, v in LOCAL_RAY_ENV.items()),
         "requeue": "1" if s.requeue else "0",
         "config_yaml": cfg.to_yaml().rstrip("\n"),
     }

@@ -162,6 +162,8 @@ def test_local_ray_started_by_the_command_matches_torchrun(cluster, torchrun_ref
     assert modes == ("0o600", "0o700") and not token.parent.exists()
     assert cluster["address"] not in out.split("node(s)")[0]  # its own cluster, not the fixture's
     assert losses(run_dir) == losses(torchrun_reference)
+    # its ranks at niceness 0, not Ray's default 15 (launcher/ray.py, LOCAL_RAY_ENV)
+    assert [p["niceness"] for p in json.loads((run_dir / "placement.json").read_text())] == [0, 0], out[-3000:]
 
 
 def test_spread_across_two_nodes_sigkill_restarts_and_resumes_exactly(cluster, torchrun_reference, tmp_path, data_cache):
@@ -185,6 +187,7 @@ def test_spread_across_two_nodes_sigkill_restarts_and_resumes_exactly(cluster, t
     placement = json.loads((run_dir / "placement.json").read_text())  # the restarted group's
     assert len({p["node_id"] for p in placement}) == 2  # SPREAD: one worker per node
     assert {p["ip"] for p in placement} == {"127.0.0.2", "127.0.0.3"}
+    assert {p["niceness"] for p in placement} == {15}  # a cluster lmforge did not start keeps Ray's default
     assert "2 node(s)" in out and "tensorboard --logdir" in out
     ls = losses(run_dir)
     assert ls == losses(torchrun_reference)  # same seed, same losses, bitwise, across the restart

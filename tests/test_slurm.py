@@ -217,6 +217,7 @@ def test_ray_sbatch_runs_a_job_across_two_nodes(slurm, tmp_path, data_cache, req
     assert proc.returncode == 0 and "COMPLETED" in out, out[-4000:]
     placement = json.loads((run_dir / "placement.json").read_text())
     assert sorted(p["ip"] for p in placement) == ["127.0.0.2", "127.0.0.3"]  # one worker per Slurm node
+    assert [p["niceness"] for p in placement] == [0, 0]  # the job's own Ray: ranks at niceness 0
     assert (run_dir / "checkpoints" / "step_20" / "manifest.json").is_file()
     assert "stopping the Ray cluster" in out
     assert not seen["path"].parent.exists()  # removed with the cluster
