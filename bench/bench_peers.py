@@ -156,8 +156,10 @@ def run_peer(role: str, shape_name: str, steps: int, workdir: Path) -> list[floa
     cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
            str(free_port()), __file__, "--role", role, "--shape", shape_name, "--steps", str(steps), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not out.is_file():
         raise SystemExit(f"{role} failed:\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:  # after its timed steps: gloo's teardown sometimes aborts the exit (SIGABRT)
+        print(f"{role}: exited {proc.returncode} after writing its step times; they are used", file=sys.stderr)
     return json.loads(out.read_text())
 
 

@@ -71,7 +71,7 @@ def test_zero_stage_trains(stage, debug_run):
     run_dir, stderr = debug_run("adamw", stage)
     falls(run_dir)
     assert (run_dir / "checkpoints" / "step_40" / "manifest.json").is_file()
-    assert "optimizer: AdamW, precision fp32" in stderr and f"ZeRO-{stage}, 2 rank(s)" in stderr
+    assert "optimizer: AdamW (fused), precision fp32" in stderr and f"ZeRO-{stage}, 2 rank(s)" in stderr
 
 
 def test_zero3_offload_trains(tmp_path, data_cache):

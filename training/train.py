@@ -414,7 +414,8 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
     # the starting weights, before a resume loads a checkpoint: what dpo's reference pass must see
     task.prepare_run(engine, plan.data, cfg, groups, d.device, log)
     log.info(f"parameters stored on rank 0: {model_lib.stored_params(engine.module):,} of {n_total:,}")
-    log.info(f"optimizer: {type(engine.client_optimizer).__name__}, precision {plan.runtime.precision}, "
+    fused = " (fused)" if engine.client_optimizer.param_groups[0].get("fused") else ""
+    log.info(f"optimizer: {type(engine.client_optimizer).__name__}{fused}, precision {plan.runtime.precision}, "
              f"activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
     log.info(f"task {cfg.task}, ZeRO-{cfg.parallel.zero_stage}, {d.world_size} rank(s){groups.describe()}, micro batch "
              f"{cfg.train.micro_batch_size} x accumulation {accum} x {groups.dp_size} = global batch "
