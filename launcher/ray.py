@@ -48,9 +48,9 @@ def _quiet_ray_env() -> None:
 # processes at niceness 15 so that its own daemons stay responsive; on a node whose cores the ranks fill
 # (CPU training), every wake-up of a nice-0 process (raylet, GCS, Ray Train's controller and helper
 # actors) then preempts a rank at once, and its peers wait for it at the next collective: the steps took
-# 1.07-1.12x torchrun's on 2 cores, 1.03-1.05x at niceness 0 (BENCHMARKS.md, "Ray Train vs torchrun").
+# 1.06-1.14x torchrun's on 2 cores, 1.03x at niceness 0 (BENCHMARKS.md, "Ray Train vs torchrun").
 # On GPU nodes the daemons use idle host cores and this changes nothing. A cluster someone else started
-# keeps its own setting (`RAY_worker_niceness=0 ray start ...`, docs/ray.md).
+# keeps its own setting (`RAY_worker_niceness=0 ray start ...`, docs/clusters/ray.md).
 LOCAL_RAY_ENV = {"RAY_worker_niceness": "0"}
 
 
