@@ -47,8 +47,9 @@ def _quiet_ray_env() -> None:
 # For a Ray this command (or slurm/ray.sbatch) starts, whose only job is this run. Ray starts its worker
 # processes at niceness 15 so that its own daemons stay responsive; on a node whose cores the ranks fill
 # (CPU training), every wake-up of a nice-0 process (raylet, GCS, Ray Train's controller and helper
-# actors) then preempts a rank at once, and its peers wait for it at the next collective: the steps took
-# 1.06-1.14x torchrun's on 2 cores, 1.03x at niceness 0 (BENCHMARKS.md, "Ray Train vs torchrun").
+# actors) can preempt a rank at once, and its peers wait for it at the next collective. On 2 cores the
+# steps took 1.06x torchrun's at Ray's default and 1.03x at niceness 0 side by side (earlier runs 1.11-1.14x;
+# the VM's own noise is of that size: BENCHMARKS.md, "Ray Train vs torchrun").
 # On GPU nodes the daemons use idle host cores and this changes nothing. A cluster someone else started
 # keeps its own setting (`RAY_worker_niceness=0 ray start ...`, docs/clusters/ray.md).
 LOCAL_RAY_ENV = {"RAY_worker_niceness": "0"}
