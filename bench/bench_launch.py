@@ -68,8 +68,9 @@ def sample_cpu(seconds: float) -> dict:
     return {"ranks_cpu": ranks, "other_cpu": other, "niceness": ",".join(map(str, sorted(nice)))}
 
 
-def one_run(variant: str, pythonpath: str | None, config: str, steps: int, sample_s: float, workdir: Path) -> dict:
-    run_dir = workdir / f"{variant}-{time.time_ns()}"
+def command(variant: str, config: str, run_dir: Path, steps: int) -> tuple[list[str], dict]:
+    """The 2-rank job under `variant` ("torchrun" or "ray": a local Ray the command starts), no evaluation
+    or checkpoint, and its environment (no Ray address or worker niceness inherited from the caller)."""
     common = [config, f"run_dir={run_dir}", f"train.steps={steps}", "checkpoint.interval=0",
               "eval.interval=0", "eval.batches=1", "logging.progress=false"]
     lmforge = [sys.executable, "-m", "lmforge.launcher.cli"]  # `lmforge`, also for a baseline checkout's cli
@@ -78,6 +79,12 @@ def one_run(variant: str, pythonpath: str | None, config: str, steps: int, sampl
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     for k in ("RAY_ADDRESS", "RAY_worker_niceness"):
         env.pop(k, None)
+    return cmd, env
+
+
+def one_run(variant: str, pythonpath: str | None, config: str, steps: int, sample_s: float, workdir: Path) -> dict:
+    run_dir = workdir / f"{variant}-{time.time_ns()}"
+    cmd, env = command(variant, config, run_dir, steps)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     start = time.time()

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_launch import command  # this directory is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 WINDOWS = ((20, 15), (40, 0), (60, 15), (80, 0))  # (first step, the Ray workers' niceness from there)
 
@@ -46,13 +48,8 @@ def _renice_workers(niceness: int) -> int:
 
 def run(launcher: str, config: str, workdir: Path) -> list[float]:
     run_dir = workdir / launcher
-    common = [config, f"run_dir={run_dir}", "train.steps=100", "checkpoint.interval=0", "eval.interval=0",
-              "eval.batches=1", "logging.progress=false"]
-    lmforge = [sys.executable, "-m", "lmforge.launcher.cli"]
-    cmd = ([*lmforge, "train", *common, "--nproc", "2"] if launcher == "torchrun" else
-           [*lmforge, "launch", "--on", "ray", *common, "launch.workers=2"])
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_worker_niceness="15")
-    env.pop("RAY_ADDRESS", None)
+    cmd, env = command(launcher, config, run_dir, 100)
+    env["RAY_worker_niceness"] = "15"  # Ray's default, in place of lmforge's 0 for its own local Ray
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     switches = list(WINDOWS[1:]) if launcher == "ray" else []
     while proc.poll() is None:

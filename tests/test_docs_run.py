@@ -2,8 +2,9 @@
 fence follows a `<!-- runnable -->` line is executed here, command by command, in order (README
 first, then the docs pages), in one fresh working directory holding the repository's configs/,
 Makefile and envs, on the debug model. Each page's walkthrough starts from what it creates itself
-(a page that uses runs/debug trains it first; run after the README's, that run resumes finished). A command that needs an optional slow part (llama.cpp's 20-30 min build, vLLM's
-CPU environment) is skipped with the reason when that part is not installed.
+(a page that uses runs/debug trains it first; run after the README's, that run resumes finished). A
+command that needs an optional slow part (llama.cpp's 20-30 min build, vLLM's CPU environment) is
+skipped with the reason when that part is not installed.
 
     .venv/bin/python -m pytest tests/test_docs_run.py -rs
 """
@@ -163,13 +164,12 @@ def test_command_runs_as_written(command: Command, workdir, failed, data_cache):
     if reason:
         print(f"{command.id}: skipped, {reason}: {command.text}")
         pytest.skip(f"{command.text.split('#')[0].strip()}: {reason}")
-    cwd = workdir
     # The session's data cache instead of ~/.cache/lmforge, but DeepSpeed's ops from the persistent cache
     # `make setup` built (under a fresh LMFORGE_CACHE the first rank would JIT-build them again: 25 s of
     # compiling on 2 cores); the venv first on PATH, as after activating it.
     e = {**env(), "LMFORGE_CACHE": str(data_cache), "TORCH_EXTENSIONS_DIR": extensions_dir(),
          "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(["bash", "-o", "pipefail", "-c", command.text], cwd=cwd, env=e, capture_output=True,
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", command.text], cwd=workdir, env=e, capture_output=True,
                           text=True, timeout=900)
     if proc.returncode != 0:
         failed[command.doc] = command.id
