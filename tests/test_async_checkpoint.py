@@ -1,5 +1,6 @@
 """checkpoint.async end to end: `lmforge train` on 2 ranks (ZeRO-3, the debug model) saving in the
-background writes byte for byte the checkpoints a synchronous run writes, and a rank SIGKILLed
+background writes byte for byte the checkpoints a synchronous run writes (on a slow disk too, where
+the next optimizer step waits for the optimizer state it writes from the live tensors), and a rank SIGKILLed
 during a background write leaves the previous checkpoint as the newest complete one, from which the
 same command resumes bitwise. The pieces (snapshot, markers): tests/test_units_async_checkpoint.py.
 
@@ -26,7 +27,10 @@ def _files(ckpt) -> dict:
 def test_background_saves_publish_the_bytes_a_synchronous_save_writes(debug_run, tmp_path, data_cache):
     reference, _ = debug_run("adamw", 3, 2)
     run_dir = tmp_path / "run"
-    lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *STANDARD, "checkpoint.async=true"), "--nproc", "2")
+    # a slow disk (each file 1 s late): the step after a save waits for the optimizer state to be
+    # written from the live tensors, so what lands on disk is still the saved step's
+    lmforge("train", DEBUG, *debug_overrides(run_dir, data_cache, *STANDARD, "checkpoint.async=true"), "--nproc", "2",
+            env_extra={"LMFORGE_FAULT_SLOW_WRITE": "1"})
     assert losses(run_dir) == losses(reference)
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith(("step_", ".tmp"))) == ["step_30", "step_40"]
@@ -35,6 +39,8 @@ def test_background_saves_publish_the_bytes_a_synchronous_save_writes(debug_run,
         assert verify(ckpts / step, contents=True) is None
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "checkpoint/stall_s" in r] == [10, 20, 30, 40]
+    waits = {r["step"]: r["checkpoint/wait_s"] for r in rows if "checkpoint/wait_s" in r}
+    assert sorted(waits) == [11, 21, 31] and min(waits.values()) > 0.3, waits
 
 
 def test_a_kill_during_the_background_write_leaves_the_previous_checkpoint(debug_run, tmp_path, data_cache):

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 
-from lmforge.training.checkpoint.background import (OtherRankFailed, collect_markers, snapshot, write_marker)
+from lmforge.training.checkpoint.background import (Background, OtherRankFailed, collect_markers, snapshot,
+                                                     write_marker)
 
 
 def _state() -> dict:
@@ -50,6 +52,59 @@ def test_training_cannot_change_the_snapshot():
     assert copy["views"][1].untyped_storage().data_ptr() == copy["flat"].untyped_storage().data_ptr()
     assert copy["flat"].partition_id == 3 and copy["flat"].requires_grad
     assert isinstance(copy["param"], torch.nn.Parameter) and type(copy["ordered"]) is OrderedDict
+
+
+def test_a_live_snapshot_shares_the_tensors_and_copies_the_rest():
+    state = _state()
+    live = snapshot(state, live=True)
+    assert _bytes(live) == _bytes(state)
+    assert live["flat"] is state["flat"] and live["views"][0] is state["views"][0]
+    state["groups"][0]["lr"] = 9.0  # a scheduler's change to the optimizer's param groups
+    assert live["groups"][0]["lr"] == 1e-3 and live["groups"] is not state["groups"]
+
+
+def test_the_optimizer_step_waits_for_the_live_write():
+    """A held optimizer's step blocks until the writer thread has written the live tensors; the
+    wait is counted (checkpoint/wait_s); a failed write releases it too."""
+    param = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.AdamW([param], lr=0.1)
+    bg = Background(timeout_s=30)
+    bg.hold(opt)
+    assert bg.live("ckpt/zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert not bg.live("ckpt/zero_pp_rank_0_mp_rank_00_model_states.pt")
+    written = threading.Event()
+    seen = {}
+
+    class Saving:  # what Background.wait() settles: nothing failed
+        final = Path("step_1")
+
+        def settle(self, errors):
+            assert errors == []
+
+    def job():
+        time.sleep(0.3)
+        seen["param"] = param.detach().clone()  # "written": the step has not changed it yet
+        bg.live_written()
+        written.set()
+
+    param.grad = torch.ones(4)
+    bg.start(Saving(), job)
+    opt.step()
+    assert written.is_set() and torch.equal(seen["param"], torch.ones(4)) and not torch.equal(param, torch.ones(4))
+    assert 0.1 < bg.take_waited() < 10 and bg.take_waited() == 0.0
+    bg.wait()
+
+    def failing():
+        raise OSError("disk gone")
+
+    class Failed(Saving):
+        def settle(self, errors):
+            raise RuntimeError(f"save failed: {errors[0]}")
+
+    bg.start(Failed(), failing)
+    opt.step()  # released by the failure, not left waiting
+    with pytest.raises(RuntimeError, match="disk gone"):
+        bg.wait()
 
 
 def test_rank0_waits_for_every_marker_then_takes_their_hashes(tmp_path):

@@ -306,9 +306,10 @@ class CheckpointConfig(_Section):
                                             "publishes its first)")
     allow_config_change: bool = Field(False, description="resume even if model/data/batch keys changed")
     # `async` is a Python keyword: the field is async_, the key everywhere else (YAML, overrides, dumps) async
-    async_: bool = Field(False, alias="async", description="a save stalls the loop only while the state is "
-                         "copied to host memory; the write, hashing and publish run in a background thread per "
-                         "rank (training/checkpoint/background.py); the next save, a stop and the end wait for it")
+    async_: bool = Field(False, alias="async", description="a save stalls the loop only while the model states "
+                         "are copied to host memory; the write, hashing and publish run in a background thread per "
+                         "rank (training/checkpoint/background.py), the next optimizer step waits for the optimizer "
+                         "state's files (written from the live tensors); the next save, a stop and the end wait for it")
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
                               validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)

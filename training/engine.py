@@ -95,11 +95,16 @@ def _bnb_optimizer(t, groups: list[dict], log) -> torch.optim.Optimizer:
     return cls(groups, lr=t.lr, betas=t.betas, eps=t.eps)
 
 
+def torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that steps (build_optimizer's): DeepSpeed's ZeRO wrapper holds it."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
 def state_bytes_per_param(engine) -> float:
     """Optimizer state this rank holds per parameter of its partition (measured, after a step:
     optimizers create their state lazily). AdamW: 8; bnb 8-bit Adam: ~2.03; Lion 8-bit: ~1.02."""
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO wrapper holds the client optimizer
+    inner = torch_optimizer(engine)
     # Keyed by the (flat fp32 partition) tensors it optimizes; ZeRO-3 empties param_groups between steps.
     params = sum(p.numel() for p in inner.state)
     state = sum(v.numel() * v.element_size() for s in inner.state.values() for v in s.values()
@@ -110,8 +115,7 @@ def state_bytes_per_param(engine) -> float:
 def state_is_finite(engine) -> bool:
     """Collective: every rank's weights (its partition of the fp32 master copy) and optimizer state
     are finite. Checked before a checkpoint is published, so a diverged state is never saved."""
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", opt)
+    inner = torch_optimizer(engine)
     tensors = [p for p in engine.module.parameters()]
     tensors += [getattr(p, "ds_tensor", None) for p in tensors]  # ZeRO-3: this rank's shard
     tensors += list(inner.state)  # the flat fp32 partitions the optimizer steps (after the first step)

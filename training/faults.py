@@ -5,6 +5,7 @@ code paths (docs/reliability.md). Read once from the environment; inert when the
     LMFORGE_FAULT_HANG=1:3 lmforge train configs/debug.yaml --nproc 2 dist.hang_timeout_s=10  # rank 1 hangs at step 3
     LMFORGE_FAULT_KILL_IN_SAVE=1:10 lmforge train configs/debug.yaml --nproc 2   # rank 1 SIGKILLed mid-save of step_10
     LMFORGE_FAULT_SLOW=0.5 lmforge train configs/debug.yaml --nproc 2    # every step takes 0.5 s longer, idle
+    LMFORGE_FAULT_SLOW_WRITE=2 lmforge train configs/debug.yaml --nproc 2  # each checkpoint file 2 s slower to write
 
 A poisoned step multiplies the loss by NaN before backward, so the gradients are NaN for real and
 DeepSpeed's overflow check, lmforge's guard and the checkpoint filter all see what a real divergence
@@ -20,11 +21,12 @@ import time
 
 class Faults:
     def __init__(self, nonfinite: set[int], hang: tuple[int, int] | None, kill_in_save: tuple[int, int] | None = None,
-                 slow_s: float = 0.0):
+                 slow_s: float = 0.0, slow_write_s: float = 0.0):
         self._nonfinite = set(nonfinite)
         self._hang = hang
         self._kill_in_save = kill_in_save
         self._slow_s = slow_s
+        self.slow_write_s = slow_write_s  # a slow filesystem: checkpoint.save sleeps this long per file
 
     @classmethod
     def from_env(cls) -> "Faults":
@@ -34,7 +36,7 @@ class Faults:
             value = os.environ.get(name, "")
             return tuple(int(x) for x in value.split(":")) if value else None
         return cls(steps, rank_step("LMFORGE_FAULT_HANG"), rank_step("LMFORGE_FAULT_KILL_IN_SAVE"),
-                   float(os.environ.get("LMFORGE_FAULT_SLOW") or 0))
+                   float(os.environ.get("LMFORGE_FAULT_SLOW") or 0), float(os.environ.get("LMFORGE_FAULT_SLOW_WRITE") or 0))
 
     def poison(self, step: int) -> bool:
         """True once for each listed step: make this step's loss non-finite."""

@@ -13,7 +13,7 @@ own partition: a model larger than one rank's memory can be created.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -266,10 +266,11 @@ def describe(conf, n_total: int) -> str:
     return f"{conf.model_type} {n_total / 1e6:.2f}M params ({shape})"
 
 
-def save_hf_files(module: torch.nn.Module, tokenizer, out: Path, is_main: bool) -> None:
-    """Collective (a checkpoint's `write_extra`): the model's HF config and the tokenizer in
-    out/hf, and for a peft model its adapter in out/adapter as peft writes it. Under ZeRO-3 the
-    trainable (adapter) parameters are gathered first; they are small."""
+def save_hf_files(module: torch.nn.Module, tokenizer, out: Path, is_main: bool) -> Callable[[], None] | None:
+    """Collective (a checkpoint's `write_extra`): for a peft model its adapter in out/adapter as
+    peft writes it (under ZeRO-3 the trainable adapter parameters are gathered first; they are
+    small). Returns, on rank 0, what writes the model's HF config and the tokenizer to out/hf:
+    nothing in it is collective, and it reads nothing training changes."""
     trainable = [p for p in module.parameters() if p.requires_grad]
     peft_model = is_peft(module)
     gather = peft_model and any(hasattr(p, "ds_id") for p in trainable)
@@ -284,11 +285,15 @@ def save_hf_files(module: torch.nn.Module, tokenizer, out: Path, is_main: bool) 
     with ctx:
         if is_main and peft_model:
             module.save_pretrained(str(out / "adapter"), safe_serialization=True)
-    if is_main:
-        import copy
+    if not is_main:
+        return None
+    import copy
 
-        conf = copy.deepcopy((module.get_base_model() if peft_model else module).config)
-        if hasattr(conf, "quantization_config"):
-            del conf.quantization_config  # QLoRA's 4-bit loading is a training choice, not the model's
+    conf = copy.deepcopy((module.get_base_model() if peft_model else module).config)
+    if hasattr(conf, "quantization_config"):
+        del conf.quantization_config  # QLoRA's 4-bit loading is a training choice, not the model's
+
+    def write() -> None:
         conf.save_pretrained(str(out / "hf"))
         tokenizer.save_pretrained(str(out / "hf"))
+    return write

@@ -281,6 +281,8 @@ class Checkpointer:
             self.background.wait()
 
     def after_step(self, step: int) -> None:
+        if self.background is not None and self.metrics is not None and (waited := self.background.take_waited()):
+            self.metrics.log(step, {"checkpoint/wait_s": waited})  # this step's optimizer waited for a save's write
         if self.interval and step % self.interval == 0:
             self.save(step)
 
@@ -457,6 +459,8 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
 
     faults = Faults.from_env()
     background = checkpoint.background.Background(cfg.dist.timeout_s) if cfg.checkpoint.async_ else None
+    if background is not None and isinstance(engine_lib.torch_optimizer(engine), torch.optim.Optimizer):
+        background.hold(engine_lib.torch_optimizer(engine))  # its steps wait for a save's live tensors
     metrics = metrics_lib.make_metrics(d.rank, cfg, fresh=plan.resume_from is None,
                                        eval_metrics=list(dict.fromkeys(["eval/loss", task.headline])))
     throughput = metrics_lib.Throughput(tokens_per_step, arithmetic.flops_per_token(model.config, n_matmul, seq_len),
@@ -473,11 +477,12 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
                                  f"{checkpoint.tag(step)} (a diverged state is never published)")
         client = {"tokens": progress.tokens, "sampler": sampler.state_dict(), "before": progress.before,
                   "early_stopping": stopping.state_dict() if stopping else None}
-        def write_extra(out: Path) -> None:
-            model_lib.save_hf_files(engine.module, tokenizer, out, d.is_main)
+        def write_extra(out: Path) -> Callable[[], None] | None:
+            return model_lib.save_hf_files(engine.module, tokenizer, out, d.is_main)
 
         return checkpoint.save(engine, cfg, step, client, d.rank, d.world_size, log, write_extra=write_extra,
-                               fault=lambda: faults.maybe_die_saving(d.rank, step), in_background=background)
+                               fault=lambda: faults.maybe_die_saving(d.rank, step), in_background=background,
+                               slow_write_s=faults.slow_write_s)
 
     return Run(engine=engine, groups=groups, train_data=train_data, sampler=sampler, evaluate=evaluate,
                headline=task.headline, metrics=metrics, throughput=throughput,

@@ -44,8 +44,10 @@ import pickle
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -205,8 +207,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_rng(path: Path) -> None:
-    torch.save(rng_state(), path)
+def save_rng(path: Path, state: dict | None = None) -> None:
+    """This rank's RNG state (rng_state(), or one taken earlier) to `path`, loadable weights_only."""
+    torch.save(rng_state() if state is None else state, path)
 
 
 def _numpy_rng_globals() -> list:
@@ -347,12 +350,14 @@ def _recorded(errors: list):
 
 
 @contextlib.contextmanager
-def _deepspeed_writes_recorded(engine, errors: list, pending: list | None = None):
+def _deepspeed_writes_recorded(engine, errors: list, pending: list | None = None,
+                               live: Callable[[str], bool] = lambda path: False, slow_write_s: float = 0.0):
     """DeepSpeed's save_checkpoint runs collectives between its writes (ZeRO-3 gathers, a final
     barrier): a rank whose torch.save raised would leave the others waiting in them. Its writes go
     through engine.checkpoint_engine.save; a failed one is recorded instead, so every rank completes
     the same collectives and settle() decides (docs/deepspeed_workarounds.md#failed-writes).
-    `pending` (checkpoint.async): each write becomes (a host copy of the state, path), written later."""
+    `pending` (checkpoint.async): each write becomes (the state, path, live), written later: the
+    state a host copy, or for `live(path)` files the same tensors (background.LIVE_FILES)."""
     ce = engine.checkpoint_engine
     own = "save" in vars(ce)
     original = ce.save
@@ -360,9 +365,11 @@ def _deepspeed_writes_recorded(engine, errors: list, pending: list | None = None
     def save(state_dict, path):
         with _recorded(errors):
             if pending is None:
+                time.sleep(slow_write_s)  # LMFORGE_FAULT_SLOW_WRITE
                 original(state_dict, path)
             else:
-                pending.append((background.snapshot(state_dict), path))
+                is_live = live(path)
+                pending.append((background.snapshot(state_dict, live=is_live), path, is_live))
 
     ce.save = save
     try:
@@ -375,13 +382,17 @@ def _deepspeed_writes_recorded(engine, errors: list, pending: list | None = None
 
 
 def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: int, log,
-         write_extra=None, fault=None, in_background: "background.Background | None" = None) -> Path:
+         write_extra=None, fault=None, in_background: "background.Background | None" = None,
+         slow_write_s: float = 0.0) -> Path:
     """Collective: every rank calls it. Returns the published directory. `write_extra(tmp_dir)`
-    is called on every rank after DeepSpeed's save (it may gather; rank 0 writes); `fault()` once
+    is called on every rank after DeepSpeed's save (it may gather; rank 0 writes) and may return
+    a function doing the rest of its writes, which needs no collective (async: the writer thread
+    runs it, with the RNG state's file); `fault()` once
     DeepSpeed's files are written (training/faults.py). Raises DiskFull on every rank if the disk
     fills up (the temporary directory removed), RuntimeError on every rank for another failure of
     any rank. `in_background` (checkpoint.async): returns once the state is copied to host memory;
-    the checkpoint is published by the ranks' threads, and in_background.wait() reports the outcome."""
+    the checkpoint is published by the ranks' threads, and in_background.wait() reports the outcome.
+    `slow_write_s` (LMFORGE_FAULT_SLOW_WRITE): each of DeepSpeed's files takes that much longer to write."""
     if in_background is not None:
         in_background.wait()  # at most one save in flight
     root = cfg.checkpoint_dir
@@ -402,19 +413,24 @@ def save(engine, cfg: Config, step: int, client: dict, rank: int, world_size: in
     # are settled together, after DeepSpeed's collectives
     errors: list[BaseException] = []
     pending = [] if in_background is not None else None
-    with _recorded(errors), _deepspeed_writes_recorded(engine, errors, pending):
+    live = in_background.live if in_background is not None else (lambda path: False)
+    with _recorded(errors), _deepspeed_writes_recorded(engine, errors, pending, live, slow_write_s):
         # An adapter run saves only what trains; the frozen base is rebuilt from model.init_from.
         engine.save_checkpoint(str(root), tag=tmp.name, client_state={"lmforge": client}, save_latest=False,
                                exclude_frozen_parameters=_has_frozen(engine))
-    with _recorded(errors):
-        save_rng(tmp / f"rng_rank{rank}.pt")
+    rng = rng_state()
+    later = [lambda: save_rng(tmp / f"rng_rank{rank}.pt", rng)]  # this rank's writes that need no collective
     if write_extra is not None:
         with _recorded(errors):
-            write_extra(tmp)
+            later.append(write_extra(tmp) or (lambda: None))
+    if pending is None:
+        with _recorded(errors):
+            for write in later:
+                write()
     saving.settle(errors)
     if pending is not None:
-        in_background.start(saving, lambda: _write_and_publish(engine.checkpoint_engine.save, pending, saving, cfg,
-                                                               client, fault, in_background.timeout_s, log))
+        in_background.start(saving, lambda: _write_and_publish(engine.checkpoint_engine.save, pending, later, saving,
+                                                               cfg, client, fault, in_background, log, slow_write_s))
         return final
     if fault is not None:
         fault()
@@ -461,16 +477,25 @@ def _complete(tmp: Path, final: Path, step: int, client: dict, cfg: Config, hash
     log.info(f"checkpoint saved: {final}")
 
 
-def _write_and_publish(write, pending: list, saving: "_Saving", cfg: Config, client: dict, fault, timeout_s: float,
-                       log) -> None:
-    """A rank's background thread (checkpoint.async): write the copies, hash them, leave the marker;
-    rank 0 then waits for every rank's marker and completes and publishes the checkpoint."""
+def _write_and_publish(write, pending: list, later: list, saving: "_Saving", cfg: Config, client: dict, fault,
+                       in_background: "background.Background", log, slow_write_s: float = 0.0) -> None:
+    """A rank's background thread (checkpoint.async): write the live tensors (the next optimizer
+    step waits for them), then the copies and the `later` writes (RNG state, Hugging Face files),
+    hash them, leave the marker; rank 0 then waits for every rank's marker and completes and
+    publishes the checkpoint."""
     tmp, error, hashes = saving.tmp, None, None
-    own = sorted({str(Path(path).relative_to(tmp)) for _, path in pending} | {f"rng_rank{saving.rank}.pt"})
+    own = sorted({str(Path(path).relative_to(tmp)) for _, path, _ in pending} | {f"rng_rank{saving.rank}.pt"})
     try:
-        for state, path in pending:
-            write(state, path)
+        for only_live in (True, False):
+            for state, path, is_live in pending:
+                if is_live == only_live:
+                    time.sleep(slow_write_s)  # LMFORGE_FAULT_SLOW_WRITE
+                    write(state, path)
+            if only_live:
+                in_background.live_written()
         pending.clear()  # the host copies go as soon as they are on disk
+        for write_rest in later:
+            write_rest()
         if fault is not None:
             fault()
         hashes = hash_files(tmp, own)  # while in page cache; rank 0's manifest hashes the rest
@@ -480,7 +505,7 @@ def _write_and_publish(write, pending: list, saving: "_Saving", cfg: Config, cli
     if error is not None:
         raise error
     if saving.rank == 0:
-        hashes = background.collect_markers(tmp, saving.world_size, timeout_s)
+        hashes = background.collect_markers(tmp, saving.world_size, in_background.timeout_s)
         _written(tmp, saving.world_size)
         _complete(tmp, saving.final, int(client["step"]), client, cfg, hashes, log)
 
@@ -650,8 +675,6 @@ def supersede_abandoned(root: Path, cfg: Config, log) -> None:
     target = chosen(cfg)
     if target is None or _done_rollback(root, target) is not None:
         return
-    import time
-
     newer = _newer(root, target)
     now = time.strftime("%Y%m%d-%H%M%S")
     dest = None

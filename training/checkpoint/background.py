@@ -2,6 +2,12 @@
 thread on each rank writes that copy, and rank 0's thread then completes and publishes the
 checkpoint exactly as a synchronous save does (manifest, atomic rename, `latest`, prune).
 
+The optimizer-state files (LIVE_FILES: the fp32 master partition and Adam's moments, most of a
+checkpoint) are not copied: only the optimizer step changes those tensors, and forward and backward
+run on the parameters and gradients. The thread writes them first, and the next optimizer step
+waits until they are on disk (Background.hold: a step pre-hook on the torch optimizer ZeRO steps);
+that wait is logged as checkpoint/wait_s. At a step of seconds the write is long done by then.
+
     lmforge train configs/demo.yaml --nproc 2 checkpoint.async=true   # checkpoint/stall_s in metrics.jsonl: the copy
 
 The ranks' threads run no collectives (the loop's own collectives go on meanwhile): each rank leaves
@@ -21,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -29,16 +36,22 @@ from typing import Callable
 import torch
 
 MARKER = ".written_rank{}.json"
+# DeepSpeed's optimizer-state files (zero_pp_rank_R_mp_rank_00_optim_states.pt, bf16_… too): written
+# from the live tensors; everything else (model states, whose ZeRO-3 parameters forward re-gathers) is copied.
+LIVE_FILES = re.compile(r"optim_states\.pt$")
 
 
-def snapshot(obj, memo: dict | None = None):
+def snapshot(obj, memo: dict | None = None, live: bool = False):
     """A copy of a state dict in host memory that training can no longer change, pickled by
     torch.save to the same bytes as the original: every tensor storage copied once (views keep
     sharing it), a tensor's attributes kept, an object reached twice copied once (as pickle's memo
-    and copy.deepcopy see it), other leaves deep-copied."""
+    and copy.deepcopy see it), other leaves deep-copied. `live`: the tensors are not copied (only
+    the containers and other leaves are): they must stay unchanged until written (LIVE_FILES)."""
     memo = {} if memo is None else memo
     if id(obj) in memo:
         return memo[id(obj)]
+    if live and isinstance(obj, torch.Tensor):
+        return obj
     if isinstance(obj, torch.Tensor) and type(obj) in (torch.Tensor, torch.nn.Parameter):
         storage = obj.untyped_storage()
         key = ("storage", storage.device, storage.data_ptr(), storage.nbytes()) if storage.data_ptr() else id(storage)
@@ -57,13 +70,13 @@ def snapshot(obj, memo: dict | None = None):
         out = copy.copy(obj)  # keeps the type (OrderedDict, defaultdict)
         memo[id(obj)] = out
         for k, v in obj.items():
-            out[k] = snapshot(v, memo)
+            out[k] = snapshot(v, memo, live)
     elif isinstance(obj, list):
         out = []
         memo[id(obj)] = out
-        out.extend(snapshot(v, memo) for v in obj)
+        out.extend(snapshot(v, memo, live) for v in obj)
     elif isinstance(obj, tuple):
-        items = [snapshot(v, memo) for v in obj]
+        items = [snapshot(v, memo, live) for v in obj]
         out = type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     elif obj is None or isinstance(obj, (int, float, str, bytes, bool)):
         return obj
@@ -85,15 +98,48 @@ class Background:
         self.saving = None  # the checkpoint._Saving of the save in flight (its rank and world size)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._live_written = threading.Event()  # the live tensors (LIVE_FILES) are on disk
+        self._live_written.set()
+        self._held = False
+        self.waited_s = 0.0  # the optimizer steps' wait for live_written, since take_waited()
+
+    def hold(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make every step of `optimizer` (the torch optimizer inside ZeRO's, which alone changes
+        the live tensors) wait until the save in flight has written them. Without it (no torch
+        optimizer to hold) saves copy every tensor."""
+        optimizer.register_step_pre_hook(self._before_step)
+        self._held = True
+
+    def live(self, path: str) -> bool:
+        """Whether the file at `path` is written from the live tensors instead of a copy."""
+        return self._held and bool(LIVE_FILES.search(str(path)))
+
+    def _before_step(self, *_) -> None:
+        if not self._live_written.is_set():
+            t0 = time.perf_counter()
+            self._live_written.wait()
+            self.waited_s += time.perf_counter() - t0
+
+    def take_waited(self) -> float:
+        """The optimizer steps' wait for a save's live tensors since the last call (checkpoint/wait_s)."""
+        waited, self.waited_s = self.waited_s, 0.0
+        return waited
+
+    def live_written(self) -> None:
+        """The writer thread has written the live tensors (or failed): the optimizer may step."""
+        self._live_written.set()
 
     def start(self, saving, job: Callable[[], None]) -> None:
         self.saving, self._error = saving, None
+        self._live_written.clear()
 
         def run() -> None:
             try:
                 job()
             except BaseException as e:  # noqa: BLE001 - reported by wait(), on every rank
                 self._error = e
+            finally:
+                self._live_written.set()  # a failed write must not leave the next step waiting
 
         self._thread = threading.Thread(target=run, name=f"lmforge-checkpoint-{saving.final.name}", daemon=True)
         self._thread.start()
