@@ -115,13 +115,7 @@ def status(run_dir: str | Path, stall_factor: float = 10.0, stall_min_s: float =
     cfg, now = _config(run_dir), time.time()
     run, records = runstate.read(run_dir) or {}, _records(run_dir)
     started = run.get("started", 0.0)
-    failure = None
-    try:
-        failure = json.loads((run_dir / "failure.json").read_text())
-        if failure.get("time", 0) < started:
-            failure = None  # an earlier start's
-    except (OSError, ValueError):
-        pass
+    failure = runstate.read_failure(run_dir, since=started)  # not an earlier start's
     held = runlock.read(run_dir)
     stale_s = float(cfg.get("dist", {}).get("lock_stale_s") or 120)
     live = held is not None and runlock.verdict(*held, stale_s) == "refuse"

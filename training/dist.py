@@ -178,37 +178,6 @@ EXIT_HUNG = 77
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def failure_file(run_dir: str | Path) -> Path:
-    """Why the last run of this directory failed, when a rank knew (divergence, hang): JSON with the
-    exit code. torchrun reports every failed rank as exit 1, so launchers read the code from here."""
-    return Path(run_dir) / "failure.json"
-
-
-def record_failure(run_dir: str | Path, code: int, reason: str, rank: int) -> None:
-    import json
-    import time
-
-    path = failure_file(run_dir)
-    tmp = path.with_name(f".failure.{rank}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps({"code": code, "reason": reason, "rank": rank, "host": socket.gethostname(),
-                                   "pid": os.getpid(), "time": time.time()}, indent=1))
-        os.replace(tmp, path)  # the first and the last rank to fail both leave a complete file
-    except OSError:
-        pass  # a full or gone disk: the exit code still says what happened
-
-
-def read_failure(run_dir: str | Path, since: float) -> dict | None:
-    """The failure a rank recorded after `since` (a time.time()), else None."""
-    import json
-
-    try:
-        failure = json.loads(failure_file(run_dir).read_text())
-    except (OSError, ValueError):
-        return None
-    return failure if failure.get("time", 0) >= since else None
-
-
 def stop_file(run_dir: str | Path) -> Path:
     """Touching this file asks a running job to checkpoint and stop at the next step boundary.
     Launchers write it when they are signalled (Slurm's warning signal, SIGTERM to the driver),

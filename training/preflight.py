@@ -18,7 +18,8 @@ from pathlib import Path
 from . import arithmetic, checkpoint, distill as distill_lib, dist, hub, model as model_lib, parallel, tasks as tasks_lib
 from .config import Config, ConfigError, build_ds_config
 from .dist import (EXIT_DIVERGED, EXIT_HUNG, EXIT_STOPPED, STOP_SIGNALS, free_port, get_logger,  # noqa: F401 (driver API)
-                   read_failure, record_failure, request_stop, stop_file)
+                   request_stop, stop_file)
+from .runstate import read_failure, record_failure  # noqa: F401 (driver API)
 from .leftovers import die_with_parent  # noqa: F401 (driver API)
 from .hub import resolve_ids  # noqa: F401 (driver API: `lmforge prepare` reads the models a config names)
 from .runlock import ENV as RUN_LOCK_ENV, RunDirInUse, check_free as check_run_dir_free, hold as hold_run_dir  # noqa: F401

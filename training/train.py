@@ -548,7 +548,7 @@ def cli(argv: list[str] | None = None) -> int:
     except (Diverged, checkpoint.DiskFull, resume.SplitResume) as e:
         # the job cannot go on, and every rank knows why: one line, and the code the launcher reports
         code = dist.EXIT_DIVERGED if isinstance(e, Diverged) else 1
-        dist.record_failure(cfg.run_dir, code, str(e), int(os.environ.get("RANK", "0")))
+        runstate.record_failure(cfg.run_dir, code, str(e), int(os.environ.get("RANK", "0")))
         if os.environ.get("RANK", "0") == "0":
             print(f"lmforge: {'diverged: ' if code == dist.EXIT_DIVERGED else ''}{e}", file=sys.stderr)
         return code

@@ -20,7 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from .dist import EXIT_HUNG, record_failure
+from .dist import EXIT_HUNG
+from .runstate import record_failure
 
 
 class Watchdog:
