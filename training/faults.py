@@ -36,7 +36,8 @@ class Faults:
             value = os.environ.get(name, "")
             return tuple(int(x) for x in value.split(":")) if value else None
         return cls(steps, rank_step("LMFORGE_FAULT_HANG"), rank_step("LMFORGE_FAULT_KILL_IN_SAVE"),
-                   float(os.environ.get("LMFORGE_FAULT_SLOW") or 0), float(os.environ.get("LMFORGE_FAULT_SLOW_WRITE") or 0))
+                   float(os.environ.get("LMFORGE_FAULT_SLOW") or 0),
+                   float(os.environ.get("LMFORGE_FAULT_SLOW_WRITE") or 0))
 
     def poison(self, step: int) -> bool:
         """True once for each listed step: make this step's loss non-finite."""
