@@ -1,12 +1,14 @@
-"""checkpoint.async: a save costs the training loop only a copy of its state in host memory; a
-thread on each rank writes that copy, and rank 0's thread then completes and publishes the
-checkpoint exactly as a synchronous save does (manifest, atomic rename, `latest`, prune).
+"""checkpoint.async: a save costs the training loop only a copy of its model states in host memory
+(and DeepSpeed's own collectives); a thread on each rank writes the files, and rank 0's thread then
+completes and publishes the checkpoint exactly as a synchronous save does (manifest, atomic rename,
+`latest`, prune).
 
 The optimizer-state files (LIVE_FILES: the fp32 master partition and Adam's moments, most of a
 checkpoint) are not copied: only the optimizer step changes those tensors, and forward and backward
 run on the parameters and gradients. The thread writes them first, and the next optimizer step
 waits until they are on disk (Background.hold: a step pre-hook on the torch optimizer ZeRO steps);
-that wait is logged as checkpoint/wait_s. At a step of seconds the write is long done by then.
+that wait is logged as checkpoint/wait_s (ZeRO-2 and ZeRO-3 checked byte for byte against a
+synchronous save on a slow disk; tests/test_async_checkpoint.py runs ZeRO-3).
 
     lmforge train configs/demo.yaml --nproc 2 checkpoint.async=true   # checkpoint/stall_s in metrics.jsonl: the copy
 
