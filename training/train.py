@@ -416,8 +416,9 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
     # the starting weights, before a resume loads a checkpoint: what dpo's reference pass must see
     task.prepare_run(engine, plan.data, cfg, groups, d.device, log)
     log.info(f"parameters stored on rank 0: {model_lib.stored_params(engine.module):,} of {n_total:,}")
-    fused = " (fused)" if engine.client_optimizer.param_groups[0].get("fused") else ""
-    log.info(f"optimizer: {type(engine.client_optimizer).__name__}{fused}, precision {plan.runtime.precision}, "
+    optimizer = engine_lib.torch_optimizer(engine)  # build_optimizer's, which ZeRO steps
+    fused = " (fused)" if optimizer.param_groups[0].get("fused") else ""
+    log.info(f"optimizer: {type(optimizer).__name__}{fused}, precision {plan.runtime.precision}, "
              f"activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
     log.info(f"task {cfg.task}, ZeRO-{cfg.parallel.zero_stage}, {d.world_size} rank(s){groups.describe()}, micro batch "
              f"{cfg.train.micro_batch_size} x accumulation {accum} x {groups.dp_size} = global batch "
@@ -459,8 +460,8 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
 
     faults = Faults.from_env()
     background = checkpoint.background.Background(cfg.dist.timeout_s) if cfg.checkpoint.async_ else None
-    if background is not None and isinstance(engine_lib.torch_optimizer(engine), torch.optim.Optimizer):
-        background.hold(engine_lib.torch_optimizer(engine))  # its steps wait for a save's live tensors
+    if background is not None:
+        background.hold(optimizer)  # its steps wait for a save's live tensors
     metrics = metrics_lib.make_metrics(d.rank, cfg, fresh=plan.resume_from is None,
                                        eval_metrics=list(dict.fromkeys(["eval/loss", task.headline])))
     throughput = metrics_lib.Throughput(tokens_per_step, arithmetic.flops_per_token(model.config, n_matmul, seq_len),

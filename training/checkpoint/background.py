@@ -107,8 +107,8 @@ class Background:
 
     def hold(self, optimizer: torch.optim.Optimizer) -> None:
         """Make every step of `optimizer` (the torch optimizer inside ZeRO's, which alone changes
-        the live tensors) wait until the save in flight has written them. Without it (no torch
-        optimizer to hold) saves copy every tensor."""
+        the live tensors) wait until the save in flight has written them. Until it is called, saves
+        copy every tensor."""
         optimizer.register_step_pre_hook(self._before_step)
         self._held = True
 
