@@ -91,10 +91,12 @@ def test_corruptions_by_hand():
     out = embedded._shuffle("    y = f(a)", chosen, random.Random(0))
     assert out is not None and sorted(out) == sorted(chosen) and embedded._breaks("    y = f(a)", out) > 0
     # `n` is bound by the completion; after swapping it with `data` it is read first
-    lines = ["    n = len(data)", "    return n"]
-    names = [(0, 4, 5, "n", True), (0, 12, 16, "data", False), (1, 11, 12, "n", False)]
+    lines = ["    n = len(data)", "    return n + data"]
+    names = [(0, 4, 5, "n", True), (0, 12, 16, "data", False), (1, 11, 12, "n", False), (1, 15, 19, "data", False)]
     swapped = embedded._swap(lines, names, {"def", "f", "data"}, random.Random(0))
-    assert swapped == ["    data = len(n)", "    return data"]
+    assert swapped == ["    data = len(n)", "    return data + n"]
+    # `n` twice, `data` once: swapping them would change the answer's length, so no swap
+    assert embedded._swap(lines[:1] + ["    return n"], names[:3], {"def", "f", "data"}, random.Random(0)) is None
     # all names only read: no local to read before its binding, so no swap
     assert embedded._swap(["    return f(a, b)", "    g(a)"], [(0, 11, 12, "f", False), (0, 13, 14, "a", False),
                           (0, 16, 17, "b", False), (1, 4, 5, "g", False), (1, 6, 7, "a", False)],
@@ -117,7 +119,7 @@ def test_embedded_paths_resolves(tmp_path):
 
     cfg = DataConfig(paths=["x"], cache_dir=str(tmp_path))
     train, evals = embedded_paths(cfg, ["{embedded:preference}/train.jsonl", "{embedded:preference}/eval.jsonl"])
-    assert train == str(tmp_path / "embedded" / "preference" / "train.jsonl")
+    assert train == str(tmp_path / "embedded" / "preference" / embedded.version() / "train.jsonl")
     records, held = _read(Path(train)), _read(Path(evals))
     assert (len(records), len(held)) == embedded.DEFAULT_MAX["preference"]
     assert all(isinstance(r["prompt"], str) for r in records)

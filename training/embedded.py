@@ -41,6 +41,7 @@ import keyword
 import os
 import random
 import re
+import sys
 import sysconfig
 import tokenize
 from collections import Counter
@@ -67,6 +68,14 @@ _NOT_LIBRARY = {"test", "idlelib", "lib2to3", "turtledemo", "ensurepip", "pydoc_
 
 
 # --------------------------------------------------------------------------- sources and split
+
+def version() -> str:
+    """What the built data depends on besides the arguments: this builder's code and the Python
+    version (whose stdlib it reads). Caches of built data are keyed by it."""
+    h = hashlib.blake2b(Path(__file__).read_bytes(), digest_size=6)
+    h.update(f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}".encode())
+    return h.hexdigest()
+
 
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
@@ -561,15 +570,20 @@ def _shuffle(prev: str, chosen: list[str], rng: random.Random) -> list[str] | No
 def _swap(chosen: list[str], names: list[tuple[int, int, int, str, bool]], known: set[str],
           rng: random.Random) -> list[str] | None:
     """chosen with two of its identifiers exchanged everywhere (at ast.Name positions: attributes
-    and strings are untouched), picked so that afterwards a local name (one that chosen assigns and
-    the prompt never mentions) is read before it is bound, which chosen never does. Preferred:
-    pairs after which that name is also assigned further on (read, then assigned: the contradiction
-    lies within the completion). names: (line index, start, end, id, is_store), in text order."""
+    and strings are untouched), two that occur equally often, picked so that afterwards a local
+    name (one that chosen assigns and the prompt never mentions) is read before it is bound, which
+    chosen never does. Preferred: pairs after which that name is also assigned further on (read,
+    then assigned: the contradiction lies within the completion). names: (line index, start, end,
+    id, is_store), in text order."""
     local = {n[3] for n in names if n[4]} - known
     if not local or _read_unbound([(n[3], n[4]) for n in names], local):
         return None  # the original reads a local before binding it (a loop's carry): no contrast
-    ids = sorted({n[3] for n in names})
-    pairs = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
+    counts = Counter(n[3] for n in names)
+    ids = sorted(counts)
+    # Only names that occur equally often: then the rejected answer holds the same names as the chosen
+    # one, so is as long. Otherwise summed log-probs prefer whichever is shorter, right or not (the
+    # SFT model got 1 of 11 such held-out pairs right).
+    pairs = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if counts[a] == counts[b]]
     rng.shuffle(pairs)
     ranked = []
     for a, b in pairs:
@@ -637,8 +651,7 @@ def _pref_records(rel: str, seed: int) -> list[dict]:
             n_prompt = lo + (first + k) % (hi - lo + 1)
             n_chosen = PREF_CHOSEN_LINES[0] + int(key[8 + 8 * k:16 + 8 * k], 16) % (
                 PREF_CHOSEN_LINES[1] - PREF_CHOSEN_LINES[0] + 1)
-            prefer_swap = int(key[40 + 8 * k:48 + 8 * k], 16) / 16 ** 8 < SWAP_FRACTION
-            pair = _pref_window(rel, lines, rows, header, starts, n_prompt, n_chosen, names_by_row, prefer_swap, rng)
+            pair = _pref_window(rel, lines, rows, header, starts, n_prompt, n_chosen, names_by_row, rng)
             if pair:
                 out.append({**pair, "line": fn.lineno})
                 made += 1
@@ -648,10 +661,11 @@ def _pref_records(rel: str, seed: int) -> list[dict]:
 
 
 def _pref_window(rel: str, lines: list[str], rows: dict[int, int], header: list[str], starts: list[int],
-                 n_prompt: int, n_chosen: int, names_by_row: dict, prefer_swap: bool,
-                 rng: random.Random) -> dict | None:
+                 n_prompt: int, n_chosen: int, names_by_row: dict, rng: random.Random) -> dict | None:
     """One pair from a function: the header and its first n_prompt statements (starts: the first
-    lines of the body's statements) shown, up to n_chosen one-line statements continuing it."""
+    lines of the body's statements) shown, up to n_chosen one-line statements continuing it. The
+    rejected answer swaps two names where it can (swaps are the scarcer kind; preference() picks the
+    mix), else shuffles the lines."""
     shown_starts = starts[:n_prompt]
     if len(shown_starts) < n_prompt:
         return None
@@ -680,7 +694,7 @@ def _pref_window(rel: str, lines: list[str], rows: dict[int, int], header: list[
     known = set(re.findall(r"[A-Za-z_]\w*", prompt))
     names = [(i, s, e, name, store) for i, r in enumerate(cont_rows) for s, e, name, store in
              sorted(names_by_row.get(r, []))]
-    for kind in (("swapped", "shuffled") if prefer_swap else ("shuffled", "swapped")):
+    for kind in ("swapped", "shuffled"):
         rejected = _swap(chosen, names, known, rng) if kind == "swapped" else _shuffle(prev, chosen, rng)
         if rejected is not None and rejected != chosen:
             return {"prompt": prompt, "chosen": "\n".join(chosen), "rejected": "\n".join(rejected),
@@ -694,7 +708,8 @@ def preference(packages: list[str] | None = None, *, max_train: int = DEFAULT_MA
     """(train, eval) preference pairs: a prompt of a function's def line and first 1-3 body lines,
     chosen = the body's next 2-6 lines, rejected = a corruption of them (CORRUPTIONS, recorded in
     `corruption`): its lines `shuffled` into an order that breaks the block structure, or two of
-    its identifiers `swapped` so that a name is read before it is assigned. Each split holds
+    its identifiers that occur equally often `swapped` so that a name is read before it is assigned
+    (both kinds keep the answer's characters, so its length). Each split holds
     SWAP_FRACTION swapped pairs (as far as there are), the rest shuffled."""
     if schema not in PREFERENCE_SCHEMAS:
         raise ValueError(f"preference schema must be one of {', '.join(PREFERENCE_SCHEMAS)}, got {schema!r}")

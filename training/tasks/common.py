@@ -50,7 +50,8 @@ class TaskData:
 
 def embedded_paths(cfg: DataConfig, paths: list[str]) -> list[str]:
     """`{embedded:TASK}/train.jsonl` (or `{embedded:sft-SCHEMA}`, e.g. sft-alpaca): the labelled stdlib
-    data of training/embedded.py, built once into the cache (under a file lock, so every rank may ask)."""
+    data of training/embedded.py, built once into the cache (under a file lock, so every rank may ask),
+    in a folder named by embedded.version(): a changed builder or Python builds anew."""
     out = []
     for p in paths:
         if p.startswith("{embedded:"):
@@ -59,7 +60,7 @@ def embedded_paths(cfg: DataConfig, paths: list[str]) -> list[str]:
             from .. import embedded
 
             name, _, rest = p[len("{embedded:"):].partition("}")
-            root = cfg.resolved_cache_dir() / "embedded" / name
+            root = cfg.resolved_cache_dir() / "embedded" / name / embedded.version()
             task, _, schema = name.partition("-")  # sft-alpaca: the sft pairs as alpaca records
             with FileLock(str(root) + ".lock"):
                 if not (root / "train.jsonl").is_file():
