@@ -68,8 +68,7 @@ def test_the_optimizer_step_waits_for_the_live_write():
     wait is counted (checkpoint/wait_s); a failed write releases it too."""
     param = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.AdamW([param], lr=0.1)
-    bg = Background(timeout_s=30)
-    bg.hold(opt)
+    bg = Background(timeout_s=30, optimizer=opt)
     assert bg.live("ckpt/zero_pp_rank_0_mp_rank_00_optim_states.pt")
     assert not bg.live("ckpt/zero_pp_rank_0_mp_rank_00_model_states.pt")
     written = threading.Event()

@@ -459,9 +459,8 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
         log.info(f"resumed from {plan.resume_from} at step {progress.step}")
 
     faults = Faults.from_env()
-    background = checkpoint.background.Background(cfg.dist.timeout_s) if cfg.checkpoint.async_ else None
-    if background is not None:
-        background.hold(optimizer)  # its steps wait for a save's live tensors
+    # the optimizer's steps wait for a save's live tensors
+    background = checkpoint.background.Background(cfg.dist.timeout_s, optimizer) if cfg.checkpoint.async_ else None
     metrics = metrics_lib.make_metrics(d.rank, cfg, fresh=plan.resume_from is None,
                                        eval_metrics=list(dict.fromkeys(["eval/loss", task.headline])))
     throughput = metrics_lib.Throughput(tokens_per_step, arithmetic.flops_per_token(model.config, n_matmul, seq_len),

@@ -6,7 +6,7 @@ completes and publishes the checkpoint exactly as a synchronous save does (manif
 The optimizer-state files (LIVE_FILES: the fp32 master partition and Adam's moments, most of a
 checkpoint) are not copied: only the optimizer step changes those tensors, and forward and backward
 run on the parameters and gradients. The thread writes them first, and the next optimizer step
-waits until they are on disk (Background.hold: a step pre-hook on the torch optimizer ZeRO steps);
+waits until they are on disk (Background's step pre-hook on the torch optimizer ZeRO steps);
 that wait is logged as checkpoint/wait_s (ZeRO-2 and ZeRO-3 checked byte for byte against a
 synchronous save on a slow disk; tests/test_async_checkpoint.py runs ZeRO-3).
 
@@ -95,26 +95,21 @@ class OtherRankFailed(RuntimeError):
 class Background:
     """This rank's in-flight save, if any (train.py's Checkpointer holds one per run)."""
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, optimizer: torch.optim.Optimizer):
+        """optimizer: the torch optimizer inside ZeRO's, which alone changes the live tensors: each
+        of its steps waits until the save in flight has written them."""
         self.timeout_s = timeout_s  # rank 0's wait for the other ranks' markers (dist.timeout_s)
         self.saving = None  # the checkpoint._Saving of the save in flight (its rank and world size)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._live_written = threading.Event()  # the live tensors (LIVE_FILES) are on disk
         self._live_written.set()
-        self._held = False
         self.waited_s = 0.0  # the optimizer steps' wait for live_written, since take_waited()
-
-    def hold(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make every step of `optimizer` (the torch optimizer inside ZeRO's, which alone changes
-        the live tensors) wait until the save in flight has written them. Until it is called, saves
-        copy every tensor."""
         optimizer.register_step_pre_hook(self._before_step)
-        self._held = True
 
     def live(self, path: str) -> bool:
         """Whether the file at `path` is written from the live tensors instead of a copy."""
-        return self._held and bool(LIVE_FILES.search(str(path)))
+        return bool(LIVE_FILES.search(str(path)))
 
     def _before_step(self, *_) -> None:
         if not self._live_written.is_set():
