@@ -19,6 +19,7 @@ from conftest import DEBUG, REPO, debug_overrides, lmforge
 from lmforge.training import tasks
 from lmforge.training.config import load_config
 from lmforge.training.dist import get_logger
+from lmforge.training.tasks.common import embedded_paths
 
 pytestmark = pytest.mark.slow  # each test starts `lmforge train` (make test-fast leaves them out)
 
@@ -51,7 +52,7 @@ def test_a_malformed_pair_stops_the_command_before_any_rank(tmp_path, data_cache
 
 def test_reward_export_scores_the_heldout_pairs_as_the_run_did(base, tmp_path, data_cache):
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     run_dir, out = tmp_path / "run", tmp_path / "rm"
     lmforge("train", REPO / "configs" / "reward.yaml",
@@ -68,6 +69,21 @@ def test_reward_export_scores_the_heldout_pairs_as_the_run_did(base, tmp_path, d
     exported = sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
     # the same pairs ranked the same way (what the recipe reaches is in BENCHMARKS.md)
     assert exported == pytest.approx(accuracy, abs=1e-9), (exported, accuracy)
+    # and as a user scores them: the records' text, rendered by the export's own tokenizer (which
+    # carries the run's chat template), scored at the last token (of the data.seq_len tokens the
+    # run read: this model's small tokenizer makes some conversations longer)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.chat_template
+    cfg = load_config(run_dir / "config.yaml")
+    records = [json.loads(x) for p in embedded_paths(cfg.data, cfg.data.eval_paths) for x in Path(p).read_text().splitlines()]
+    with torch.no_grad():
+        def plain(record, side):
+            text = tok.apply_chat_template([{"role": "user", "content": record["prompt"]},
+                                            {"role": "assistant", "content": record[side]}], tokenize=False)
+            ids = tok(text, return_tensors="pt", add_special_tokens=False, truncation=True, max_length=cfg.data.seq_len)
+            return model(**ids).logits[0, 0].item()
+        right = [plain(r, "chosen") > plain(r, "rejected") for r in records]
+    assert len(records) == len(chosen) and sum(right) / len(right) == pytest.approx(accuracy, abs=1e-9)
 
 
 def test_dpo_lora_against_its_base_exports_merged_and_compresses(base, tmp_path, data_cache):

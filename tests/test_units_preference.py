@@ -29,7 +29,8 @@ from lmforge.training.parallel import RankGroups
 from lmforge.training.tasks import preference
 from lmforge.training.tasks.common import IGNORE, TaskData
 from lmforge.training.tasks.preference import PairExamples
-from lmforge.training.tasks.sft import chat_template
+from lmforge.training.chat_templates import TEMPLATES
+from lmforge.training.tasks.sft import BUILTIN_CHAT_TEMPLATE, chat_template
 
 REPO = Path(__file__).resolve().parents[1]
 LOG = logging.getLogger("test_units_preference")
@@ -157,6 +158,11 @@ def test_a_long_answer_is_cut_at_the_end_keeping_the_prompt(tok, caplog):
     # the short rejected answer is whole
     assert cut.rejected_inputs[0].tolist() == full.rejected_inputs[0].tolist()
     assert tok.decode(cut.rejected_targets[0][cut.rejected_targets[0] != IGNORE]) == BAD + "</s>"
+    # a reward model's rows (the whole conversation) are cut to data.seq_len tokens
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        whole = preference.encode_pairs(cfg, tok, rows, LOG, shift=False)
+    assert f"dpo: 1 of 2 answers with their prompt are longer than data.seq_len={L} tokens" in caplog.text
+    assert whole.chosen_inputs[0].tolist() == full.chosen_inputs[0][:L].tolist()
 
 
 # --------------------------------------------------------------------------- malformed pairs, through prepare
@@ -184,6 +190,30 @@ def test_good_pairs_prepare(tmp_path):
     c, r = data.eval.chosen_targets[1], data.eval.rejected_targets[1]
     assert data.tokenizer.decode(c[c != IGNORE]) == "json.loads converts JSON." + data.tokenizer.eos_token
     assert data.tokenizer.decode(r[r != IGNORE]) == "No idea." + data.tokenizer.eos_token
+
+
+@pytest.mark.parametrize("template", [None, "chatml"])
+def test_reward_rows_are_the_whole_conversation_as_plain_transformers_renders_it(tmp_path, template):
+    """A reward model reads its score at the last token of what it is given: its rows are the whole
+    rendered conversation (not shifted as the log-prob tasks' are), and the prepared tokenizer (saved
+    with every checkpoint and export) carries the template, so that a user's
+    tok(tok.apply_chat_template(conversation, tokenize=False)) gives the same ids."""
+    over = ["task=reward", "data.seq_len=256", *([f"data.chat_template={template}"] if template else [])]
+    _, _, prepare = _prepare(tmp_path, GOOD_PAIRS, GOOD_PAIRS[:3], *over)
+    data = prepare()
+    tok = data.tokenizer
+    assert tok.chat_template == (TEMPLATES[template] if template else BUILTIN_CHAT_TEMPLATE)
+    for i, pair in enumerate(GOOD_PAIRS[:3]):
+        for side in ("chosen", "rejected"):
+            conversation = [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair[side]}]
+            text = tok.apply_chat_template(conversation, tokenize=False)
+            inputs, targets = getattr(data.eval, f"{side}_inputs")[i], getattr(data.eval, f"{side}_targets")[i]
+            assert inputs.tolist() == tok(text, add_special_tokens=False).input_ids, (i, side)
+            (lo, hi), = answer_runs(targets)  # unshifted: target k is input k, on the answer
+            assert targets[lo:hi].tolist() == inputs[lo:hi].tolist()
+            assert tok.decode(targets[lo:hi]).startswith(pair[side])
+    dpo = _prepare(tmp_path, GOOD_PAIRS, GOOD_PAIRS[:3], *over[1:])[2]()  # the log-prob rows: one token shorter
+    assert [len(x) + 1 for x in dpo.eval.chosen_inputs] == [len(x) for x in data.eval.chosen_inputs]
 
 
 @pytest.mark.parametrize("bad,split,index,words", ids=["empty", "blank", "identical", "missing", "no_prompt", "mix",

@@ -250,6 +250,10 @@ class RecordTask(NoRunState):
         """The text of each training record, for a tokenizer trained here."""
         raise NotImplementedError
 
+    def template(self, cfg: DataConfig, tok) -> str | None:
+        """The chat template the task renders records with, or None (it renders none)."""
+        return None
+
     def rows(self, cfg: DataConfig, records: list[dict], where: Callable[[int], str], log) -> list[dict]:
         """The records as the task reads them, from the records of one file set; where(i) names record
         i's file and index for a ConfigError. Default: as loaded."""
@@ -287,6 +291,9 @@ class RecordTask(NoRunState):
                                                     for t in self.texts(c.data, train)), log)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
+        template = self.template(cfg.data, tok)
+        if template is not None:  # saved with the tokenizer (checkpoints, exports): inference renders as training did
+            tok.chat_template = template
         made = [self.examples(c, tok, train, held, log) for c, (train, held) in zip(per_source, splits)]
         if len(made) == 1:
             (tr, ev, labels), rows = made[0], None

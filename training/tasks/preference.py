@@ -40,8 +40,9 @@ CHOSEN, REJECTED = "chosen", "rejected"
 
 @dataclass
 class PairExamples:
-    """Token rows of preference pairs: inputs and (shifted) targets of prompt + answer, targets only
-    on the answer. `ref`: (n, 2) summed reference log-probs of (chosen, rejected), once computed."""
+    """Token rows of preference pairs: inputs and targets of prompt + answer, targets only on the
+    answer (shifted by one for the log-prob tasks). `ref`: (n, 2) summed reference log-probs of
+    (chosen, rejected), once computed."""
     chosen_inputs: list[np.ndarray]
     chosen_targets: list[np.ndarray]
     rejected_inputs: list[np.ndarray]
@@ -149,13 +150,16 @@ def answer_tokens(tok, template: str, msgs: list[dict], turns: int = 1) -> tuple
     return ids, answer
 
 
-def encode_pairs(cfg: Config, tok, rows: list[dict], log) -> PairExamples:
-    """Pair rows → token rows of ≤ data.seq_len inputs (answers cut at the end if longer)."""
+def encode_pairs(cfg: Config, tok, rows: list[dict], log, shift: bool = True) -> PairExamples:
+    """Pair rows → token rows of ≤ data.seq_len inputs (answers cut at the end if longer). shift: the
+    inputs predict the next token (log-probs); else they are the whole rendered conversation, as a
+    reward model reads it (and plain transformers, from apply_chat_template's text, or TRL)."""
     import numpy as np
 
     from .sft import chat_template
 
     template, L = chat_template(cfg.data, tok), cfg.data.seq_len
+    longest = L + 1 if shift else L  # tokens of a conversation that give L inputs
     out: dict[str, tuple[list, list]] = {CHOSEN: ([], []), REJECTED: ([], [])}
     cut = 0
     for r in rows:
@@ -166,19 +170,21 @@ def encode_pairs(cfg: Config, tok, rows: list[dict], log) -> PairExamples:
             except (ValueError, ConfigError) as e:
                 raise ConfigError(f"{cfg.task}: {r['where']}: {e}") from None
             start = int(np.argmax(answer))
-            if start > L:  # inputs hold L tokens: the first answer token must be a target within them
+            if start > longest - 1:  # the first answer token must be a target within the L inputs
                 raise ConfigError(f"{cfg.task}: {r['where']}: the prompt is {start} tokens, leaving no room for the "
                                   f"answer within data.seq_len={L}: shorten it or raise data.seq_len")
-            if len(ids) > L + 1:
+            if len(ids) > longest:
                 cut += 1
-                ids, answer = ids[:L + 1], answer[:L + 1]
-            # without a prompt the first token has nothing before it to predict it
-            target = np.where(answer[1:], ids[1:], IGNORE).astype(np.int64)
-            out[side][0].append(ids[:-1].astype(np.int64))
-            out[side][1].append(target)
+                ids, answer = ids[:longest], answer[:longest]
+            if shift:  # without a prompt the first token has nothing before it to predict it
+                inputs, target = ids[:-1], np.where(answer[1:], ids[1:], IGNORE)
+            else:
+                inputs, target = ids, np.where(answer, ids, IGNORE)
+            out[side][0].append(inputs.astype(np.int64))
+            out[side][1].append(target.astype(np.int64))
     if cut:
         log.warning(f"{cfg.task}: {cut} of {2 * len(rows)} answers with their prompt are longer than "
-                    f"data.seq_len+1={L + 1} tokens and were cut at the end")
+                    f"data.seq_len{'+1' if shift else ''}={longest} tokens and were cut at the end")
     return PairExamples(*out[CHOSEN], *out[REJECTED], tok.pad_token_id)
 
 
@@ -323,8 +329,14 @@ class PreferenceTask(RecordTask):
             out.append({**row, "where": where(i)})
         return out
 
+    def template(self, cfg: DataConfig, tok) -> str:
+        from .sft import chat_template
+
+        return chat_template(cfg, tok)
+
     def examples(self, cfg: Config, tok, train: list[dict], held: list[dict], log):
-        tr, ev = encode_pairs(cfg, tok, train, log), encode_pairs(cfg, tok, held, log)
+        # log-prob tasks predict each next token; a reward model reads the whole conversation
+        tr, ev = (encode_pairs(cfg, tok, rows, log, shift=self.logps) for rows in (train, held))
         log.info(f"{cfg.task}: {len(tr)} training pairs, {len(ev)} held-out pairs, {tr.tokens_per_row:.0f} tokens "
                  f"per pair on average (data.seq_len {cfg.data.seq_len})")
         return tr, ev, self.head_labels()

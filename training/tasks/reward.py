@@ -1,10 +1,13 @@
 """Reward models: a causal LM with a one-output head (AutoModelForSequenceClassification, num_labels
 1) trained with the Bradley–Terry loss -log sigmoid(r(chosen) - r(rejected)) on preference pairs
-(TRL's RewardTrainer). The score is read at the last token of prompt + answer; the exported model
-scores any text with plain transformers.
+(TRL's RewardTrainer). A row is the whole conversation as the chat template renders it, and the
+score is read at its last token: where plain transformers reads it from the exported model and
+tokenizer (which carries the run's template), and where TRL's RewardTrainer trains it.
 
     lmforge train configs/reward.yaml --nproc 2
-    lmforge export runs/reward --out /tmp/rm   # AutoModelForSequenceClassification.from_pretrained("/tmp/rm")
+    lmforge export runs/reward --out /tmp/rm
+    # tok = AutoTokenizer.from_pretrained("/tmp/rm"); rm = AutoModelForSequenceClassification.from_pretrained("/tmp/rm")
+    # rm(**tok(tok.apply_chat_template(conversation, tokenize=False), return_tensors="pt")).logits[0, 0]
 """
 
 from __future__ import annotations

@@ -348,6 +348,9 @@ class Sft(RecordTask):
     def rows(self, cfg: DataConfig, records: list[dict], where: Callable[[int], str], log) -> list[dict]:
         return conversations(cfg, records, where, log)
 
+    def template(self, cfg: DataConfig, tok) -> str:
+        return chat_template(cfg, tok)
+
     def examples(self, cfg: Config, tok, train: list[dict], held: list[dict], log):
         tr, ev = encode(cfg, tok, train, log), encode(cfg, tok, held, log)
         ev.conversations = [record_messages(cfg.data, r) for r in held]
