@@ -529,3 +529,29 @@ def test_step_metrics_are_all_reduced_means_of_the_pairs(one_rank, two_ranks):
         for indices, loss in zip(out["batches"], out["losses"]):  # loss(): the mean over the batch's pairs
             assert loss == pytest.approx(want["loss"][indices].mean(), rel=1e-5)
     assert two_ranks[0][0]["step"] == two_ranks[0][1]["step"]
+
+
+def test_a_reward_model_whose_config_names_another_pad_scores_padded_rows_as_unpadded(tmp_path):
+    """A model directory whose config.json names a pad id other than the tokenizer's (the id the
+    batches are padded with): a head model takes the tokenizer's, so a right-padded row is scored at
+    its own last token, as alone; a causal LM keeps its own."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    from lmforge.training.model import hf_config
+
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, pad_token_id=7).save_pretrained(tmp_path)
+    model_cfg = dpo_cfg(f"model.path={tmp_path}", "model.pretrained=false").model
+    assert hf_config(model_cfg, 64, 3, pad_id=3).pad_token_id == 7  # causal: its own
+    conf = hf_config(model_cfg, 64, 3, labels=["reward"], pad_id=3)
+    assert conf.pad_token_id == 3 and conf.num_labels == 1
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(conf).eval()
+    short, long = [10, 11, 12], [20, 21, 22, 23, 24, 25]
+    batch = PairExamples([np.array(short)], [np.array(short)], [np.array(long)], [np.array(long)], pad_id=3)
+    inputs, _ = batch.batch([0])
+    with torch.no_grad():
+        padded = model(**inputs).logits[:, 0]
+        alone = [model(input_ids=torch.tensor([r])).logits[0, 0] for r in (short, long)]
+    assert inputs["input_ids"][0].tolist() == short + [3] * 3
+    assert torch.allclose(padded, torch.stack(alone), atol=1e-6), (padded, alone)

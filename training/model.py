@@ -64,8 +64,10 @@ def _with_labels(conf, labels: list[str] | None, pad_id: int | None):
         conf.num_labels = len(labels)
         conf.id2label = dict(enumerate(labels))
         conf.label2id = {name: i for i, name in enumerate(labels)}
-    if pad_id is not None and getattr(conf, "pad_token_id", None) is None:
-        conf.pad_token_id = pad_id  # sequence classification pools the last non-pad token
+    # A head model pools the last token that is not config.pad_token_id: it must be the id the batches
+    # are padded with (the tokenizer's), or a padded row is scored at a pad (TRL's trainers set it so too).
+    if pad_id is not None and (labels is not None or getattr(conf, "pad_token_id", None) is None):
+        conf.pad_token_id = pad_id
     return conf
 
 
