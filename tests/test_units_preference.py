@@ -11,6 +11,7 @@ The loss formulas against TRL's own code are tests/test_units_preference_losses.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -165,6 +166,38 @@ def test_a_long_answer_is_cut_at_the_end_keeping_the_prompt(tok, caplog):
     assert whole.chosen_inputs[0].tolist() == full.chosen_inputs[0][:L].tolist()
 
 
+def test_a_prompt_of_exactly_seq_len_tokens_leaves_room_only_for_a_shifted_row(tok):
+    """The first answer token must be a target within the L inputs: a log-prob row (inputs ids[:-1],
+    targets ids[1:]) still has it at a prompt of exactly L tokens; a reward row (inputs ids[:L]) needs
+    the prompt to be at most L - 1."""
+    cfg = dpo_cfg("data.seq_len=512")
+    rows = tasks.get("dpo").rows(cfg.data, [{"prompt": Q2["content"], "chosen": GOOD, "rejected": BAD}],
+                                 lambda i: f"f record {i}", LOG)
+    (start, _), = answer_runs(preference.encode_pairs(cfg, tok, rows, LOG, shift=False).chosen_targets[0])
+    at = dpo_cfg(f"data.seq_len={start}")  # the prompt is exactly data.seq_len tokens
+    (lo, hi), = answer_runs(preference.encode_pairs(at, tok, rows, LOG).chosen_targets[0])
+    assert (lo, hi) == (start - 1, start)  # the last input predicts the first answer token
+    with pytest.raises(ConfigError, match=f"the prompt is {start} tokens, leaving no room for the answer within "
+                                          f"data.seq_len={start}"):
+        preference.encode_pairs(at, tok, rows, LOG, shift=False)
+    (lo, hi), = answer_runs(preference.encode_pairs(dpo_cfg(f"data.seq_len={start + 1}"), tok, rows, LOG,
+                                                    shift=False).chosen_targets[0])
+    assert (lo, hi) == (start, start + 1)
+
+
+def test_generation_stops_at_the_end_of_turn_of_the_template_the_tokenizer_carries(tok):
+    """A stage that inherits its template through the tokenizer (data.chat_template unset) stops as
+    one that names it."""
+    from lmforge.training.tasks.sft import stop_ids
+
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    tok2 = copy.deepcopy(tok)  # the module's tokenizer stays template-free
+    tok2.chat_template = TEMPLATES["chatml"]
+    assert stop_ids(dpo_cfg().data, tok2) == [tok.eos_token_id, im_end]
+    assert stop_ids(dpo_cfg("data.chat_template=chatml").data, tok) == [tok.eos_token_id, im_end]
+    assert stop_ids(dpo_cfg().data, tok) == [tok.eos_token_id]
+
+
 # --------------------------------------------------------------------------- malformed pairs, through prepare
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -192,7 +225,7 @@ def test_good_pairs_prepare(tmp_path):
     assert data.tokenizer.decode(r[r != IGNORE]) == "No idea." + data.tokenizer.eos_token
 
 
-@pytest.mark.parametrize("template", [None, "chatml"])
+@pytest.mark.parametrize("template", [None, "chatml", "mistral-instruct"])
 def test_reward_rows_are_the_whole_conversation_as_plain_transformers_renders_it(tmp_path, template):
     """A reward model reads its score at the last token of what it is given: its rows are the whole
     rendered conversation (not shifted as the log-prob tasks' are), and the prepared tokenizer (saved
@@ -211,7 +244,7 @@ def test_reward_rows_are_the_whole_conversation_as_plain_transformers_renders_it
             assert inputs.tolist() == tok(text, add_special_tokens=False).input_ids, (i, side)
             (lo, hi), = answer_runs(targets)  # unshifted: target k is input k, on the answer
             assert targets[lo:hi].tolist() == inputs[lo:hi].tolist()
-            assert tok.decode(targets[lo:hi]).startswith(pair[side])
+            assert tok.decode(targets[lo:hi]).lstrip().startswith(pair[side])
     dpo = _prepare(tmp_path, GOOD_PAIRS, GOOD_PAIRS[:3], *over[1:])[2]()  # the log-prob rows: one token shorter
     assert [len(x) + 1 for x in dpo.eval.chosen_inputs] == [len(x) for x in data.eval.chosen_inputs]
 
@@ -533,20 +566,26 @@ def test_step_metrics_are_all_reduced_means_of_the_pairs(one_rank, two_ranks):
 
 def test_a_reward_model_whose_config_names_another_pad_scores_padded_rows_as_unpadded(tmp_path):
     """A model directory whose config.json names a pad id other than the tokenizer's (the id the
-    batches are padded with): a head model takes the tokenizer's, so a right-padded row is scored at
-    its own last token, as alone; a causal LM keeps its own."""
-    from transformers import AutoModelForSequenceClassification, LlamaConfig
+    batches are padded with): the built reward model pools by the tokenizer's, so a right-padded row
+    is scored at its own last token, as alone; its embedding keeps the checkpoint's padding_idx; a
+    causal LM keeps its own pad id."""
+    from transformers import LlamaConfig
 
-    from lmforge.training.model import hf_config
+    from lmforge.training.model import build, hf_config
 
     LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=2, pad_token_id=7).save_pretrained(tmp_path)
     model_cfg = dpo_cfg(f"model.path={tmp_path}", "model.pretrained=false").model
-    assert hf_config(model_cfg, 64, 3, pad_id=3).pad_token_id == 7  # causal: its own
-    conf = hf_config(model_cfg, 64, 3, labels=["reward"], pad_id=3)
-    assert conf.pad_token_id == 3 and conf.num_labels == 1
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(conf).eval()
+
+    def built(task, labels):
+        torch.manual_seed(0)
+        return build(model_cfg, hf_config(model_cfg, 64, 3, labels=labels), {"zero_optimization": {"stage": 0}},
+                     "eager", torch.float32, task=task, pad_id=3).eval()
+
+    assert built("dpo", None).config.pad_token_id == 7
+    model = built("reward", ["reward"])
+    assert model.config.pad_token_id == 3 and model.config.num_labels == 1
+    assert model.get_input_embeddings().padding_idx == 7
     short, long = [10, 11, 12], [20, 21, 22, 23, 24, 25]
     batch = PairExamples([np.array(short)], [np.array(short)], [np.array(long)], [np.array(long)], pad_id=3)
     inputs, _ = batch.batch([0])

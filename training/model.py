@@ -25,7 +25,7 @@ _hf_ds_config_ref = None  # transformers reads ZeRO-3 state through a weak globa
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int, source: Path | None = None,
-              labels: list[str] | None = None, pad_id: int | None = None):
+              labels: list[str] | None = None):
     """The transformers config of the model to train; no weights are touched. `source`: the
     resolved model.init_from directory; `labels`: the classes/tags of a classification/ner head."""
     from transformers import AutoConfig, LlamaConfig
@@ -51,23 +51,19 @@ def hf_config(cfg: ModelConfig, vocab_size: int, eos_id: int, source: Path | Non
         kwargs.update(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
         kwargs.update(cfg.overrides)
         conf = LlamaConfig(**kwargs)
-        return _with_labels(conf, labels, pad_id)
+        return _with_labels(conf, labels)
     for key, value in cfg.overrides.items():
         if not hasattr(conf, key):
             raise ConfigError(f"model.overrides.{key}: {type(conf).__name__} has no such key")
         setattr(conf, key, value)
-    return _with_labels(conf, labels, pad_id)
+    return _with_labels(conf, labels)
 
 
-def _with_labels(conf, labels: list[str] | None, pad_id: int | None):
+def _with_labels(conf, labels: list[str] | None):
     if labels is not None:
         conf.num_labels = len(labels)
         conf.id2label = dict(enumerate(labels))
         conf.label2id = {name: i for i, name in enumerate(labels)}
-    # A head model pools the last token that is not config.pad_token_id: it must be the id the batches
-    # are padded with (the tokenizer's), or a padded row is scored at a pad (TRL's trainers set it so too).
-    if pad_id is not None and (labels is not None or getattr(conf, "pad_token_id", None) is None):
-        conf.pad_token_id = pad_id
     return conf
 
 
@@ -171,8 +167,9 @@ def check_4bit_training_path(model: torch.nn.Module, targets: list[str]) -> None
 
 def build(cfg: ModelConfig, conf, ds_config: dict, attention: str, dtype: torch.dtype,
           activation_checkpointing: bool = False, task: str = "pretrain", source: Path | None = None,
-          finetune: FinetuneConfig | None = None, total_steps: int = 0) -> torch.nn.Module:
-    """`source`: the model.init_from directory (weights to start from); `finetune`: peft adapters."""
+          finetune: FinetuneConfig | None = None, total_steps: int = 0, pad_id: int | None = None) -> torch.nn.Module:
+    """`source`: the model.init_from directory (weights to start from); `finetune`: peft adapters;
+    `pad_id`: the id batches are padded with (the tokenizer's)."""
     from transformers.integrations import HfDeepSpeedConfig
 
     global _hf_ds_config_ref
@@ -197,6 +194,12 @@ def build(cfg: ModelConfig, conf, ds_config: dict, attention: str, dtype: torch.
     else:
         model = cls.from_config(conf, attn_implementation=attention, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False  # no KV cache while training
+    # A sequence-classification head pools the last token that is not config.pad_token_id: it must be
+    # the id batches are padded with, or a padded row is scored at a pad. Set on the built model (as
+    # TRL's trainers do), so the embedding's padding_idx, a row that gets no gradient, stays the
+    # checkpoint's rather than becoming EOS (pad == EOS in most tokenizers).
+    if pad_id is not None and (not tasks.get(task).causal or model.config.pad_token_id is None):
+        model.config.pad_token_id = pad_id
     if activation_checkpointing:
         # Non-reentrant: works with ZeRO-3's parameter hooks and with inputs that need no grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -71,7 +71,7 @@ def preflight(cfg: Config, world_size: int, log) -> Prepared:
     check_trackers(cfg)
     cfg, pinned = hub.resolve_ids(cfg)  # Hub ids → snapshot directories, before anything reads them
     prepared, meta = prepare_data(cfg, log)
-    conf = model_lib.hf_config(cfg.model, prepared.vocab_size, prepared.eos_id, meta, prepared.labels, prepared.pad_id)
+    conf = model_lib.hf_config(cfg.model, prepared.vocab_size, prepared.eos_id, meta, prepared.labels)
     model_lib.check_finetune(conf, cfg.task, cfg.finetune, cfg.model.trust_remote_code)
     if cfg.distill.teacher:
         distill_lib.check_teacher(cfg.distill, conf, prepared.tokenizer)

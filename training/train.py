@@ -401,7 +401,8 @@ def setup(cfg: Config, d: dist.DistInfo, plan: Prepared, log) -> Run:
         log.info(f"distillation from {distiller.path}: loss = {1 - cfg.distill.alpha:g} x CE + {cfg.distill.alpha:g} "
                  f"x T^2 KL (T={cfg.distill.temperature:g})")
     model = model_lib.build(cfg.model, plan.hf_config, plan.ds_config, plan.runtime.attention, dtype,
-                            cfg.train.activation_checkpointing, cfg.task, source, cfg.finetune, total_steps)
+                            cfg.train.activation_checkpointing, cfg.task, source, cfg.finetune, total_steps,
+                            pad_id=plan.data.pad_id)
     n_total, n_matmul = model_lib.count_params(model)
     startup.mark("model")
     log.info(f"model: {model_lib.describe(model.config, n_total)}")

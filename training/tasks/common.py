@@ -40,7 +40,7 @@ class TaskData:
     eval: object
     vocab_size: int
     eos_id: int
-    pad_id: int | None = None         # set on a model config that has none (sequence classification needs it)
+    pad_id: int | None = None         # what batches are padded with: a sequence-classification head's config.pad_token_id
     labels: list[str] | None = None   # classification labels / ner tags: the model's head
     summary: dict = field(default_factory=dict)  # what `lmforge prepare` prints
     source_rows: list[int] | None = None  # data.mixture: train rows are its sources' rows, one source after another
