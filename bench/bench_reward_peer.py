@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 LMFORGE = Path(sys.executable).parent / "lmforge"
+SEQ_LEN = 192  # configs/reward.yaml's data.seq_len: a reward row holds at most this many tokens
 
 
 def export(work: Path, run: str) -> Path:
@@ -35,8 +36,9 @@ def conversation(r: dict, answer: str) -> list[dict]:
 
 
 def trl_reward(sft: Path, train: list[dict], held: list[dict], out: Path, steps: int, lr: float) -> float:
-    """TRL's RewardTrainer on the pairs in conversational form (TRL renders them with the chat template
-    and appends EOS); returns the wall time of train()."""
+    """TRL's RewardTrainer on the pairs in conversational form (TRL renders them with the chat template;
+    max_length: the recipe's data.seq_len, beyond which TRL drops a pair where lmforge cuts it: the
+    embedded pairs fit); returns the wall time of train()."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -47,10 +49,13 @@ def trl_reward(sft: Path, train: list[dict], held: list[dict], out: Path, steps:
     tok.chat_template = tok.chat_template or BUILTIN_CHAT_TEMPLATE  # the template lmforge renders with
     ds = [Dataset.from_list([{"chosen": conversation(r, "chosen"), "rejected": conversation(r, "rejected")} for r in rows])
           for rows in (train, held)]
+    longest = max(len(tok(tok.apply_chat_template(conversation(r, a), tokenize=False), add_special_tokens=False).input_ids)
+                  for r in train for a in ("chosen", "rejected"))
+    print(f"longest training conversation: {longest} tokens (TRL drops a pair over {SEQ_LEN})", flush=True)
     model = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)
     args = RewardConfig(output_dir=str(out), per_device_train_batch_size=16, max_steps=steps, learning_rate=lr,
                         warmup_steps=5, lr_scheduler_type="cosine", logging_steps=30, eval_strategy="no",
-                        save_strategy="no", max_length=193, report_to=[], use_cpu=True, seed=0)
+                        save_strategy="no", max_length=SEQ_LEN, report_to=[], use_cpu=True, seed=0)
     trainer = RewardTrainer(model=model, args=args, train_dataset=ds[0], processing_class=tok)
     t0 = time.perf_counter()
     trainer.train()
@@ -73,7 +78,7 @@ def accuracy(model_dir: Path, held: list[dict]) -> dict[str, float]:
 
     def score(r, answer):
         text = tok.apply_chat_template(conversation(r, answer), chat_template=template, tokenize=False)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :193]
+        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[:, :SEQ_LEN]
         return float(model(input_ids=ids).logits[0, 0])
 
     right = defaultdict(list)

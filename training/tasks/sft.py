@@ -402,11 +402,13 @@ def generation_bleu(engine, data: TaskData, cfg: Config, dp_rank: int, dp_size: 
 
 def stop_ids(cfg: DataConfig, tok) -> list[int]:
     """The tokens generation stops at: EOS, and a named template's end-of-turn token where the
-    tokenizer has it as one token (chatml's <|im_end|>, llama-3's <|eot_id|>)."""
-    from ..chat_templates import END_OF_TURN
+    tokenizer has it as one token (chatml's <|im_end|>, llama-3's <|eot_id|>). The template is
+    data.chat_template's, else the one the tokenizer carries (an earlier stage saved it there)."""
+    from ..chat_templates import END_OF_TURN, TEMPLATES
 
     ids = [tok.eos_token_id]
-    eot = END_OF_TURN.get(cfg.chat_template or "")
+    name = cfg.chat_template or next((n for n, t in TEMPLATES.items() if t == tok.chat_template), "")
+    eot = END_OF_TURN.get(name)
     if eot and eot in tok.get_vocab():
         ids.append(tok.convert_tokens_to_ids(eot))
     return ids
