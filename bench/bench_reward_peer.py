@@ -35,7 +35,7 @@ def conversation(r: dict, answer: str) -> list[dict]:
     return [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[answer]}]
 
 
-def trl_reward(sft: Path, train: list[dict], held: list[dict], out: Path, steps: int, lr: float) -> float:
+def trl_reward(sft: Path, train: list[dict], out: Path, steps: int, lr: float) -> float:
     """TRL's RewardTrainer on the pairs in conversational form (TRL renders them with the chat template;
     max_length: the recipe's data.seq_len, beyond which TRL drops a pair where lmforge cuts it: the
     embedded pairs fit); returns the wall time of train()."""
@@ -47,8 +47,7 @@ def trl_reward(sft: Path, train: list[dict], held: list[dict], out: Path, steps:
 
     tok = AutoTokenizer.from_pretrained(sft)
     tok.chat_template = tok.chat_template or BUILTIN_CHAT_TEMPLATE  # the template lmforge renders with
-    ds = [Dataset.from_list([{"chosen": conversation(r, "chosen"), "rejected": conversation(r, "rejected")} for r in rows])
-          for rows in (train, held)]
+    pairs = Dataset.from_list([{"chosen": conversation(r, "chosen"), "rejected": conversation(r, "rejected")} for r in train])
     longest = max(len(tok(tok.apply_chat_template(conversation(r, a), tokenize=False), add_special_tokens=False).input_ids)
                   for r in train for a in ("chosen", "rejected"))
     print(f"longest training conversation: {longest} tokens (TRL drops a pair over {SEQ_LEN})", flush=True)
@@ -56,7 +55,7 @@ def trl_reward(sft: Path, train: list[dict], held: list[dict], out: Path, steps:
     args = RewardConfig(output_dir=str(out), per_device_train_batch_size=16, max_steps=steps, learning_rate=lr,
                         warmup_steps=5, lr_scheduler_type="cosine", logging_steps=30, eval_strategy="no",
                         save_strategy="no", max_length=SEQ_LEN, report_to=[], use_cpu=True, seed=0)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=ds[0], processing_class=tok)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tok)
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
@@ -106,7 +105,7 @@ def main() -> None:
         rows.append(("lmforge configs/reward.yaml (2 ranks)", accuracy(export(args.work, "reward"), held)))
     for steps in args.steps:
         out = args.work / "exports" / f"trl_reward_{steps}"
-        wall = trl_reward(sft, train, held, out, steps, args.lr)
+        wall = trl_reward(sft, train, out, steps, args.lr)
         rows.append((f"TRL RewardTrainer, {steps} steps, lr {args.lr:g} (1 process, {wall:.0f} s)", accuracy(out, held)))
     print(f"# {dt.date.today()} {platform.node()} {platform.processor() or platform.machine()}: "
           f"{len(train)} training pairs, {len(held)} held out")
