@@ -24,10 +24,10 @@ SEQ_LEN = 192  # configs/reward.yaml's data.seq_len: a reward row holds at most 
 
 
 def export(work: Path, run: str) -> Path:
+    """The run's export, made anew each call: the run may have been retrained since the last one."""
     out = work / "exports" / run
-    if not (out / "config.json").exists():
-        subprocess.run([str(LMFORGE), "export", str(work / "runs" / run), "--out", str(out)], check=True,
-                       stdout=subprocess.DEVNULL)
+    subprocess.run([str(LMFORGE), "export", str(work / "runs" / run), "--out", str(out), "--overwrite"], check=True,
+                   stdout=subprocess.DEVNULL)
     return out
 
 

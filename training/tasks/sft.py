@@ -402,13 +402,14 @@ def generation_bleu(engine, data: TaskData, cfg: Config, dp_rank: int, dp_size: 
 
 def stop_ids(cfg: DataConfig, tok) -> list[int]:
     """The tokens generation stops at: EOS, and a named template's end-of-turn token where the
-    tokenizer has it as one token (chatml's <|im_end|>, llama-3's <|eot_id|>). The template is
-    data.chat_template's, else the one the tokenizer carries (an earlier stage saved it there)."""
+    tokenizer has it as one token (chatml's <|im_end|>, llama-3's <|eot_id|>). The template is the
+    one the run renders with, by its text: named in data.chat_template or carried by the tokenizer
+    (an earlier stage saved it there)."""
     from ..chat_templates import END_OF_TURN, TEMPLATES
 
     ids = [tok.eos_token_id]
-    name = cfg.chat_template or next((n for n, t in TEMPLATES.items() if t == tok.chat_template), "")
-    eot = END_OF_TURN.get(name)
+    template = chat_template(cfg, tok)
+    eot = next((END_OF_TURN.get(name) for name, text in TEMPLATES.items() if text == template), None)
     if eot and eot in tok.get_vocab():
         ids.append(tok.convert_tokens_to_ids(eot))
     return ids
